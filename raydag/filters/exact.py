@@ -1,0 +1,73 @@
+"""Rule filters: normalisation, empty and over-long texts, exact duplicates, test-set copies.
+
+Pure functions over pandas batches; the pipeline runs them as Ray Data stages. Every row leaves
+with ``_status`` (``accepted``, ``dropped`` or ``quarantined``) and, unless accepted, a
+``_reason``; no row is lost.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import pandas as pd
+
+_SPACE = re.compile(r"\s+")
+_EDGE_PUNCT = " \t\n\"'“”‘’`.,;:!?-"
+
+
+def normalize_text(text: str) -> str:
+    """Unicode-normalise, lowercase, collapse whitespace and trim edge punctuation."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    return _SPACE.sub(" ", text).strip(_EDGE_PUNCT)
+
+
+def apply_row_filters(
+    batch: pd.DataFrame,
+    *,
+    raw_norms: frozenset[str],
+    test_norms: frozenset[str],
+    min_chars: int,
+    max_chars: int,
+) -> pd.DataFrame:
+    """Set ``_status``, ``_reason`` and ``_norm`` on a batch of parsed generations.
+
+    Reasons, first match wins: the parser's error (quarantined), ``too_short``, ``too_long``,
+    ``test_copy``, ``raw_duplicate`` (dropped).
+    """
+    batch = batch.copy()
+    norms, statuses, reasons = [], [], []
+    for text, parse_error in zip(batch["text"], batch["_parse_error"]):
+        norm = normalize_text(text or "")
+        norms.append(norm)
+        if isinstance(parse_error, str) and parse_error:
+            statuses.append("quarantined")
+            reasons.append(parse_error)
+            continue
+        reason = None
+        if len(norm) < max(min_chars, 1):
+            reason = "too_short"
+        elif len(str(text)) > max_chars:
+            reason = "too_long"
+        elif norm in test_norms:
+            reason = "test_copy"
+        elif norm in raw_norms:
+            reason = "raw_duplicate"
+        statuses.append("accepted" if reason is None else "dropped")
+        reasons.append(reason or "")
+    batch["_norm"] = norms
+    batch["_status"] = statuses
+    batch["_reason"] = reasons
+    return batch
+
+
+def drop_synthetic_duplicates(group: pd.DataFrame) -> pd.DataFrame:
+    """For one group of rows sharing ``_norm``: keep the earliest accepted row, drop the rest."""
+    group = group.copy()
+    accepted = group.index[group["_status"] == "accepted"]
+    if len(accepted) > 1:
+        keep = group.loc[accepted, "request_index"].idxmin()
+        later = [i for i in accepted if i != keep]
+        group.loc[later, "_status"] = "dropped"
+        group.loc[later, "_reason"] = "synthetic_duplicate"
+    return group

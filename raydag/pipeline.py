@@ -1,0 +1,282 @@
+"""A job, start to end: read -> sample -> teacher -> filters -> write -> students -> report.
+
+Example:
+    >>> from raydag import load_job, run_job
+    >>> report_path = run_job(load_job("jobs/quickstart.yaml", ["teacher.num_examples=30"]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from raydag.config import JobConfig
+from raydag.data import read_labelled, stable_hash, stratified_sample
+from raydag.errors import DataError, RaydagError
+from raydag.filters.exact import apply_row_filters, drop_synthetic_duplicates, normalize_text
+from raydag.models import cache_dir, resolve_model
+from raydag.ops.create import FewShotCreateOp, Sampling
+from raydag.report import StageTimer, students_table, write_report
+from raydag.resources import check_satisfiable, teacher_actor_resources
+from raydag.stages import GenerateStage, check_columns
+
+# Columns every written synthetic row carries (lineage first).
+LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model",
+                   "prompt_hash", "sampling", "seed"]
+_OUTPUT_FOLDERS = ("raw", "synthetic", "dropped", "quarantine", "students")
+
+
+def init_ray() -> dict[str, float]:
+    """Start Ray in-process, or join the cluster in ``RAY_ADDRESS``; return its resources."""
+    import ray
+
+    if not ray.is_initialized():
+        cache = cache_dir()
+        env = {
+            "RAYDAG_CACHE": str(cache),
+            "TORCH_EXTENSIONS_DIR": os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions")),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(include_dashboard=False, **kwargs)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_operator_progress_bars = False  # one overall bar is enough on a terminal
+    return ray.cluster_resources()
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Create the output folder, check it is writable, and clear what a new run replaces."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".raydag-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RaydagError(f"output_dir {out}: not writable ({err.strerror or err})") from None
+    for name in ("report.json", "report.md"):
+        (out / name).unlink(missing_ok=True)  # never leave a report that claims success
+    for name in _OUTPUT_FOLDERS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    return out
+
+
+def _raw_lineage(raw: pd.DataFrame, seed: int) -> pd.DataFrame:
+    frame = raw.copy()
+    frame["parent_ids"] = [[] for _ in range(len(frame))]
+    frame["method"] = "raw"
+    frame["teacher_model"] = ""
+    frame["prompt_hash"] = ""
+    frame["sampling"] = ""
+    frame["seed"] = seed
+    return frame[LINEAGE_COLUMNS]
+
+
+def _finalise_rows(batch: pd.DataFrame, *, method: str, teacher_model: str) -> pd.DataFrame:
+    batch = batch.copy()
+    batch["parent_ids"] = batch["demo_ids"].map(list)
+    batch["method"] = method
+    batch["teacher_model"] = teacher_model
+    batch["seed"] = batch["request_seed"].astype("int64")
+    batch["id"] = [
+        stable_hash(method, text, label, list(parents), prompt_hash)
+        for text, label, parents, prompt_hash in zip(
+            batch["text"], batch["label"], batch["parent_ids"], batch["prompt_hash"])
+    ]
+    return batch
+
+
+def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path,
+                cluster: dict[str, float], timer: StageTimer) -> dict[str, Any]:
+    """Generate, parse, filter and write the synthetic rows; return counts and token totals."""
+    import ray
+
+    teacher = job.teacher
+    op = FewShotCreateOp(
+        task=job.data.task,
+        labels=job.data.labels,
+        shots=teacher.shots,
+        sampling=Sampling(teacher.sampling.temperature, teacher.sampling.top_p,
+                          teacher.sampling.max_tokens),
+    )
+    plan = op.plan_requests(raw.to_dict("records"), teacher.num_examples, job.seed)
+    check_columns("teacher", op.requires, plan[0].keys())
+    resources = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
+                                        cluster.get("GPU", 0.0))
+    check_satisfiable(resources, cluster, "teacher engine actor",
+                      autoscaling=bool(os.environ.get("RAY_ADDRESS")))
+    engine_kwargs = {
+        "model": teacher.model,
+        "dtype": teacher.dtype,
+        "max_model_len": teacher.max_model_len,
+        "seed": job.seed,
+        "tensor_parallel_size": teacher.tensor_parallel_size,
+        "cpu_kv_cache_gib": teacher.cpu_kv_cache_gib,
+    }
+    filter_kwargs = {
+        "raw_norms": frozenset(raw["text"].map(normalize_text)) if job.filters.drop_raw_duplicates else frozenset(),
+        "test_norms": frozenset(test["text"].map(normalize_text)) if job.filters.drop_test_copies else frozenset(),
+        "min_chars": job.filters.min_chars,
+        "max_chars": job.filters.max_chars,
+    }
+    with timer("teacher"):
+        generated = ray.data.from_items(plan).map_batches(
+            GenerateStage,
+            fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
+            batch_size=teacher.batch_size,
+            batch_format="pandas",
+            concurrency=teacher.concurrency,
+            **resources,
+        )
+        checked = generated.map_batches(apply_row_filters, fn_kwargs=filter_kwargs,
+                                        batch_format="pandas")
+        labelled = checked.groupby("_norm").map_groups(drop_synthetic_duplicates,
+                                                       batch_format="pandas")
+        finished = labelled.map_batches(
+            _finalise_rows,
+            fn_kwargs={"method": op.method, "teacher_model": teacher.model},
+            batch_format="pandas",
+        ).materialize()
+
+    with timer("write"):
+        accepted = finished.filter(lambda r: r["_status"] == "accepted")
+        accepted.select_columns(LINEAGE_COLUMNS + ["request_id", "target_label"]).write_parquet(
+            str(out / "synthetic"))
+        for status, folder in (("dropped", "dropped"), ("quarantined", "quarantine")):
+            subset = finished.filter(lambda r, s=status: r["_status"] == s)
+            if subset.count():
+                subset.select_columns(
+                    ["request_id", "target_label", "text", "_raw_generation", "_status", "_reason",
+                     "parent_ids", "prompt_hash", "seed"]
+                ).write_parquet(str(out / folder))
+        summary = finished.select_columns(["_status", "_reason", "tokens_in", "tokens_out"]).to_pandas()
+
+    def by_reason(status: str) -> dict[str, int]:
+        rows = summary[summary["_status"] == status]
+        return {k: int(v) for k, v in rows["_reason"].value_counts().sort_index().items()}
+
+    seconds = max(timer.seconds["teacher"], 1e-9)
+    tokens_in, tokens_out = int(summary["tokens_in"].sum()), int(summary["tokens_out"].sum())
+    return {
+        "counts": {
+            "requested": len(plan),
+            "generated": len(summary),
+            "accepted": int((summary["_status"] == "accepted").sum()),
+            "quarantined": int((summary["_status"] == "quarantined").sum()),
+            "dropped": by_reason("dropped"),
+            "quarantined_by_reason": by_reason("quarantined"),
+        },
+        "teacher": {
+            "model": teacher.model,
+            "method": op.method,
+            "requests": len(plan),
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "tokens_per_s": round(tokens_out / seconds, 2),
+            "total_tokens_per_s": round((tokens_in + tokens_out) / seconds, 2),
+        },
+    }
+
+
+def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame, test: pd.DataFrame,
+                 out: Path, cluster: dict[str, float], timer: StageTimer) -> dict[str, dict]:
+    """Fine-tune and evaluate one student per requested training set."""
+    from raydag.train import fit_student
+
+    student = job.student
+    use_gpu = student.use_gpu if student.use_gpu is not None else cluster.get("GPU", 0.0) > 0
+    if student.precision == "fp16" and not use_gpu:
+        raise RaydagError("student.precision=fp16 needs GPUs; use bf16 or fp32 on CPU hosts")
+    train_sets = {
+        "raw": raw,
+        "synthetic": synthetic,
+        "mixed": pd.concat([raw[["text", "label"]], synthetic[["text", "label"]]], ignore_index=True),
+    }
+    model_path = resolve_model(student.model)
+    results = {}
+    for name in student.train_sets:
+        rows = train_sets[name]
+        if rows.empty:
+            raise RaydagError(f"student '{name}': no training rows (did every generation fail?)")
+        with timer(f"student_{name}"):
+            results[name] = fit_student(
+                name, rows["text"].tolist(), rows["label"].tolist(),
+                test["text"].tolist(), test["label"].tolist(),
+                label_set=job.data.labels, student=student, model_path=model_path,
+                storage_dir=str(out / "students"), seed=job.seed, use_gpu=use_gpu,
+            )
+    return results
+
+
+def run_job(job: JobConfig) -> Path:
+    """Run a job end to end and return the path of its ``report.json``.
+
+    Raises:
+        RaydagError: For bad input, unwritable output, unsatisfiable resources or failed stages;
+            no report is written then.
+    """
+    started = datetime.now(timezone.utc)
+    timer = StageTimer()
+    out = prepare_output_dir(job.output_dir)
+    cluster = init_ray()
+    import ray
+
+    with timer("read"):
+        pool, test = read_inputs(job)
+    with timer("sample"):
+        raw = stratified_sample(pool, job.raw_examples, job.seed)
+        ray.data.from_pandas(_raw_lineage(raw, job.seed)).write_parquet(str(out / "raw"))
+    teacher = run_teacher(job, raw, test, out, cluster, timer)
+    synthetic = pd.read_parquet(out / "synthetic") if (out / "synthetic").exists() else pd.DataFrame(
+        columns=LINEAGE_COLUMNS)
+    students = run_students(job, raw, synthetic, test, out, cluster, timer)
+
+    counts = {"pool": len(pool), "test": len(test), "raw": len(raw), **teacher["counts"]}
+    reconciled = counts["accepted"] + counts["quarantined"] + sum(counts["dropped"].values())
+    if reconciled != counts["generated"]:
+        raise RaydagError(f"counts do not reconcile: generated {counts['generated']} != {reconciled}")
+    report = {
+        "job": job.name,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "output_dir": str(out),
+        "counts": counts,
+        "teacher": teacher["teacher"],
+        "stages": timer.seconds,
+        "students": students,
+        "outputs": {name: str(out / name) for name in ("raw", "synthetic", "dropped", "quarantine")},
+        "config": json.loads(job.model_dump_json()),
+    }
+    path = write_report(out, report)
+    print(students_table(students), flush=True)
+    return path
+
+
+def read_inputs(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read and check the training pool and the test split."""
+    data = job.data
+    pool = read_labelled(data.train_path, data.text_column, data.label_column, data.labels)
+    test = read_labelled(data.test_path, data.text_column, data.label_column, data.labels)
+    if job.raw_examples > len(pool):
+        raise DataError(f"{data.train_path}: raw_examples={job.raw_examples} but the pool has "
+                        f"{len(pool)} rows")
+    return pool, test
+
+
+def validate_job(job: JobConfig) -> dict[str, int]:
+    """Check a job's data without generating or training; return the row counts."""
+    init_ray()
+    pool, test = read_inputs(job)
+    return {"pool": len(pool), "test": len(test)}

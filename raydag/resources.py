@@ -1,0 +1,45 @@
+"""Ray resource requests for engine actors and training workers: all placement math lives here."""
+
+from __future__ import annotations
+
+from raydag.errors import RaydagError
+
+
+def teacher_actor_resources(
+    num_gpus: float | None, tensor_parallel_size: int, cluster_gpus: float
+) -> dict[str, float]:
+    """Resources one teacher engine actor asks Ray for.
+
+    Args:
+        num_gpus: GPUs per actor from the job; None picks 1 on GPU clusters, 0 on CPU hosts.
+        tensor_parallel_size: vLLM tensor parallelism; an actor needs at least that many GPUs.
+        cluster_gpus: GPUs the cluster has now.
+
+    Returns:
+        ``{"num_cpus": ..., "num_gpus": ...}`` for ``map_batches``.
+    """
+    if num_gpus is None:
+        num_gpus = float(tensor_parallel_size) if cluster_gpus > 0 else 0.0
+    if tensor_parallel_size > 1 and num_gpus < tensor_parallel_size:
+        raise RaydagError(
+            f"teacher.tensor_parallel_size={tensor_parallel_size} needs "
+            f"teacher.num_gpus >= {tensor_parallel_size}, got {num_gpus}"
+        )
+    return {"num_cpus": 1.0, "num_gpus": float(num_gpus)}
+
+
+def check_satisfiable(request: dict[str, float], cluster: dict[str, float], what: str,
+                      autoscaling: bool) -> None:
+    """Fail before any work when a fixed cluster can never grant ``request``.
+
+    Ray would otherwise wait forever, only logging that no node can fulfil it.
+    """
+    if autoscaling:
+        return
+    have = {"num_cpus": cluster.get("CPU", 0.0), "num_gpus": cluster.get("GPU", 0.0)}
+    for key, amount in request.items():
+        if amount > have.get(key, 0.0):
+            raise RaydagError(
+                f"{what} asks for {key}={amount:g} but the cluster has {have.get(key, 0.0):g}; "
+                "change the job's resources or run on a cluster that has them"
+            )

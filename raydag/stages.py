@@ -1,0 +1,59 @@
+"""Ray Data glue: a callable class that owns an engine and runs a pure operator over batches."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import pandas as pd
+
+from raydag.errors import ColumnContractError
+
+
+def check_columns(stage: str, required: Iterable[str], available: Iterable[str]) -> None:
+    """Raise before any work runs when ``stage`` needs a column its input lacks."""
+    missing = [c for c in required if c not in set(available)]
+    if missing:
+        raise ColumnContractError(
+            f"stage '{stage}' needs column(s) {missing}, but its input has {sorted(available)}"
+        )
+
+
+class GenerateStage:
+    """Ray Data actor: builds requests with ``op``, runs them on the engine, parses the results.
+
+    Each output row is the input row plus the op's columns and ``prompt_hash``,
+    ``_raw_generation``, ``tokens_in``, ``tokens_out``, ``finish_reason``, ``sampling``.
+
+    Args:
+        op: A pure operator with ``build_request``, ``parse`` and ``prompt_hash``.
+        engine_kwargs: Arguments for :class:`raydag.engines.VLLMEngine`.
+    """
+
+    def __init__(self, op: Any, engine_kwargs: dict) -> None:
+        from raydag.engines.vllm import VLLMEngine
+
+        self.op = op
+        self.engine = VLLMEngine(**engine_kwargs)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = batch.to_dict("records")
+        requests = [self.op.build_request(row) for row in rows]
+        completions = self.engine.generate(requests)
+        out = []
+        for row, request, completion in zip(rows, requests, completions):
+            sampling = {"temperature": request.temperature, "top_p": request.top_p,
+                        "max_tokens": request.max_tokens, "stop": list(request.stop)}
+            out.append(
+                {
+                    **row,
+                    **self.op.parse(row, completion),
+                    "prompt_hash": self.op.prompt_hash(request),
+                    "sampling": json.dumps(sampling, sort_keys=True),
+                    "_raw_generation": completion.text,
+                    "tokens_in": completion.prompt_tokens,
+                    "tokens_out": completion.completion_tokens,
+                    "finish_reason": completion.finish_reason or "",
+                }
+            )
+        return pd.DataFrame(out)

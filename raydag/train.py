@@ -1,0 +1,187 @@
+"""The student recipe: one train loop for Ray Train's ``TorchTrainer`` with DeepSpeed.
+
+Each worker fine-tunes a sequence classifier (a new head on the student encoder) on its share of
+the rows, then scores its share of the test split; the confusion matrices are summed across
+workers and rank 0 saves the model and reports metrics with it as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raydag.config import StudentConfig
+from raydag.errors import RaydagError
+
+
+def deepspeed_config(student: StudentConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed settings from the typed student config."""
+    return {
+        "train_micro_batch_size_per_gpu": student.batch_size,
+        "train_batch_size": student.batch_size * world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": student.zero_stage},
+        "bf16": {"enabled": student.precision == "bf16"},
+        "fp16": {"enabled": student.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _worker_indices(n: int, rank: int, world: int, rng: np.random.Generator | None) -> list[int]:
+    """This worker's rows: a (shuffled) order cut into equal shares, wrapping so none is skipped.
+
+    Equal shares keep DeepSpeed's collective steps in lock-step across workers.
+    """
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    per_worker = -(-n // world)
+    padded = np.resize(order, per_worker * world)
+    return padded[rank::world].tolist()
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+    import ray
+    import ray.train
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from raydag.evaluate import accuracy, confusion_matrix, macro_f1
+
+    student = StudentConfig.model_validate(config["student"])
+    labels: list[str] = config["labels"]
+    label2id = {label: i for i, label in enumerate(labels)}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])
+
+    deepspeed.init_distributed()  # reuses the process group Ray Train made
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        config["model_path"],
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id=label2id,
+        local_files_only=True,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=student.learning_rate)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(student, world)
+    )
+    device = engine.device
+
+    def encode(texts: list[str]) -> dict:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=student.max_length,
+                        return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items()}
+
+    texts, train_labels = ray.get(config["train_rows"])
+    rng = np.random.default_rng(config["seed"])
+    started = time.time()
+    for epoch in range(student.epochs):
+        engine.train()
+        mine = _worker_indices(len(texts), rank, world, rng)
+        losses = []
+        for start in range(0, len(mine), student.batch_size):
+            idx = mine[start : start + student.batch_size]
+            batch = encode([texts[i] for i in idx])
+            target = torch.tensor([label2id[train_labels[i]] for i in idx], device=device)
+            loss = engine(**batch, labels=target).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        if rank == 0:
+            print(f"[student {config['name']}] epoch {epoch + 1}/{student.epochs} "
+                  f"loss={np.mean(losses):.4f} ({time.time() - started:.0f}s)", flush=True)
+    train_seconds = time.time() - started
+
+    engine.eval()
+    test_texts, test_labels = ray.get(config["test_rows"])
+    mine = list(range(rank, len(test_texts), world))
+    y_true, y_pred = [], []
+    with torch.no_grad():
+        for start in range(0, len(mine), 64):
+            idx = mine[start : start + 64]
+            logits = engine(**encode([test_texts[i] for i in idx])).logits
+            y_pred.extend(logits.argmax(dim=-1).tolist())
+            y_true.extend(label2id[test_labels[i]] for i in idx)
+    matrix = torch.tensor(confusion_matrix(y_true, y_pred, len(labels)))
+    if world > 1:
+        torch.distributed.all_reduce(matrix)
+    matrix = matrix.numpy()
+    metrics = {
+        "accuracy": accuracy(matrix),
+        "macro_f1": macro_f1(matrix),
+        "train_examples": len(texts),
+        "test_examples": int(matrix.sum()),
+        "train_seconds": round(train_seconds, 2),
+        "confusion_matrix": matrix.tolist(),
+    }
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            engine.module.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=1))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(metrics)
+
+
+def fit_student(
+    name: str,
+    texts: list[str],
+    labels: list[str],
+    test_texts: list[str],
+    test_labels: list[str],
+    *,
+    label_set: list[str],
+    student: StudentConfig,
+    model_path: str,
+    storage_dir: str,
+    seed: int,
+    use_gpu: bool,
+) -> dict[str, Any]:
+    """Fine-tune one student with Ray Train + DeepSpeed and evaluate it on the test split.
+
+    Returns:
+        Metrics (``accuracy``, ``macro_f1``, ``train_examples``...) and ``checkpoint``, the
+        folder of the saved student.
+
+    Raises:
+        RaydagError: When there is nothing to train on or training fails.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not texts:
+        raise RaydagError(f"student '{name}': no training rows")
+    config = {
+        "name": name,
+        "student": student.model_dump(),
+        "labels": label_set,
+        "model_path": model_path,
+        "seed": seed,
+        "train_rows": ray.put((list(texts), list(labels))),
+        "test_rows": ray.put((list(test_texts), list(test_labels))),
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=student.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_dir)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RaydagError(f"student '{name}' failed: {result.error}")
+    metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return metrics
