@@ -78,6 +78,11 @@ class TeacherConfig(StrictModel):
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor parallelism.")
     cpu_kv_cache_gib: int = Field(default=1, ge=1, description="KV cache size on CPU hosts (GiB).")
+    cpu_threads: int | None = Field(
+        default=None, ge=1,
+        description="Threads of a CPU engine; None: every core of its node (the teacher stage is "
+        "the only heavy work while it runs).",
+    )
 
 
 class FilterConfig(StrictModel):
@@ -103,8 +108,8 @@ class StudentConfig(StrictModel):
         default_factory=lambda: ["raw", "synthetic", "mixed"],
         description="Which students to train: on raw rows, synthetic rows, or both.",
     )
-    epochs: int = Field(default=5, ge=1, description="Passes over the training rows.")
-    batch_size: int = Field(default=8, ge=1, description="Micro-batch size per worker.")
+    epochs: int = Field(default=3, ge=1, description="Passes over the training rows.")
+    batch_size: int = Field(default=16, ge=1, description="Micro-batch size per worker.")
     learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate.")
     max_length: int = Field(default=128, ge=8, description="Tokens per text after truncation.")
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
@@ -206,7 +211,7 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
     for keys in _PATH_FIELDS:
         value = _get_dotted(tree, keys)
         if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
-            _set_dotted(tree, ".".join(keys), str(base / value), str(path))
+            _set_dotted(tree, ".".join(keys), os.path.normpath(base / value), str(path))
     for text in overrides:
         key, value = parse_override(text)
         if tuple(key.split(".")) in _PATH_FIELDS and isinstance(value, str):

@@ -165,6 +165,6 @@ def is_embedded(ref: str) -> bool:
     return ref.startswith("embedded:")
 
 
-if __name__ == "__main__":  # `python -m raydag.models`: prepare the embedded models (make install)
-    print(resolve_model(f"embedded:{EMBEDDED_TEACHER}"))
-    print(resolve_model(f"embedded:{EMBEDDED_STUDENT}"))
+def prepare_embedded_models() -> list[str]:
+    """Convert (or check) every embedded model; ``make install`` calls this once."""
+    return [resolve_model(f"embedded:{name}") for name in _EMBEDDED]

@@ -31,6 +31,10 @@ from raydag.stages import GenerateStage, check_columns
 LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model",
                    "prompt_hash", "sampling", "seed"]
 _OUTPUT_FOLDERS = ("raw", "synthetic", "dropped", "quarantine", "students")
+ROWS_PER_SHARD = 50_000
+# Columns kept for rows that were dropped or quarantined, so each can be audited later.
+_AUDIT_COLUMNS = ["request_id", "target_label", "text", "_raw_generation", "_status", "_reason",
+                  "parent_ids", "prompt_hash", "seed"]
 
 
 def init_ray() -> dict[str, float]:
@@ -44,6 +48,8 @@ def init_ray() -> dict[str, float]:
             "TORCH_EXTENSIONS_DIR": os.environ.get(
                 "TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions")),
             "TOKENIZERS_PARALLELISM": "false",
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print shows twice
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         }
         kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
         address = os.environ.get("RAY_ADDRESS")
@@ -124,6 +130,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
         "seed": job.seed,
         "tensor_parallel_size": teacher.tensor_parallel_size,
         "cpu_kv_cache_gib": teacher.cpu_kv_cache_gib,
+        "cpu_threads": teacher.cpu_threads,
     }
     filter_kwargs = {
         "raw_norms": frozenset(raw["text"].map(normalize_text)) if job.filters.drop_raw_duplicates else frozenset(),
@@ -151,23 +158,24 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
         ).materialize()
 
     with timer("write"):
-        accepted = finished.filter(lambda r: r["_status"] == "accepted")
-        accepted.select_columns(LINEAGE_COLUMNS + ["request_id", "target_label"]).write_parquet(
-            str(out / "synthetic"))
-        for status, folder in (("dropped", "dropped"), ("quarantined", "quarantine")):
-            subset = finished.filter(lambda r, s=status: r["_status"] == s)
-            if subset.count():
-                subset.select_columns(
-                    ["request_id", "target_label", "text", "_raw_generation", "_status", "_reason",
-                     "parent_ids", "prompt_hash", "seed"]
-                ).write_parquet(str(out / folder))
-        summary = finished.select_columns(["_status", "_reason", "tokens_in", "tokens_out"]).to_pandas()
+        from ray.data.expressions import col
+
+        summary = finished.select_columns(
+            ["_status", "_reason", "tokens_in", "tokens_out", "_engine_seconds"]).to_pandas()
+        present = set(summary["_status"])
+        outputs = (("accepted", "synthetic", LINEAGE_COLUMNS + ["request_id", "target_label"]),
+                   ("dropped", "dropped", _AUDIT_COLUMNS), ("quarantined", "quarantine", _AUDIT_COLUMNS))
+        for status, folder, columns in outputs:
+            if status in present:
+                finished.filter(expr=col("_status") == status).select_columns(columns).write_parquet(
+                    str(out / folder), min_rows_per_file=ROWS_PER_SHARD)
 
     def by_reason(status: str) -> dict[str, int]:
         rows = summary[summary["_status"] == status]
         return {k: int(v) for k, v in rows["_reason"].value_counts().sort_index().items()}
 
-    seconds = max(timer.seconds["teacher"], 1e-9)
+    stage_seconds = max(timer.seconds["teacher"], 1e-9)
+    engine_seconds = max(float(summary["_engine_seconds"].sum()), 1e-9)
     tokens_in, tokens_out = int(summary["tokens_in"].sum()), int(summary["tokens_out"].sum())
     return {
         "counts": {
@@ -184,8 +192,12 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
             "requests": len(plan),
             "tokens_in": tokens_in,
             "tokens_out": tokens_out,
-            "tokens_per_s": round(tokens_out / seconds, 2),
-            "total_tokens_per_s": round((tokens_in + tokens_out) / seconds, 2),
+            # Output tokens per second of engine generate time (one engine; start-up excluded).
+            "tokens_per_s": round(tokens_out / engine_seconds, 2),
+            "prompt_and_output_tokens_per_s": round((tokens_in + tokens_out) / engine_seconds, 2),
+            "engine_seconds": round(engine_seconds, 2),
+            # Output tokens per wall second of the whole stage, engine start-up included.
+            "stage_tokens_per_s": round(tokens_out / stage_seconds, 2),
         },
     }
 

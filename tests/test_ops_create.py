@@ -1,0 +1,73 @@
+"""The create operator without an engine: planning, prompts and parsing (scripted completions)."""
+
+from collections import Counter
+
+from raydag.engines.base import Completion
+from raydag.ops.create import FewShotCreateOp
+
+LABELS = ["billing", "shipping", "technical"]
+RAW = [{"id": f"r{i}", "text": f"raw text {i}", "label": LABELS[i % 3]} for i in range(30)]
+
+
+def op(shots=3):
+    return FewShotCreateOp(task="Route support messages.", labels=LABELS, shots=shots)
+
+
+def test_plan_is_balanced_seeded_and_class_conditioned():
+    plan = op().plan_requests(RAW, 100, seed=7)
+    assert Counter(r["target_label"] for r in plan) == {"billing": 34, "shipping": 33, "technical": 33}
+    by_id = {r["id"]: r for r in RAW}
+    for row in plan:
+        assert len(row["demo_ids"]) == 3
+        assert all(by_id[d]["label"] == row["target_label"] for d in row["demo_ids"])
+    assert plan == op().plan_requests(RAW, 100, seed=7)
+    other = op().plan_requests(RAW, 100, seed=8)
+    assert [r["demo_ids"] for r in plan] != [r["demo_ids"] for r in other]
+    assert len({r["request_id"] for r in plan}) == 100
+
+
+def test_demonstrations_vary_between_requests():
+    plan = op().plan_requests(RAW, 60, seed=0)
+    assert len({tuple(r["demo_ids"]) for r in plan}) > 10
+
+
+def test_zero_shot_has_no_demonstrations_and_its_own_method():
+    zero = op(shots=0)
+    plan = zero.plan_requests(RAW, 6, seed=0)
+    assert all(r["demo_ids"] == [] for r in plan)
+    assert zero.method == "create.zero_shot" and op().method == "create.few_shot_3"
+    request = zero.build_request(plan[0])
+    assert request.messages[-1]["content"] == "1."
+
+
+def test_request_continues_a_numbered_list_of_the_target_label():
+    plan = op().plan_requests(RAW, 3, seed=0)
+    request = op().build_request(plan[1])
+    assert request.continue_final_message and request.stop == ("\n",)
+    assert request.seed == plan[1]["request_seed"]
+    assistant = request.messages[-1]["content"]
+    assert assistant.startswith("1. ") and assistant.endswith("\n4.")
+    for text in plan[1]["demo_texts"]:
+        assert text in assistant
+    assert f'"{plan[1]["target_label"]}"' in request.messages[1]["content"]
+    assert op().prompt_hash(request) == op().prompt_hash(op().build_request(plan[1]))
+
+
+def parse(text, finish="stop", label="billing"):
+    return op().parse({"target_label": label}, Completion(text, 10, 5, finish))
+
+
+def test_parse_cleans_numbering_prefixes_and_quotes():
+    assert parse(' "My card was charged twice."')["text"] == "My card was charged twice."
+    assert parse("5. Text: refund still missing")["text"] == "refund still missing"
+    assert parse(" where is my refund?\nsecond line")["text"] == "where is my refund?"
+    ok = parse(" I need a VAT invoice")
+    assert ok["label"] == "billing" and ok["_parse_error"] is None
+
+
+def test_parse_failures_become_quarantine_reasons():
+    assert parse("   ")["_parse_error"] == "empty_generation"
+    assert parse(" a long message that was cut", finish="length")["_parse_error"] == "truncated_at_max_tokens"
+    assert parse(" I'm sorry, I can't help with that.")["_parse_error"] == "refusal"
+    assert parse(' "billing".')["_parse_error"] == "label_only"
+    assert parse("   ")["text"] == ""

@@ -1,0 +1,111 @@
+"""`jobs/quickstart.yaml` end to end (shrunk by overrides), and bad input through the CLI."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raydag.cli import main
+from raydag.config import load_job
+from raydag.pipeline import LINEAGE_COLUMNS, run_job
+
+from conftest import QUICKSTART, write_jsonl
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_with_real_engine_and_deepspeed(ray_local, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text('{"stale": true}')  # a stale report must not survive
+    job = load_job(QUICKSTART, [
+        f"output_dir={out}", "raw_examples=30", "teacher.num_examples=36",
+        # 16 tokens cut many support messages short: the truncated ones must be quarantined.
+        "teacher.sampling.max_tokens=16", "teacher.batch_size=12", "student.epochs=2",
+    ])
+    path = run_job(job)
+    assert path == out / "report.json"
+    report = json.loads(path.read_text())
+
+    counts = report["counts"]
+    assert counts["raw"] == 30 and counts["requested"] == 36 and counts["generated"] == 36
+    assert counts["accepted"] + counts["quarantined"] + sum(counts["dropped"].values()) == 36
+    assert counts["quarantined"] == sum(counts["quarantined_by_reason"].values()) > 0
+    assert counts["accepted"] > 0
+    teacher = report["teacher"]
+    assert teacher["model"] == "embedded:smollm2-135m-instruct"
+    assert teacher["tokens_in"] > 36 * 50 and teacher["tokens_out"] > 36 and teacher["tokens_per_s"] > 0
+    assert {"read", "sample", "teacher", "write", "student_raw", "student_synthetic",
+            "student_mixed"} <= set(report["stages"])
+    for name, train_examples in (("raw", 30), ("synthetic", counts["accepted"]),
+                                 ("mixed", 30 + counts["accepted"])):
+        student = report["students"][name]
+        assert student["train_examples"] == train_examples
+        assert 0.0 <= student["macro_f1"] <= 1.0 and 0.0 <= student["accuracy"] <= 1.0
+        assert student["test_examples"] == 150
+        assert (Path(student["checkpoint"]) / "model.safetensors").is_file()
+    # The raw student must learn something real: chance is 1/3 on three balanced classes.
+    assert report["students"]["raw"]["accuracy"] > 0.5
+
+    synthetic = pd.read_parquet(out / "synthetic")
+    assert len(synthetic) == counts["accepted"]
+    assert set(LINEAGE_COLUMNS) <= set(synthetic.columns)
+    assert synthetic["id"].is_unique
+    raw_ids = set(pd.read_parquet(out / "raw")["id"])
+    assert all(set(p) <= raw_ids and len(p) == 3 for p in synthetic["parent_ids"])
+    assert (synthetic["method"] == "create.few_shot_3").all()
+    assert synthetic["label"].isin(job.data.labels).all()
+    assert all(json.loads(s)["max_tokens"] == 16 for s in synthetic["sampling"])
+    quarantine = pd.read_parquet(out / "quarantine")
+    assert len(quarantine) == counts["quarantined"]
+    assert (quarantine["_raw_generation"].str.len() > 0).any() and (quarantine["_reason"] != "").all()
+    md = (out / "report.md").read_text()
+    assert "| mixed |" in md
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def test_cli_malformed_jsonl_names_file_and_line_and_writes_no_report(ray_local, tiny_job_files, capsys):
+    train = tiny_job_files / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[4] = '{"text": "cut off'
+    train.write_text("\n".join(lines) + "\n")
+    code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"))
+    assert code == 2
+    assert f"{train}:5: not valid JSON" in io.err
+    assert not (tiny_job_files / "out" / "report.json").exists()
+
+
+def test_cli_missing_label_column(ray_local, tiny_job_files, capsys):
+    write_jsonl(tiny_job_files / "test.jsonl", [{"text": "hello", "category": "billing"}])
+    code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"))
+    assert code == 2 and "missing column 'label'" in io.err and "test.jsonl" in io.err
+
+
+def test_cli_unknown_label(ray_local, tiny_job_files, capsys):
+    code, io = run_cli(capsys, "validate", str(tiny_job_files / "job.yaml"),
+                       "data.labels=[billing, shipping]")
+    assert code == 2 and "label 'technical' is not in the job's labels" in io.err
+
+
+def test_cli_empty_input(ray_local, tiny_job_files, capsys):
+    (tiny_job_files / "train.jsonl").write_text("")
+    code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"))
+    assert code == 2 and "train.jsonl: the file is empty" in io.err
+
+
+def test_cli_unwritable_output_folder(ray_local, tiny_job_files, capsys):
+    blocker = tiny_job_files / "a_file"
+    blocker.write_text("not a folder")
+    code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"), f"output_dir={blocker}/out")
+    assert code == 2 and "not writable" in io.err and str(blocker) in io.err
+
+
+def test_cli_validate_ok_and_unknown_key(ray_local, tiny_job_files, capsys):
+    code, io = run_cli(capsys, "validate", str(tiny_job_files / "job.yaml"))
+    assert code == 0 and "ok" in io.out and "pool 30 rows" in io.out
+    code, io = run_cli(capsys, "validate", str(tiny_job_files / "job.yaml"), "teacher.temprature=1")
+    assert code == 2 and "unknown key 'teacher.temprature'" in io.err
