@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``raydag`` console script."""
     args = build_parser().parse_args(argv)
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from raydag.pipeline import run_job
 
         path = run_job(job)
+        _shutdown_ray()  # so no late log line from Ray's workers follows the report path
         print(path)
         return 0
     except RaydagError as err:

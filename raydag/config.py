@@ -132,7 +132,8 @@ class JobConfig(StrictModel):
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Filters.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Students.")
     resource_timeout_s: float = Field(
-        default=600, gt=0, description="Fail loudly when a stage waits this long for resources."
+        default=600, gt=0, description="On a cluster that may autoscale, fail when the resources a stage needs have "
+        "not appeared after this many seconds (a local cluster fails at once)."
     )
 
 

@@ -148,3 +148,18 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
         picks = rng.choice(len(pool), size=int(k), replace=False)
         parts.append(pool.iloc[np.sort(picks)])
     return pd.concat(parts).sort_values("id").reset_index(drop=True)
+
+
+def add_lineage(batch: pd.DataFrame, *, method: str, teacher_model: str) -> pd.DataFrame:
+    """Add the lineage columns to generated rows; ``id`` hashes content and lineage."""
+    batch = batch.copy()
+    batch["parent_ids"] = batch["demo_ids"].map(list)
+    batch["method"] = method
+    batch["teacher_model"] = teacher_model
+    batch["seed"] = batch["request_seed"].astype("int64")
+    batch["id"] = [
+        stable_hash(method, text, label, list(parents), prompt_hash)
+        for text, label, parents, prompt_hash in zip(
+            batch["text"], batch["label"], batch["parent_ids"], batch["prompt_hash"])
+    ]
+    return batch

@@ -18,14 +18,14 @@ from typing import Any
 import pandas as pd
 
 from raydag.config import JobConfig
-from raydag.data import read_labelled, stable_hash, stratified_sample
+from raydag.data import add_lineage, read_labelled, stratified_sample
 from raydag.errors import DataError, RaydagError
-from raydag.filters.exact import apply_row_filters, drop_synthetic_duplicates, normalize_text
+from raydag.filters.exact import normalize_text
 from raydag.models import cache_dir, resolve_model
 from raydag.ops.create import FewShotCreateOp, Sampling
 from raydag.report import StageTimer, students_table, write_report
-from raydag.resources import check_satisfiable, teacher_actor_resources
-from raydag.stages import GenerateStage, check_columns
+from raydag.resources import teacher_actor_resources, wait_for_resources
+from raydag.stages import GenerateStage, check_columns, filter_generations
 
 # Columns every written synthetic row carries (lineage first).
 LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model",
@@ -90,20 +90,6 @@ def _raw_lineage(raw: pd.DataFrame, seed: int) -> pd.DataFrame:
     return frame[LINEAGE_COLUMNS]
 
 
-def _finalise_rows(batch: pd.DataFrame, *, method: str, teacher_model: str) -> pd.DataFrame:
-    batch = batch.copy()
-    batch["parent_ids"] = batch["demo_ids"].map(list)
-    batch["method"] = method
-    batch["teacher_model"] = teacher_model
-    batch["seed"] = batch["request_seed"].astype("int64")
-    batch["id"] = [
-        stable_hash(method, text, label, list(parents), prompt_hash)
-        for text, label, parents, prompt_hash in zip(
-            batch["text"], batch["label"], batch["parent_ids"], batch["prompt_hash"])
-    ]
-    return batch
-
-
 def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path,
                 cluster: dict[str, float], timer: StageTimer) -> dict[str, Any]:
     """Generate, parse, filter and write the synthetic rows; return counts and token totals."""
@@ -121,8 +107,9 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
     check_columns("teacher", op.requires, plan[0].keys())
     resources = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
                                         cluster.get("GPU", 0.0))
-    check_satisfiable(resources, cluster, "teacher engine actor",
-                      autoscaling=bool(os.environ.get("RAY_ADDRESS")))
+    wait_for_resources(resources, "the teacher engine actor",
+                       fixed_cluster=not os.environ.get("RAY_ADDRESS"),
+                       timeout_s=job.resource_timeout_s)
     engine_kwargs = {
         "model": teacher.model,
         "dtype": teacher.dtype,
@@ -147,12 +134,8 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
             concurrency=teacher.concurrency,
             **resources,
         )
-        checked = generated.map_batches(apply_row_filters, fn_kwargs=filter_kwargs,
-                                        batch_format="pandas")
-        labelled = checked.groupby("_norm").map_groups(drop_synthetic_duplicates,
-                                                       batch_format="pandas")
-        finished = labelled.map_batches(
-            _finalise_rows,
+        finished = filter_generations(generated, **filter_kwargs).map_batches(
+            add_lineage,
             fn_kwargs={"method": op.method, "teacher_model": teacher.model},
             batch_format="pandas",
         ).materialize()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from raydag.errors import RaydagError
 
 
@@ -28,18 +30,35 @@ def teacher_actor_resources(
     return {"num_cpus": 1.0, "num_gpus": float(num_gpus)}
 
 
-def check_satisfiable(request: dict[str, float], cluster: dict[str, float], what: str,
-                      autoscaling: bool) -> None:
-    """Fail before any work when a fixed cluster can never grant ``request``.
-
-    Ray would otherwise wait forever, only logging that no node can fulfil it.
-    """
-    if autoscaling:
-        return
+def _missing(request: dict[str, float], cluster: dict[str, float]) -> str | None:
     have = {"num_cpus": cluster.get("CPU", 0.0), "num_gpus": cluster.get("GPU", 0.0)}
     for key, amount in request.items():
         if amount > have.get(key, 0.0):
+            return f"{key}={amount:g} but the cluster has {have.get(key, 0.0):g}"
+    return None
+
+
+def wait_for_resources(request: dict[str, float], what: str, *, fixed_cluster: bool,
+                       timeout_s: float, poll_s: float = 2.0) -> None:
+    """Return once the cluster could grant ``request``; fail loudly otherwise.
+
+    Ray itself would wait forever, only logging that no node can fulfil the request. A fixed
+    cluster (the local one) fails at once; a cluster that may autoscale gets ``timeout_s``.
+
+    Raises:
+        RaydagError: naming what asked, for what, and what the cluster has.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        problem = _missing(request, ray.cluster_resources())
+        if problem is None:
+            return
+        if fixed_cluster or time.monotonic() >= deadline:
+            waited = "" if fixed_cluster else f" after waiting {timeout_s:g}s"
             raise RaydagError(
-                f"{what} asks for {key}={amount:g} but the cluster has {have.get(key, 0.0):g}; "
-                "change the job's resources or run on a cluster that has them"
+                f"{what} asks for {problem}{waited}; change the job's resources or run on a "
+                "cluster that has them"
             )
+        time.sleep(poll_s)

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from raydag.errors import ColumnContractError
+from raydag.filters.exact import apply_row_filters, drop_synthetic_duplicates
 
 
 def check_columns(stage: str, required: Iterable[str], available: Iterable[str]) -> None:
@@ -24,8 +25,8 @@ class GenerateStage:
     """Ray Data actor: builds requests with ``op``, runs them on the engine, parses the results.
 
     Each output row is the input row plus the op's columns and ``prompt_hash``,
-    ``_raw_generation``, ``tokens_in``, ``tokens_out``, ``finish_reason``, ``sampling`` and ``_engine_seconds`` (this row's share
-    of its batch's generate time).
+    ``_raw_generation``, ``tokens_in``, ``tokens_out``, ``finish_reason``, ``sampling``, ``_engine_seconds`` (this row's share
+    of its batch's generate time) and ``_batch_started_at`` (wall clock).
 
     Args:
         op: A pure operator with ``build_request``, ``parse`` and ``prompt_hash``.
@@ -43,6 +44,7 @@ class GenerateStage:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")
         requests = [self.op.build_request(row) for row in rows]
+        started_at = time.time()
         started = time.perf_counter()
         completions = self.engine.generate(requests)
         seconds = time.perf_counter() - started
@@ -67,6 +69,23 @@ class GenerateStage:
                     "tokens_out": completion.completion_tokens,
                     "finish_reason": completion.finish_reason or "",
                     "_engine_seconds": seconds_per_row,
+                    "_batch_started_at": started_at,
                 }
             )
         return pd.DataFrame(out)
+
+
+def filter_generations(generated, **filter_kwargs):
+    """Per-row filters, then exact deduplication across all rows (a Ray Data groupby).
+
+    Args:
+        generated: A Ray Data dataset of parsed generations (``text``, ``_parse_error``,
+            ``request_index``).
+        **filter_kwargs: Arguments of :func:`raydag.filters.exact.apply_row_filters`.
+
+    Returns:
+        The dataset with ``_status``, ``_reason`` and ``_norm`` on every row; nothing removed.
+    """
+    checked = generated.map_batches(apply_row_filters, fn_kwargs=filter_kwargs,
+                                    batch_format="pandas")
+    return checked.groupby("_norm").map_groups(drop_synthetic_duplicates, batch_format="pandas")

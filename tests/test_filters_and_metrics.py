@@ -41,3 +41,25 @@ def test_accuracy_and_macro_f1_against_hand_computed_values():
     f1 = [2 * 1 / (2 + 2), 2 * 2 / (3 + 2), 2 * 1 / (1 + 2)]
     assert np.isclose(macro_f1(cm), np.mean(f1))
     assert macro_f1(np.zeros((2, 2), dtype=int)) == 0.0
+
+
+def test_filter_chain_on_ray_data_catches_planted_copies_and_loses_no_row(ray_local):
+    import ray
+
+    from raydag.stages import filter_generations
+
+    texts = ["Where is my parcel?", "where is my  parcel", "Refund please, order #1",
+             "A raw example text", "The copied test sentence", "", "New unique message here",
+             "WHERE IS MY PARCEL!"]
+    errors = [None, None, None, None, None, "empty_generation", None, None]
+    rows = pd.DataFrame({"request_index": range(len(texts)), "text": texts, "_parse_error": errors})
+    out = filter_generations(
+        ray.data.from_pandas(rows).repartition(3),
+        raw_norms=frozenset({"a raw example text"}),
+        test_norms=frozenset({"the copied test sentence"}), min_chars=5, max_chars=600,
+    ).to_pandas().sort_values("request_index")
+    assert len(out) == len(texts)
+    assert out["_status"].tolist() == ["accepted", "dropped", "accepted", "dropped", "dropped",
+                                       "quarantined", "accepted", "dropped"]
+    assert out["_reason"].tolist() == ["", "synthetic_duplicate", "", "raw_duplicate", "test_copy",
+                                       "empty_generation", "", "synthetic_duplicate"]

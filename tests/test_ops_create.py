@@ -68,6 +68,10 @@ def test_parse_cleans_numbering_prefixes_and_quotes():
 def test_parse_failures_become_quarantine_reasons():
     assert parse("   ")["_parse_error"] == "empty_generation"
     assert parse(" a long message that was cut", finish="length")["_parse_error"] == "truncated_at_max_tokens"
-    assert parse(" I'm sorry, I can't help with that.")["_parse_error"] == "refusal"
+    assert parse(" I'm sorry, but I can't help with that.")["_parse_error"] == "refusal"
+    assert parse(" As an AI, I do not shop.")["_parse_error"] == "refusal"
+    # Customers write like this all the time; it is an example, not a refusal.
+    assert parse(" I can't find my invoice anywhere")["_parse_error"] is None
+    assert parse(" I'm sorry to bother you, the refund is late")["_parse_error"] is None
     assert parse(' "billing".')["_parse_error"] == "label_only"
     assert parse("   ")["text"] == ""

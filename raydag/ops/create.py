@@ -30,7 +30,11 @@ SYSTEM_PROMPT = "You write realistic, varied example texts for a text classifica
 
 _NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):-]|[-*•])\s*")
 _PREFIX = re.compile(r"^\s*(?:text|message|example|new example|input)\s*:\s*", re.IGNORECASE)
-_REFUSAL = re.compile(r"^\s*(?:i'?m sorry|i am sorry|sorry, i|as an ai|i cannot|i can'?t)", re.IGNORECASE)
+_REFUSAL = re.compile(
+    r"^\s*(?:as an ai\b|i'?m sorry,? but i\b|i (?:can'?t|cannot|am unable to|'m unable to) "
+    r"(?:help|assist|provide|create|generate|write|comply)\b)",
+    re.IGNORECASE,
+)  # narrow on purpose: support messages often start with "I can't find..." or "I'm sorry to..."
 _QUOTES = "\"'“”‘’`"
 
 

@@ -1,0 +1,172 @@
+"""Benchmarks that compare side by side in one run; ``make bench`` runs them.
+
+``python -m raydag.bench teacher`` measures the teacher stage (Ray Data -> GenerateStage actor
+-> vLLM) against plain ``vllm.LLM.generate`` on the same model, the same prompts and the same
+sampling settings, and prints ``teacher_vs_vllm_ratio=<ours / plain output tokens per second>``.
+Engine start-up is left out of both sides; Ray Data's own overhead between batches is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+
+
+def _plan(num_requests: int, seed: int = 0):
+    from raydag.config import load_job
+    from raydag.data import raw_row_id
+    from raydag.ops.create import FewShotCreateOp, Sampling
+
+    job = load_job(QUICKSTART)
+    rows = [json.loads(line) for line in Path(job.data.train_path).read_text().splitlines()]
+    raw = [{"id": raw_row_id(r["text"], r["label"]), **r} for r in rows[:100]]
+    s = job.teacher.sampling
+    op = FewShotCreateOp(job.data.task, job.data.labels, job.teacher.shots,
+                         Sampling(s.temperature, s.top_p, s.max_tokens))
+    return job, op, op.plan_requests(raw, num_requests, seed)
+
+
+def _plain_vllm(job, op, plan, batch_size: int) -> dict:
+    """Plain vllm.LLM.generate in this process, with the same engine settings as ours."""
+    import torch
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.teacher.cpu_kv_cache_gib))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    from vllm import LLM, SamplingParams
+
+    from raydag.models import resolve_model
+
+    llm = LLM(model=resolve_model(job.teacher.model), dtype=job.teacher.dtype,
+              max_model_len=job.teacher.max_model_len, seed=job.seed, enforce_eager=cpu,
+              enable_chunked_prefill=False, max_num_batched_tokens=8192)
+    tokenizer = llm.get_tokenizer()
+    requests = [op.build_request(row) for row in plan]
+    prompts = [tokenizer.apply_chat_template(list(r.messages), tokenize=False,
+                                             continue_final_message=True) for r in requests]
+    params = [SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                             seed=r.seed, stop=list(r.stop)) for r in requests]
+    started = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(prompts), batch_size):
+        outs = llm.generate(prompts[i : i + batch_size], params[i : i + batch_size], use_tqdm=False)
+        tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+    seconds = time.perf_counter() - started
+    del llm
+    gc.collect()
+    return {"tokens_out": tokens, "seconds": seconds}
+
+
+def _ours(job, op, plan, batch_size: int) -> dict:
+    """The teacher stage as `raydag run` builds it: Ray Data map_batches over GenerateStage."""
+    import ray
+
+    from raydag.pipeline import init_ray
+    from raydag.resources import teacher_actor_resources
+    from raydag.stages import GenerateStage
+
+    cluster = init_ray()
+    wall_started = time.perf_counter()
+    engine_kwargs = {"model": job.teacher.model, "dtype": job.teacher.dtype,
+                     "max_model_len": job.teacher.max_model_len, "seed": job.seed,
+                     "cpu_kv_cache_gib": job.teacher.cpu_kv_cache_gib}
+    rows = ray.data.from_items(plan).map_batches(
+        GenerateStage,
+        fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
+        batch_size=batch_size, batch_format="pandas", concurrency=1,
+        **teacher_actor_resources(None, 1, cluster.get("GPU", 0.0)),
+    ).select_columns(["tokens_out", "_batch_started_at", "_engine_seconds"]).to_pandas()
+    # From the first batch's start to the last batch's end: engine start-up excluded, Ray
+    # Data's hand-offs between batches included.
+    batches = rows.groupby("_batch_started_at")["_engine_seconds"].sum()
+    window = float((batches.index + batches.values).max() - batches.index.min())
+    return {"tokens_out": int(rows["tokens_out"].sum()), "seconds": window,
+            "wall": time.perf_counter() - wall_started}
+
+
+def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
+    """The same requests through ``ray.data.llm`` (Ray's own vLLM batch processor)."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from transformers import AutoTokenizer
+
+    from raydag.models import resolve_model
+    from raydag.pipeline import init_ray
+
+    init_ray()
+    path = resolve_model(job.teacher.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = []
+    for row in plan:
+        r = op.build_request(row)
+        rows.append({
+            "prompt": tokenizer.apply_chat_template(list(r.messages), tokenize=False,
+                                                    continue_final_message=True),
+            "sampling_params": {"max_tokens": r.max_tokens, "temperature": r.temperature,
+                                "top_p": r.top_p, "seed": r.seed, "stop": list(r.stop)},
+        })
+    config = vLLMEngineProcessorConfig(
+        model_source=path,
+        engine_kwargs={"dtype": job.teacher.dtype, "max_model_len": job.teacher.max_model_len,
+                       "enforce_eager": True, "enable_chunked_prefill": False,
+                       "max_num_batched_tokens": 8192, "seed": job.seed},
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(job.teacher.cpu_kv_cache_gib)}},
+        # Without a CPU bundle it asks for a GPU and waits forever on a CPU host.
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        concurrency=1, batch_size=batch_size, chat_template_stage=False,
+    )
+    processor = build_processor(
+        config, preprocess=lambda row: row,
+        postprocess=lambda row: {"tokens_out": len(row["generated_tokens"])})
+    started = time.perf_counter()
+    out = processor(ray.data.from_items(rows)).to_pandas()
+    return {"tokens_out": int(out["tokens_out"].sum()), "seconds": time.perf_counter() - started}
+
+
+def bench_teacher(num_requests: int, batch_size: int, with_ray_data_llm: bool = False) -> float:
+    """Print both throughputs and their ratio; return the ratio."""
+    job, op, plan = _plan(num_requests)
+    print(f"teacher benchmark: {num_requests} few-shot requests, batch {batch_size}, "
+          f"model {job.teacher.model}", flush=True)
+    plain = _plain_vllm(job, op, plan, batch_size)
+    ours = _ours(job, op, plan, batch_size)
+    plain_tps = plain["tokens_out"] / plain["seconds"]
+    ours_tps = ours["tokens_out"] / ours["seconds"]
+    ratio = ours_tps / plain_tps
+    print(f"plain_vllm_tokens_per_s={plain_tps:.1f} (tokens {plain['tokens_out']}, {plain['seconds']:.1f}s)")
+    print(f"raydag_teacher_tokens_per_s={ours_tps:.1f} (tokens {ours['tokens_out']}, {ours['seconds']:.1f}s)")
+    print(f"raydag_teacher_wall_s={ours['wall']:.1f} (engine start-up included)")
+    print(f"teacher_vs_vllm_ratio={ratio:.3f}", flush=True)
+    if with_ray_data_llm:
+        other = _ray_data_llm(job, op, plan, batch_size)
+        print(f"ray_data_llm_tokens_per_s={other['tokens_out'] / other['seconds']:.1f} "
+              f"(tokens {other['tokens_out']}, {other['seconds']:.1f}s, engine start-up included)")
+        print(f"raydag_vs_ray_data_llm_wall_ratio={other['seconds'] / ours['wall']:.3f}", flush=True)
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m raydag.bench teacher [--requests N] [--batch-size B]``."""
+    parser = argparse.ArgumentParser(prog="python -m raydag.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["teacher"], help="benchmark to run")
+    parser.add_argument("--requests", type=int, default=256, help="requests per side (256)")
+    parser.add_argument("--batch-size", type=int, default=64, help="requests per batch (64)")
+    parser.add_argument("--with-ray-data-llm", action="store_true",
+                        help="also run the requests through ray.data.llm and compare wall times")
+    args = parser.parse_args(argv)
+    bench_teacher(args.requests, args.batch_size, args.with_ray_data_llm)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
