@@ -22,14 +22,12 @@ QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
 def _plan(num_requests: int, seed: int = 0):
     from raydag.config import load_job
     from raydag.data import raw_row_id
-    from raydag.ops.create import FewShotCreateOp, Sampling
+    from raydag.ops.create import FewShotCreateOp
 
     job = load_job(QUICKSTART)
     rows = [json.loads(line) for line in Path(job.data.train_path).read_text().splitlines()]
     raw = [{"id": raw_row_id(r["text"], r["label"]), **r} for r in rows[:100]]
-    s = job.teacher.sampling
-    op = FewShotCreateOp(job.data.task, job.data.labels, job.teacher.shots,
-                         Sampling(s.temperature, s.top_p, s.max_tokens))
+    op = FewShotCreateOp(job.data.task, job.data.labels, job.teacher.shots, job.teacher.sampling)
     return job, op, op.plan_requests(raw, num_requests, seed)
 
 
@@ -71,7 +69,7 @@ def _ours(job, op, plan, batch_size: int) -> dict:
     import ray
 
     from raydag.pipeline import init_ray
-    from raydag.resources import teacher_actor_resources
+    from raydag.resources import teacher_actor_resources, teacher_runtime_env
     from raydag.stages import GenerateStage
 
     cluster = init_ray()
@@ -79,11 +77,12 @@ def _ours(job, op, plan, batch_size: int) -> dict:
     engine_kwargs = {"model": job.teacher.model, "dtype": job.teacher.dtype,
                      "max_model_len": job.teacher.max_model_len, "seed": job.seed,
                      "cpu_kv_cache_gib": job.teacher.cpu_kv_cache_gib}
+    per_actor = teacher_actor_resources(None, 1, cluster.get("GPU", 0.0))
     rows = ray.data.from_items(plan).map_batches(
         GenerateStage,
         fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
         batch_size=batch_size, batch_format="pandas", concurrency=1,
-        **teacher_actor_resources(None, 1, cluster.get("GPU", 0.0)),
+        runtime_env=teacher_runtime_env(per_actor, None) or None, **per_actor,
     ).select_columns(["tokens_out", "_batch_started_at", "_engine_seconds"]).to_pandas()
     # From the first batch's start to the last batch's end: engine start-up excluded, Ray
     # Data's hand-offs between batches included.

@@ -42,17 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``raydag`` console script."""
     args = build_parser().parse_args(argv)
+    import ray
+
     from raydag.config import load_job
+
+    owns_ray = not ray.is_initialized()  # a library caller's Ray is left running
 
     try:
         job = load_job(args.job, args.overrides)
@@ -66,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         from raydag.pipeline import run_job
 
         path = run_job(job)
-        _shutdown_ray()  # so no late log line from Ray's workers follows the report path
+        if owns_ray:
+            ray.shutdown()  # so no late log line of Ray's workers follows the report path
         print(path)
         return 0
     except RaydagError as err:

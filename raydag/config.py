@@ -29,7 +29,7 @@ _PATH_FIELDS = (("data", "train_path"), ("data", "test_path"), ("output_dir",))
 class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
 class DataConfig(StrictModel):
@@ -211,8 +211,9 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
     base = path.resolve().parent
     for keys in _PATH_FIELDS:
         value = _get_dotted(tree, keys)
-        if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
-            _set_dotted(tree, ".".join(keys), os.path.normpath(base / value), str(path))
+        if isinstance(value, str):
+            _set_dotted(tree, ".".join(keys), os.path.normpath(base / os.path.expanduser(value)),
+                        str(path))
     for text in overrides:
         key, value = parse_override(text)
         if tuple(key.split(".")) in _PATH_FIELDS and isinstance(value, str):

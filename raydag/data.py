@@ -150,6 +150,10 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return pd.concat(parts).sort_values("id").reset_index(drop=True)
 
 
+LINEAGE_REQUIRES = ("demo_ids", "request_seed", "prompt_hash", "text", "label")
+LINEAGE_ADDS = ("id", "parent_ids", "method", "teacher_model", "seed")
+
+
 def add_lineage(batch: pd.DataFrame, *, method: str, teacher_model: str) -> pd.DataFrame:
     """Add the lineage columns to generated rows; ``id`` hashes content and lineage."""
     batch = batch.copy()

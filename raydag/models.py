@@ -160,11 +160,6 @@ def resolve_model(ref: str) -> str:
     return ref
 
 
-def is_embedded(ref: str) -> bool:
-    """True for ``embedded:<name>`` references."""
-    return ref.startswith("embedded:")
-
-
 def prepare_embedded_models() -> list[str]:
     """Convert (or check) every embedded model; ``make install`` calls this once."""
     return [resolve_model(f"embedded:{name}") for name in _EMBEDDED]

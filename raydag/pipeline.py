@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,20 @@ from typing import Any
 import pandas as pd
 
 from raydag.config import JobConfig
-from raydag.data import add_lineage, read_labelled, stratified_sample
+from raydag.data import LINEAGE_ADDS, LINEAGE_REQUIRES, add_lineage, read_labelled, stratified_sample
 from raydag.errors import DataError, RaydagError
 from raydag.filters.exact import normalize_text
 from raydag.models import cache_dir, resolve_model
-from raydag.ops.create import FewShotCreateOp, Sampling
+from raydag.ops.create import FewShotCreateOp
 from raydag.report import StageTimer, students_table, write_report
-from raydag.resources import teacher_actor_resources, wait_for_resources
-from raydag.stages import GenerateStage, check_columns, filter_generations
+from raydag.resources import (
+    student_resources,
+    teacher_actor_resources,
+    teacher_pool_resources,
+    teacher_runtime_env,
+    wait_for_resources,
+)
+from raydag.stages import FILTER_ADDS, FILTER_REQUIRES, GenerateStage, check_chain, filter_generations
 
 # Columns every written synthetic row carries (lineage first).
 LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model",
@@ -33,8 +39,11 @@ LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model
 _OUTPUT_FOLDERS = ("raw", "synthetic", "dropped", "quarantine", "students")
 ROWS_PER_SHARD = 50_000
 # Columns kept for rows that were dropped or quarantined, so each can be audited later.
-_AUDIT_COLUMNS = ["request_id", "target_label", "text", "_raw_generation", "_status", "_reason",
-                  "parent_ids", "prompt_hash", "seed"]
+_AUDIT_COLUMNS = ["request_id", "target_label", "text", "_raw_generation", "finish_reason",
+                  "_status", "_reason", "parent_ids", "prompt_hash", "seed"]
+_SYNTHETIC_COLUMNS = LINEAGE_COLUMNS + ["request_id", "target_label"]
+# Marks a folder as a raydag output folder, which a new run may clear.
+_OUTPUT_MARKER = ".raydag-output"
 
 
 def init_ray() -> dict[str, float]:
@@ -63,7 +72,11 @@ def init_ray() -> dict[str, float]:
 
 
 def prepare_output_dir(path: str) -> Path:
-    """Create the output folder, check it is writable, and clear what a new run replaces."""
+    """Create the output folder, check it is writable, and clear what a new run replaces.
+
+    Only folders that raydag made (they hold a marker file) are cleared; a non-empty folder
+    without the marker is refused rather than touched.
+    """
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -72,11 +85,40 @@ def prepare_output_dir(path: str) -> Path:
         probe.unlink()
     except OSError as err:
         raise RaydagError(f"output_dir {out}: not writable ({err.strerror or err})") from None
+    if any(out.iterdir()) and not (out / _OUTPUT_MARKER).exists():
+        raise RaydagError(f"output_dir {out}: not empty and not made by raydag; "
+                          "choose a new or empty folder")
+    (out / _OUTPUT_MARKER).write_text("raydag output folder; a new run clears it\n")
     for name in ("report.json", "report.md"):
         (out / name).unlink(missing_ok=True)  # never leave a report that claims success
     for name in _OUTPUT_FOLDERS:
         shutil.rmtree(out / name, ignore_errors=True)
     return out
+
+
+def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
+    """Decide and check every resource request before any work runs.
+
+    Raises:
+        RaydagError: a request the cluster cannot grant (at once on the local cluster, after
+            ``resource_timeout_s`` on one that may autoscale), or fp16 without GPUs.
+    """
+    teacher, student = job.teacher, job.student
+    per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
+                                        cluster.get("GPU", 0.0))
+    use_gpu = student.use_gpu if student.use_gpu is not None else cluster.get("GPU", 0.0) > 0
+    if student.precision == "fp16" and not use_gpu:
+        raise RaydagError("student.precision=fp16 needs GPUs; use bf16 or fp32 on CPU hosts")
+    fixed = not os.environ.get("RAY_ADDRESS")
+    wait_for_resources(teacher_pool_resources(per_actor, teacher.concurrency),
+                       f"the teacher pool ({teacher.concurrency} engine actor(s))",
+                       fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
+    wait_for_resources(student_resources(student.num_workers, use_gpu),
+                       f"the students ({student.num_workers} Ray Train worker(s))",
+                       fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
+    return {"teacher_actor": per_actor,
+            "teacher_runtime_env": teacher_runtime_env(per_actor, teacher.cpu_threads),
+            "student_use_gpu": use_gpu}
 
 
 def _raw_lineage(raw: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -91,25 +133,25 @@ def _raw_lineage(raw: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 
 def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path,
-                cluster: dict[str, float], timer: StageTimer) -> dict[str, Any]:
+                placement: dict[str, Any], timer: StageTimer) -> dict[str, Any]:
     """Generate, parse, filter and write the synthetic rows; return counts and token totals."""
     import ray
 
     teacher = job.teacher
-    op = FewShotCreateOp(
-        task=job.data.task,
-        labels=job.data.labels,
-        shots=teacher.shots,
-        sampling=Sampling(teacher.sampling.temperature, teacher.sampling.top_p,
-                          teacher.sampling.max_tokens),
-    )
+    op = FewShotCreateOp(task=job.data.task, labels=job.data.labels, shots=teacher.shots,
+                         sampling=teacher.sampling)
+    for label in job.data.labels:
+        if raw["label"].eq(label).sum() < teacher.shots:
+            print(f"raydag: warning: label '{label}' has {int(raw['label'].eq(label).sum())} raw "
+                  f"example(s), fewer than teacher.shots={teacher.shots}; its requests get fewer "
+                  "demonstrations", file=sys.stderr, flush=True)
     plan = op.plan_requests(raw.to_dict("records"), teacher.num_examples, job.seed)
-    check_columns("teacher", op.requires, plan[0].keys())
-    resources = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
-                                        cluster.get("GPU", 0.0))
-    wait_for_resources(resources, "the teacher engine actor",
-                       fixed_cluster=not os.environ.get("RAY_ADDRESS"),
-                       timeout_s=job.resource_timeout_s)
+    check_chain(plan[0].keys(), [
+        (f"teacher ({op.method})", op.requires, tuple(op.adds) + GenerateStage.adds),
+        ("filters", FILTER_REQUIRES, FILTER_ADDS),
+        ("lineage", LINEAGE_REQUIRES, LINEAGE_ADDS),
+        ("write", _SYNTHETIC_COLUMNS + _AUDIT_COLUMNS, ()),
+    ])
     engine_kwargs = {
         "model": teacher.model,
         "dtype": teacher.dtype,
@@ -132,7 +174,8 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
             batch_size=teacher.batch_size,
             batch_format="pandas",
             concurrency=teacher.concurrency,
-            **resources,
+            runtime_env=placement["teacher_runtime_env"] or None,
+            **placement["teacher_actor"],
         )
         finished = filter_generations(generated, **filter_kwargs).map_batches(
             add_lineage,
@@ -146,7 +189,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
         summary = finished.select_columns(
             ["_status", "_reason", "tokens_in", "tokens_out", "_engine_seconds"]).to_pandas()
         present = set(summary["_status"])
-        outputs = (("accepted", "synthetic", LINEAGE_COLUMNS + ["request_id", "target_label"]),
+        outputs = (("accepted", "synthetic", _SYNTHETIC_COLUMNS),
                    ("dropped", "dropped", _AUDIT_COLUMNS), ("quarantined", "quarantine", _AUDIT_COLUMNS))
         for status, folder, columns in outputs:
             if status in present:
@@ -169,6 +212,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
             "dropped": by_reason("dropped"),
             "quarantined_by_reason": by_reason("quarantined"),
         },
+        "written": sorted(folder for status, folder, _ in outputs if status in present),
         "teacher": {
             "model": teacher.model,
             "method": op.method,
@@ -186,14 +230,11 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
 
 
 def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame, test: pd.DataFrame,
-                 out: Path, cluster: dict[str, float], timer: StageTimer) -> dict[str, dict]:
+                 out: Path, use_gpu: bool, timer: StageTimer) -> dict[str, dict]:
     """Fine-tune and evaluate one student per requested training set."""
     from raydag.train import fit_student
 
     student = job.student
-    use_gpu = student.use_gpu if student.use_gpu is not None else cluster.get("GPU", 0.0) > 0
-    if student.precision == "fp16" and not use_gpu:
-        raise RaydagError("student.precision=fp16 needs GPUs; use bf16 or fp32 on CPU hosts")
     train_sets = {
         "raw": raw,
         "synthetic": synthetic,
@@ -224,24 +265,23 @@ def run_job(job: JobConfig) -> Path:
     """
     started = datetime.now(timezone.utc)
     timer = StageTimer()
-    out = prepare_output_dir(job.output_dir)
     cluster = init_ray()
     import ray
 
     with timer("read"):
         pool, test = read_inputs(job)
+    placement = plan_placement(job, cluster)
+    out = prepare_output_dir(job.output_dir)
     with timer("sample"):
         raw = stratified_sample(pool, job.raw_examples, job.seed)
         ray.data.from_pandas(_raw_lineage(raw, job.seed)).write_parquet(str(out / "raw"))
-    teacher = run_teacher(job, raw, test, out, cluster, timer)
-    synthetic = pd.read_parquet(out / "synthetic") if (out / "synthetic").exists() else pd.DataFrame(
-        columns=LINEAGE_COLUMNS)
-    students = run_students(job, raw, synthetic, test, out, cluster, timer)
-
+    teacher = run_teacher(job, raw, test, out, placement, timer)
     counts = {"pool": len(pool), "test": len(test), "raw": len(raw), **teacher["counts"]}
-    reconciled = counts["accepted"] + counts["quarantined"] + sum(counts["dropped"].values())
-    if reconciled != counts["generated"]:
-        raise RaydagError(f"counts do not reconcile: generated {counts['generated']} != {reconciled}")
+    check_counts(counts)
+    synthetic = (pd.read_parquet(out / "synthetic") if "synthetic" in teacher["written"]
+                 else pd.DataFrame(columns=_SYNTHETIC_COLUMNS))
+    students = run_students(job, raw, synthetic, test, out, placement["student_use_gpu"], timer)
+
     report = {
         "job": job.name,
         "started_at": started.isoformat(timespec="seconds"),
@@ -251,12 +291,23 @@ def run_job(job: JobConfig) -> Path:
         "teacher": teacher["teacher"],
         "stages": timer.seconds,
         "students": students,
-        "outputs": {name: str(out / name) for name in ("raw", "synthetic", "dropped", "quarantine")},
+        "outputs": {name: str(out / name) for name in ["raw", *teacher["written"]]},
         "config": json.loads(job.model_dump_json()),
     }
     path = write_report(out, report)
     print(students_table(students), flush=True)
     return path
+
+
+def check_counts(counts: dict[str, Any]) -> None:
+    """Every requested row came back, and each one is accepted, dropped or quarantined."""
+    if counts["generated"] != counts["requested"]:
+        raise RaydagError(f"rows lost: requested {counts['requested']}, "
+                          f"generated {counts['generated']}")
+    settled = counts["accepted"] + counts["quarantined"] + sum(counts["dropped"].values())
+    if settled != counts["generated"]:
+        raise RaydagError(f"counts do not reconcile: generated {counts['generated']} != "
+                          f"accepted + dropped + quarantined = {settled}")
 
 
 def read_inputs(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from raydag.errors import RaydagError
@@ -28,6 +29,27 @@ def teacher_actor_resources(
             f"teacher.num_gpus >= {tensor_parallel_size}, got {num_gpus}"
         )
     return {"num_cpus": 1.0, "num_gpus": float(num_gpus)}
+
+
+def teacher_pool_resources(per_actor: dict[str, float], concurrency: int) -> dict[str, float]:
+    """What the whole teacher actor pool needs at once."""
+    return {key: amount * concurrency for key, amount in per_actor.items()}
+
+
+def teacher_runtime_env(per_actor: dict[str, float], cpu_threads: int | None) -> dict:
+    """Environment for a teacher actor: on CPU, OpenMP may use ``cpu_threads`` (default all cores).
+
+    Ray sets ``OMP_NUM_THREADS`` to the CPUs an actor requests (1); the CPU engine is the only
+    heavy work while the teacher stage runs, so it gets the cores.
+    """
+    if per_actor.get("num_gpus", 0.0) > 0:
+        return {}
+    return {"env_vars": {"OMP_NUM_THREADS": str(cpu_threads or os.cpu_count() or 1)}}
+
+
+def student_resources(num_workers: int, use_gpu: bool) -> dict[str, float]:
+    """What Ray Train's student workers need at once (one CPU, and one GPU if used, each)."""
+    return {"num_cpus": float(num_workers), "num_gpus": float(num_workers if use_gpu else 0)}
 
 
 def _missing(request: dict[str, float], cluster: dict[str, float]) -> str | None:

@@ -14,11 +14,29 @@ from raydag.filters.exact import apply_row_filters, drop_synthetic_duplicates
 
 def check_columns(stage: str, required: Iterable[str], available: Iterable[str]) -> None:
     """Raise before any work runs when ``stage`` needs a column its input lacks."""
-    missing = [c for c in required if c not in set(available)]
+    available = set(available)
+    missing = [c for c in required if c not in available]
     if missing:
         raise ColumnContractError(
             f"stage '{stage}' needs column(s) {missing}, but its input has {sorted(available)}"
         )
+
+
+def check_chain(columns: Iterable[str], stages: list[tuple[str, Iterable[str], Iterable[str]]]) -> None:
+    """Check a chain of ``(name, requires, adds)`` stages against the first stage's input columns.
+
+    Raises:
+        ColumnContractError: naming the first stage and column that would be missing.
+    """
+    available = set(columns)
+    for name, requires, adds in stages:
+        check_columns(name, requires, available)
+        available |= set(adds)
+
+
+# Declared columns of the stages below (see check_chain).
+FILTER_REQUIRES = ("text", "_parse_error", "request_index")
+FILTER_ADDS = ("_status", "_reason", "_norm")
 
 
 class GenerateStage:
@@ -33,13 +51,15 @@ class GenerateStage:
         engine_kwargs: Arguments for :class:`raydag.engines.VLLMEngine`.
     """
 
+    adds = ("prompt_hash", "sampling", "_raw_generation", "tokens_in", "tokens_out",
+            "finish_reason", "_engine_seconds", "_batch_started_at")
+
     def __init__(self, op: Any, engine_kwargs: dict) -> None:
         from raydag.engines.vllm import VLLMEngine
 
         self.op = op
         self.engine = VLLMEngine(**engine_kwargs)
         self._rows_done = 0
-        self._started = time.perf_counter()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")

@@ -74,13 +74,14 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(config["seed"])
 
     deepspeed.init_distributed()  # reuses the process group Ray Train made
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], local_files_only=True)
+    local = os.path.isdir(config["model_path"])  # else a Hugging Face id, fetched by the hub
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], local_files_only=local)
     model = AutoModelForSequenceClassification.from_pretrained(
         config["model_path"],
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id=label2id,
-        local_files_only=True,
+        local_files_only=local,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=student.learning_rate)
     engine, _, _, _ = deepspeed.initialize(
@@ -122,10 +123,10 @@ def train_loop(config: dict) -> None:
             logits = engine(**encode([test_texts[i] for i in idx])).logits
             y_pred.extend(logits.argmax(dim=-1).tolist())
             y_true.extend(label2id[test_labels[i]] for i in idx)
-    matrix = torch.tensor(confusion_matrix(y_true, y_pred, len(labels)))
+    matrix = torch.tensor(confusion_matrix(y_true, y_pred, len(labels)), device=device)
     if world > 1:
-        torch.distributed.all_reduce(matrix)
-    matrix = matrix.numpy()
+        torch.distributed.all_reduce(matrix)  # NCCL needs the tensor on the GPU
+    matrix = matrix.cpu().numpy()
     metrics = {
         "accuracy": accuracy(matrix),
         "macro_f1": macro_f1(matrix),
@@ -188,9 +189,10 @@ def fit_student(
         scaling_config=ScalingConfig(num_workers=student.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_dir)),
     )
-    result = trainer.fit()
-    if result.error:
-        raise RaydagError(f"student '{name}' failed: {result.error}")
+    try:
+        result = trainer.fit()  # Ray Train raises the training error itself
+    except Exception as err:
+        raise RaydagError(f"student '{name}' failed to train: {err}") from err
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return metrics

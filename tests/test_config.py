@@ -81,3 +81,18 @@ def test_bad_override_syntax():
 def test_missing_job_file():
     with pytest.raises(ConfigError, match="not found"):
         load_job("/nonexistent/job.yaml")
+
+
+def test_home_in_yaml_paths_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(QUICKSTART.read_text().replace("output_dir: ../runs/quickstart",
+                                                       "output_dir: ~/runs/qs"))
+    assert load_job(job_file).output_dir == str(tmp_path / "runs" / "qs")
+
+
+def test_strict_types_reject_strings_for_numbers(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("raw_examples: 100", 'raw_examples: "100"'))
+    with pytest.raises(ConfigError, match="raw_examples"):
+        load_job(bad)

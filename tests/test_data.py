@@ -58,8 +58,9 @@ def test_empty_text_and_empty_file(ray_local, tmp_path):
 
 
 def test_unknown_extension_and_missing_file(tmp_path):
+    (tmp_path / "rows.txt").write_text("x")
     with pytest.raises(DataError, match="unknown file type"):
-        read_labelled(tmp_path / "rows.txt", "text", "label", LABELS) if (tmp_path / "rows.txt").write_text("x") else None
+        read_labelled(tmp_path / "rows.txt", "text", "label", LABELS)
     with pytest.raises(DataError, match="not found"):
         read_labelled(tmp_path / "nope.jsonl", "text", "label", LABELS)
 
@@ -73,3 +74,21 @@ def test_stratified_sample_keeps_label_shares_and_is_seeded():
     assert sample.equals(stratified_sample(pool.sample(frac=1, random_state=3), 20, seed=1))
     assert not sample.equals(stratified_sample(pool, 20, seed=2))
     assert len(stratified_sample(pool, 500, seed=1)) == 100
+
+
+def test_blank_and_non_object_jsonl_lines_are_named(ray_local, tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": "a", "label": "a"}\n\n{"text": "b", "label": "b"}\n')
+    with pytest.raises(DataError, match=rf"{blank}:2: blank line"):
+        read_labelled(blank, "text", "label", LABELS)
+    listed = tmp_path / "list.jsonl"
+    listed.write_text('{"text": "a", "label": "a"}\n["b", "b"]\n')
+    with pytest.raises(DataError, match=rf"{listed}:2: expected a JSON object"):
+        read_labelled(listed, "text", "label", LABELS)
+
+
+def test_csv_rows_are_named_by_their_line(ray_local, tmp_path):
+    path = tmp_path / "rows.csv"
+    pd.DataFrame([{"text": "fine", "label": "a"}, {"text": "odd", "label": "q"}]).to_csv(path, index=False)
+    with pytest.raises(DataError, match=rf"{path}:3: label 'q'"):
+        read_labelled(path, "text", "label", LABELS)

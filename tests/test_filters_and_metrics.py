@@ -63,3 +63,16 @@ def test_filter_chain_on_ray_data_catches_planted_copies_and_loses_no_row(ray_lo
                                        "quarantined", "accepted", "dropped"]
     assert out["_reason"].tolist() == ["", "synthetic_duplicate", "", "raw_duplicate", "test_copy",
                                        "empty_generation", "", "synthetic_duplicate"]
+
+
+def test_column_chain_names_the_stage_and_the_missing_column():
+    import pytest
+
+    from raydag.errors import ColumnContractError
+    from raydag.stages import FILTER_ADDS, FILTER_REQUIRES, check_chain
+
+    stages = [("teacher", ("target_label",), ("text", "_parse_error")),
+              ("filters", FILTER_REQUIRES, FILTER_ADDS)]
+    check_chain(["target_label", "request_index"], stages)
+    with pytest.raises(ColumnContractError, match=r"stage 'filters' needs column\(s\) \['request_index'\]"):
+        check_chain(["target_label"], stages)

@@ -1,6 +1,7 @@
 """Embedded models: the converted teacher cache is checked, and a broken one is rebuilt."""
 
 import json
+from pathlib import Path
 
 from raydag.models import _write_manifest, cache_is_valid, embedded_student_path, resolve_model
 
@@ -20,17 +21,19 @@ def test_manifest_detects_partial_and_corrupt_folders(tmp_path):
     assert not cache_is_valid(folder)
 
 
-def test_embedded_teacher_is_converted_once_into_a_checked_cache(tmp_path, monkeypatch):
-    path = resolve_model("embedded:smollm2-135m-instruct")
-    assert cache_is_valid(__import__("pathlib").Path(path))
-    config = json.loads((__import__("pathlib").Path(path) / "config.json").read_text())
+def test_embedded_teacher_is_converted_once_into_a_checked_cache():
+    path = Path(resolve_model("embedded:smollm2-135m-instruct"))
+    assert cache_is_valid(path)
+    config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
+    weights = path / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert Path(resolve_model("embedded:smollm2-135m-instruct")) == path
+    assert weights.stat().st_mtime_ns == before  # reused, not converted again
 
 
 def test_corrupt_teacher_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYDAG_CACHE", str(tmp_path))
-    from pathlib import Path
-
     first = Path(resolve_model("embedded:smollm2-135m-instruct"))
     with open(first / "model.safetensors", "r+b") as handle:  # flip bytes inside the weights
         handle.seek(4096)

@@ -8,23 +8,30 @@ import pytest
 
 from raydag.cli import main
 from raydag.config import load_job
-from raydag.pipeline import LINEAGE_COLUMNS, run_job
+from raydag.pipeline import LINEAGE_COLUMNS, check_counts
 
 from conftest import QUICKSTART, write_jsonl
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end_with_real_engine_and_deepspeed(ray_local, tmp_path):
+def test_quickstart_end_to_end_with_real_engine_and_deepspeed(ray_local, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "report.json").write_text('{"stale": true}')  # a stale report must not survive
-    job = load_job(QUICKSTART, [
+    (out / ".raydag-output").write_text("")  # a previous run's folder ...
+    (out / "report.json").write_text('{"stale": true}')  # ... whose report must not survive
+    overrides = [
         f"output_dir={out}", "raw_examples=30", "teacher.num_examples=36",
         # 16 tokens cut many support messages short: the truncated ones must be quarantined.
-        "teacher.sampling.max_tokens=16", "teacher.batch_size=12", "student.epochs=2",
-    ])
-    path = run_job(job)
-    assert path == out / "report.json"
+        "teacher.sampling.max_tokens=16", "teacher.batch_size=12",
+        "student.epochs=4", "student.batch_size=4",
+    ]
+    code = main(["run", str(QUICKSTART), *overrides])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    path = out / "report.json"
+    assert printed[-1] == str(path)  # the report path is the last line
+    assert any(line.startswith("mixed ") for line in printed[-5:])  # after the table
+    job = load_job(QUICKSTART, overrides)
     report = json.loads(path.read_text())
 
     counts = report["counts"]
@@ -109,3 +116,32 @@ def test_cli_validate_ok_and_unknown_key(ray_local, tiny_job_files, capsys):
     assert code == 0 and "ok" in io.out and "pool 30 rows" in io.out
     code, io = run_cli(capsys, "validate", str(tiny_job_files / "job.yaml"), "teacher.temprature=1")
     assert code == 2 and "unknown key 'teacher.temprature'" in io.err
+
+
+def test_cli_refuses_a_non_empty_folder_it_did_not_make(ray_local, tiny_job_files, capsys):
+    folder = tiny_job_files / "mine"
+    folder.mkdir()
+    (folder / "synthetic").mkdir()  # someone else's data must never be cleared
+    code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"), f"output_dir={folder}")
+    assert code == 2 and "not empty and not made by raydag" in io.err
+    assert (folder / "synthetic").is_dir()
+
+
+def test_cli_fp16_on_a_cpu_host_fails_before_any_generation(ray_local, tiny_job_files, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on GPU hosts")
+    code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"), "student.precision=fp16")
+    assert code == 2 and "fp16 needs GPUs" in io.err
+    assert not (tiny_job_files / "out").exists()
+
+
+def test_count_checks():
+    good = {"requested": 5, "generated": 5, "accepted": 2, "quarantined": 1,
+            "dropped": {"too_long": 1, "test_copy": 1}}
+    check_counts(good)
+    with pytest.raises(Exception, match="rows lost"):
+        check_counts({**good, "generated": 4})
+    with pytest.raises(Exception, match="do not reconcile"):
+        check_counts({**good, "accepted": 1})

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
-
+from raydag.config import SamplingConfig
 from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest, Completion
 
@@ -31,20 +30,11 @@ SYSTEM_PROMPT = "You write realistic, varied example texts for a text classifica
 _NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):-]|[-*•])\s*")
 _PREFIX = re.compile(r"^\s*(?:text|message|example|new example|input)\s*:\s*", re.IGNORECASE)
 _REFUSAL = re.compile(
-    r"^\s*(?:as an ai\b|i'?m sorry,? but i\b|i (?:can'?t|cannot|am unable to|'m unable to) "
+    r"^\s*(?:as an ai\b|(?:i'?m sorry,? but )?i (?:can'?t|cannot|am unable to|'m unable to|won'?t) "
     r"(?:help|assist|provide|create|generate|write|comply)\b)",
     re.IGNORECASE,
 )  # narrow on purpose: support messages often start with "I can't find..." or "I'm sorry to..."
 _QUOTES = "\"'“”‘’`"
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings attached to every request (recorded as lineage)."""
-
-    temperature: float
-    top_p: float
-    max_tokens: int
 
 
 class FewShotCreateOp:
@@ -58,24 +48,24 @@ class FewShotCreateOp:
 
     Columns:
         requires: ``request_id``, ``target_label``, ``demo_texts``, ``request_seed``.
-        adds: ``text``, ``label``, ``prompt_hash``, ``_parse_error``.
+        adds: ``text``, ``label``, ``_parse_error``.
     """
 
     name = "create.few_shot"
     requires = ("request_id", "target_label", "demo_texts", "request_seed")
-    adds = ("text", "label", "prompt_hash", "_parse_error")
+    adds = ("text", "label", "_parse_error")
 
     def __init__(
         self,
         task: str,
         labels: list[str],
         shots: int = 3,
-        sampling: Sampling | None = None,
+        sampling: SamplingConfig | None = None,
     ) -> None:
         self.task = task
         self.labels = list(labels)
         self.shots = shots
-        self.sampling = sampling or Sampling(temperature=0.9, top_p=0.95, max_tokens=80)
+        self.sampling = sampling or SamplingConfig()
 
     @property
     def method(self) -> str:
