@@ -140,9 +140,10 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
     teacher = job.teacher
     op = FewShotCreateOp(task=job.data.task, labels=job.data.labels, shots=teacher.shots,
                          sampling=teacher.sampling)
+    per_label = raw["label"].value_counts()
     for label in job.data.labels:
-        if raw["label"].eq(label).sum() < teacher.shots:
-            print(f"raydag: warning: label '{label}' has {int(raw['label'].eq(label).sum())} raw "
+        if int(per_label.get(label, 0)) < teacher.shots:
+            print(f"raydag: warning: label '{label}' has {int(per_label.get(label, 0))} raw "
                   f"example(s), fewer than teacher.shots={teacher.shots}; its requests get fewer "
                   "demonstrations", file=sys.stderr, flush=True)
     plan = op.plan_requests(raw.to_dict("records"), teacher.num_examples, job.seed)
