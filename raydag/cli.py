@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a job end to end; prints a table and, as its last line, the report path.",
     )
     validate = sub.add_parser(
-        "validate", help="check a job file and its data without running it",
-        description="Load the job strictly, apply overrides, and check the data files.",
+        "validate", help="check a job file, its data and its output folder without running it",
+        description="Load the job strictly, apply overrides, check the data files and that the "
+        "output folder is writable and raydag's to use.",
     )
     for p in (run, validate):
         p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")

@@ -71,11 +71,10 @@ def init_ray() -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def prepare_output_dir(path: str) -> Path:
-    """Create the output folder, check it is writable, and clear what a new run replaces.
+def check_output_dir(path: str) -> Path:
+    """Create the output folder if needed and check it is writable and ours to use.
 
-    Only folders that raydag made (they hold a marker file) are cleared; a non-empty folder
-    without the marker is refused rather than touched.
+    A non-empty folder without raydag's marker file is refused rather than touched.
     """
     out = Path(path)
     try:
@@ -88,6 +87,12 @@ def prepare_output_dir(path: str) -> Path:
     if any(out.iterdir()) and not (out / _OUTPUT_MARKER).exists():
         raise RaydagError(f"output_dir {out}: not empty and not made by raydag; "
                           "choose a new or empty folder")
+    return out
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Check the output folder (see :func:`check_output_dir`), then clear what a run replaces."""
+    out = check_output_dir(path)
     (out / _OUTPUT_MARKER).write_text("raydag output folder; a new run clears it\n")
     for name in ("report.json", "report.md"):
         (out / name).unlink(missing_ok=True)  # never leave a report that claims success
@@ -323,7 +328,8 @@ def read_inputs(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def validate_job(job: JobConfig) -> dict[str, int]:
-    """Check a job's data without generating or training; return the row counts."""
+    """Check a job's data and output folder without generating or training; return row counts."""
     init_ray()
     pool, test = read_inputs(job)
+    check_output_dir(job.output_dir)
     return {"pool": len(pool), "test": len(test)}

@@ -111,6 +111,11 @@ def test_cli_unwritable_output_folder(ray_local, tiny_job_files, capsys):
     assert code == 2 and "not writable" in io.err and str(blocker) in io.err
 
 
+def test_cli_more_raw_examples_than_the_pool_has(ray_local, tiny_job_files, capsys):
+    code, io = run_cli(capsys, "validate", str(tiny_job_files / "job.yaml"), "raw_examples=31")
+    assert code == 2 and "raw_examples=31 but the pool has 30 rows" in io.err
+
+
 def test_cli_validate_ok_and_unknown_key(ray_local, tiny_job_files, capsys):
     code, io = run_cli(capsys, "validate", str(tiny_job_files / "job.yaml"))
     assert code == 0 and "ok" in io.out and "pool 30 rows" in io.out
