@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 from pathlib import Path
 
@@ -34,21 +33,14 @@ def _plan(num_requests: int, seed: int = 0):
 
 
 def _plain_vllm(job, op, plan, batch_size: int) -> dict:
-    """Plain vllm.LLM.generate in this process, with the same engine settings as ours."""
-    import torch
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.teacher.cpu_kv_cache_gib))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    """Plain vllm.LLM.generate in this process, with the same ``vllm.LLM`` arguments as ours."""
     from vllm import LLM, SamplingParams
 
-    from raydag.models import resolve_model
+    from raydag.engines.vllm import engine_args
 
-    llm = LLM(model=resolve_model(job.teacher.model), dtype=job.teacher.dtype,
-              max_model_len=job.teacher.max_model_len, seed=job.seed, enforce_eager=cpu,
-              enable_chunked_prefill=False, max_num_batched_tokens=8192)
+    llm = LLM(**engine_args(job.teacher.model, dtype=job.teacher.dtype,
+                            max_model_len=job.teacher.max_model_len, seed=job.seed,
+                            cpu_kv_cache_gib=job.teacher.cpu_kv_cache_gib))
     tokenizer = llm.get_tokenizer()
     requests = [op.build_request(row) for row in plan]
     prompts = [tokenizer.apply_chat_template(list(r.messages), tokenize=False,
@@ -71,7 +63,7 @@ def _ours(job, op, plan, batch_size: int) -> dict:
     import ray
 
     from raydag.pipeline import init_ray
-    from raydag.resources import teacher_actor_resources, teacher_runtime_env
+    from raydag.resources import teacher_actor_resources
     from raydag.stages import GenerateStage
 
     cluster = init_ray()
@@ -84,7 +76,7 @@ def _ours(job, op, plan, batch_size: int) -> dict:
         GenerateStage,
         fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
         batch_size=batch_size, batch_format="pandas", concurrency=1,
-        runtime_env=teacher_runtime_env(per_actor, None) or None, **per_actor,
+        **per_actor,
     ).select_columns(["tokens_out", "_batch_started_at", "_engine_seconds"]).to_pandas()
     # From the first batch's start to the last batch's end: engine start-up excluded, Ray
     # Data's hand-offs between batches included.

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,25 @@ from raydag.errors import ConfigError
 
 # Fields holding filesystem paths, resolved against the YAML file's folder.
 _PATH_FIELDS = (("data", "train_path"), ("data", "test_path"), ("output_dir",))
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-4`` is a float (YAML 1.2) rather than a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class StrictModel(BaseModel):
@@ -78,6 +98,11 @@ class TeacherConfig(StrictModel):
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor parallelism.")
     cpu_kv_cache_gib: int = Field(default=1, ge=1, description="KV cache size on CPU hosts (GiB).")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Share of each GPU's memory one engine may take; None: 0.9, scaled down "
+        "when engines share a GPU (num_gpus < 1).",
+    )
     cpu_threads: int | None = Field(
         default=None, ge=1,
         description="Threads of a CPU engine; None: every core of its node (the teacher stage is "
@@ -166,7 +191,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -200,7 +225,7 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
     """
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = _yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: job file not found") from None
     except yaml.YAMLError as err:

@@ -17,18 +17,19 @@ from typing import Any
 
 import pandas as pd
 
-from raydag.config import JobConfig
+from raydag.config import JobConfig, StudentConfig
 from raydag.data import LINEAGE_ADDS, LINEAGE_REQUIRES, add_lineage, read_labelled, stratified_sample
 from raydag.errors import DataError, RaydagError
 from raydag.filters.exact import normalize_text
-from raydag.models import cache_dir, resolve_model
+from raydag.models import cache_dir
 from raydag.ops.create import FewShotCreateOp
 from raydag.report import StageTimer, students_table, write_report
 from raydag.resources import (
-    student_resources,
+    bundle,
+    release_resource_requests,
+    student_workers,
     teacher_actor_resources,
-    teacher_pool_resources,
-    teacher_runtime_env,
+    teacher_gpu_memory_share,
     wait_for_resources,
 )
 from raydag.stages import FILTER_ADDS, FILTER_REQUIRES, GenerateStage, check_chain, filter_generations
@@ -85,19 +86,30 @@ def check_output_dir(path: str) -> Path:
     except OSError as err:
         raise RaydagError(f"output_dir {out}: not writable ({err.strerror or err})") from None
     if any(out.iterdir()) and not (out / _OUTPUT_MARKER).exists():
-        raise RaydagError(f"output_dir {out}: not empty and not made by raydag; "
-                          "choose a new or empty folder")
+        raise RaydagError(f"output_dir {out}: not empty and not made by raydag (no "
+                          f"{_OUTPUT_MARKER} file); choose a new or empty folder")
     return out
+
+
+def discard_stale_report(path: str) -> None:
+    """Remove the report of an earlier run in a raydag output folder, before anything can fail."""
+    out = Path(path)
+    if (out / _OUTPUT_MARKER).exists():
+        for name in ("report.json", "report.md"):
+            (out / name).unlink(missing_ok=True)
 
 
 def prepare_output_dir(path: str) -> Path:
     """Check the output folder (see :func:`check_output_dir`), then clear what a run replaces."""
     out = check_output_dir(path)
     (out / _OUTPUT_MARKER).write_text("raydag output folder; a new run clears it\n")
-    for name in ("report.json", "report.md"):
-        (out / name).unlink(missing_ok=True)  # never leave a report that claims success
+    discard_stale_report(path)
     for name in _OUTPUT_FOLDERS:
-        shutil.rmtree(out / name, ignore_errors=True)
+        if (out / name).exists():
+            try:
+                shutil.rmtree(out / name)  # old shards must never mix with new ones
+            except OSError as err:
+                raise RaydagError(f"output_dir {out}: cannot clear {name}/ ({err})") from None
     return out
 
 
@@ -109,21 +121,25 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
             ``resource_timeout_s`` on one that may autoscale), or fp16 without GPUs.
     """
     teacher, student = job.teacher, job.student
-    per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
-                                        cluster.get("GPU", 0.0))
-    use_gpu = student.use_gpu if student.use_gpu is not None else cluster.get("GPU", 0.0) > 0
+    gpus = cluster.get("GPU", 0.0)
+    per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size, gpus)
+    workers, use_gpu = student_workers(student.num_workers, student.use_gpu, gpus)
+    if workers != student.num_workers:
+        print(f"raydag: the cluster has {gpus:g} GPU(s): training students on {workers} GPU "
+              f"worker(s) instead of student.num_workers={student.num_workers}", flush=True)
     if student.precision == "fp16" and not use_gpu:
         raise RaydagError("student.precision=fp16 needs GPUs; use bf16 or fp32 on CPU hosts")
     fixed = not os.environ.get("RAY_ADDRESS")
-    wait_for_resources(teacher_pool_resources(per_actor, teacher.concurrency),
+    wait_for_resources(bundle(per_actor), teacher.concurrency,
                        f"the teacher pool ({teacher.concurrency} engine actor(s))",
                        fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
-    wait_for_resources(student_resources(student.num_workers, use_gpu),
-                       f"the students ({student.num_workers} Ray Train worker(s))",
+    wait_for_resources(bundle({"num_cpus": 1.0, "num_gpus": 1.0 if use_gpu else 0.0}), workers,
+                       f"the students ({workers} Ray Train worker(s))",
                        fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
     return {"teacher_actor": per_actor,
-            "teacher_runtime_env": teacher_runtime_env(per_actor, teacher.cpu_threads),
-            "student_use_gpu": use_gpu}
+            "teacher_gpu_memory": teacher_gpu_memory_share(per_actor["num_gpus"],
+                                                           teacher.gpu_memory_utilization),
+            "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu})}
 
 
 def _raw_lineage(raw: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -166,6 +182,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
         "tensor_parallel_size": teacher.tensor_parallel_size,
         "cpu_kv_cache_gib": teacher.cpu_kv_cache_gib,
         "cpu_threads": teacher.cpu_threads,
+        "gpu_memory_utilization": placement["teacher_gpu_memory"],
     }
     filter_kwargs = {
         "raw_norms": frozenset(raw["text"].map(normalize_text)) if job.filters.drop_raw_duplicates else frozenset(),
@@ -180,7 +197,6 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
             batch_size=teacher.batch_size,
             batch_format="pandas",
             concurrency=teacher.concurrency,
-            runtime_env=placement["teacher_runtime_env"] or None,
             **placement["teacher_actor"],
         )
         finished = filter_generations(generated, **filter_kwargs).map_batches(
@@ -236,17 +252,15 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
 
 
 def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame, test: pd.DataFrame,
-                 out: Path, use_gpu: bool, timer: StageTimer) -> dict[str, dict]:
+                 out: Path, student: StudentConfig, timer: StageTimer) -> dict[str, dict]:
     """Fine-tune and evaluate one student per requested training set."""
     from raydag.train import fit_student
 
-    student = job.student
     train_sets = {
         "raw": raw,
         "synthetic": synthetic,
         "mixed": pd.concat([raw[["text", "label"]], synthetic[["text", "label"]]], ignore_index=True),
     }
-    model_path = resolve_model(student.model)
     results = {}
     for name in student.train_sets:
         rows = train_sets[name]
@@ -256,8 +270,8 @@ def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame, tes
             results[name] = fit_student(
                 name, rows["text"].tolist(), rows["label"].tolist(),
                 test["text"].tolist(), test["label"].tolist(),
-                label_set=job.data.labels, student=student, model_path=model_path,
-                storage_dir=str(out / "students"), seed=job.seed, use_gpu=use_gpu,
+                label_set=job.data.labels, student=student,
+                storage_dir=str(out / "students"), seed=job.seed,
             )
     return results
 
@@ -271,22 +285,28 @@ def run_job(job: JobConfig) -> Path:
     """
     started = datetime.now(timezone.utc)
     timer = StageTimer()
+    discard_stale_report(job.output_dir)  # never leave a report that claims success
     cluster = init_ray()
     import ray
 
     with timer("read"):
         pool, test = read_inputs(job)
-    placement = plan_placement(job, cluster)
-    out = prepare_output_dir(job.output_dir)
-    with timer("sample"):
-        raw = stratified_sample(pool, job.raw_examples, job.seed)
-        ray.data.from_pandas(_raw_lineage(raw, job.seed)).write_parquet(str(out / "raw"))
-    teacher = run_teacher(job, raw, test, out, placement, timer)
-    counts = {"pool": len(pool), "test": len(test), "raw": len(raw), **teacher["counts"]}
-    check_counts(counts)
-    synthetic = (pd.read_parquet(out / "synthetic") if "synthetic" in teacher["written"]
-                 else pd.DataFrame(columns=_SYNTHETIC_COLUMNS))
-    students = run_students(job, raw, synthetic, test, out, placement["student_use_gpu"], timer)
+    may_autoscale = bool(os.environ.get("RAY_ADDRESS"))
+    try:
+        placement = plan_placement(job, cluster)
+        out = prepare_output_dir(job.output_dir)
+        with timer("sample"):
+            raw = stratified_sample(pool, job.raw_examples, job.seed)
+            ray.data.from_pandas(_raw_lineage(raw, job.seed)).write_parquet(str(out / "raw"))
+        teacher = run_teacher(job, raw, test, out, placement, timer)
+        counts = {"pool": len(pool), "test": len(test), "raw": len(raw), **teacher["counts"]}
+        check_counts(counts)
+        synthetic = (pd.read_parquet(out / "synthetic") if "synthetic" in teacher["written"]
+                     else pd.DataFrame(columns=_SYNTHETIC_COLUMNS))
+        students = run_students(job, raw, synthetic, test, out, placement["student"], timer)
+    finally:
+        if may_autoscale:
+            release_resource_requests()
 
     report = {
         "job": job.name,

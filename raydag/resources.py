@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 from raydag.errors import RaydagError
+
+# vLLM's default share of a GPU's memory for one engine that owns the whole GPU.
+_FULL_GPU_MEMORY_SHARE = 0.9
 
 
 def teacher_actor_resources(
@@ -14,7 +16,8 @@ def teacher_actor_resources(
     """Resources one teacher engine actor asks Ray for.
 
     Args:
-        num_gpus: GPUs per actor from the job; None picks 1 on GPU clusters, 0 on CPU hosts.
+        num_gpus: GPUs per actor from the job; None picks ``tensor_parallel_size`` GPUs on GPU
+            clusters and none on CPU hosts.
         tensor_parallel_size: vLLM tensor parallelism; an actor needs at least that many GPUs.
         cluster_gpus: GPUs the cluster has now.
 
@@ -31,56 +34,78 @@ def teacher_actor_resources(
     return {"num_cpus": 1.0, "num_gpus": float(num_gpus)}
 
 
-def teacher_pool_resources(per_actor: dict[str, float], concurrency: int) -> dict[str, float]:
-    """What the whole teacher actor pool needs at once."""
-    return {key: amount * concurrency for key, amount in per_actor.items()}
+def teacher_gpu_memory_share(num_gpus: float, configured: float | None) -> float:
+    """Share of each GPU's memory one engine may take: engines that split a GPU split it."""
+    if configured is not None:
+        return configured
+    return round(_FULL_GPU_MEMORY_SHARE * min(num_gpus, 1.0), 3) if num_gpus > 0 else _FULL_GPU_MEMORY_SHARE
 
 
-def teacher_runtime_env(per_actor: dict[str, float], cpu_threads: int | None) -> dict:
-    """Environment for a teacher actor: on CPU, OpenMP may use ``cpu_threads`` (default all cores).
+def student_workers(num_workers: int, use_gpu: bool | None, cluster_gpus: float) -> tuple[int, bool]:
+    """Ray Train workers and whether they use GPUs.
 
-    Ray sets ``OMP_NUM_THREADS`` to the CPUs an actor requests (1); the CPU engine is the only
-    heavy work while the teacher stage runs, so it gets the cores.
+    ``use_gpu=None`` uses GPUs when the cluster has any; with fewer GPUs than ``num_workers``
+    it trains on one worker per GPU rather than wait for GPUs that do not exist.
     """
-    if per_actor.get("num_gpus", 0.0) > 0:
-        return {}
-    return {"env_vars": {"OMP_NUM_THREADS": str(cpu_threads or os.cpu_count() or 1)}}
+    if use_gpu is None:
+        if cluster_gpus <= 0:
+            return num_workers, False
+        return max(1, min(num_workers, int(cluster_gpus))), True
+    return num_workers, use_gpu
 
 
-def student_resources(num_workers: int, use_gpu: bool) -> dict[str, float]:
-    """What Ray Train's student workers need at once (one CPU, and one GPU if used, each)."""
-    return {"num_cpus": float(num_workers), "num_gpus": float(num_workers if use_gpu else 0)}
+def bundle(resources: dict[str, float]) -> dict[str, float]:
+    """``{"num_cpus", "num_gpus"}`` as a Ray resource bundle (``{"CPU", "GPU"}``)."""
+    out = {"CPU": resources.get("num_cpus", 0.0), "GPU": resources.get("num_gpus", 0.0)}
+    return {key: value for key, value in out.items() if value > 0}
 
 
-def _missing(request: dict[str, float], cluster: dict[str, float]) -> str | None:
-    have = {"num_cpus": cluster.get("CPU", 0.0), "num_gpus": cluster.get("GPU", 0.0)}
-    for key, amount in request.items():
-        if amount > have.get(key, 0.0):
-            return f"{key}={amount:g} but the cluster has {have.get(key, 0.0):g}"
+def _problem(one: dict[str, float], count: int) -> str | None:
+    """Why ``count`` copies of bundle ``one`` cannot be placed now (None when they can)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(all(node.get(k, 0.0) >= v for k, v in one.items()) for node in nodes):
+        largest = {k: max((node.get(k, 0.0) for node in nodes), default=0.0) for k in one}
+        return f"{one} on one node, but the largest node has {largest}"
+    total = ray.cluster_resources()
+    for key, value in one.items():
+        if value * count > total.get(key, 0.0):
+            return f"{count} x {one}, but the cluster has {key}={total.get(key, 0.0):g}"
     return None
 
 
-def wait_for_resources(request: dict[str, float], what: str, *, fixed_cluster: bool,
+def wait_for_resources(one: dict[str, float], count: int, what: str, *, fixed_cluster: bool,
                        timeout_s: float, poll_s: float = 2.0) -> None:
-    """Return once the cluster could grant ``request``; fail loudly otherwise.
+    """Return once ``count`` bundles ``one`` could be placed; fail loudly otherwise.
 
     Ray itself would wait forever, only logging that no node can fulfil the request. A fixed
-    cluster (the local one) fails at once; a cluster that may autoscale gets ``timeout_s``.
+    cluster (the local one) fails at once. On a cluster that may autoscale, the bundles are
+    asked of the autoscaler and the wait lasts at most ``timeout_s``.
 
     Raises:
         RaydagError: naming what asked, for what, and what the cluster has.
     """
-    import ray
+    problem = _problem(one, count)
+    if problem is None:
+        return
+    if fixed_cluster:
+        raise RaydagError(f"{what} needs {problem}; change the job's resources or run on a "
+                          "cluster that has them")
+    from ray.autoscaler.sdk import request_resources
 
+    request_resources(bundles=[one] * count)
     deadline = time.monotonic() + timeout_s
-    while True:
-        problem = _missing(request, ray.cluster_resources())
-        if problem is None:
-            return
-        if fixed_cluster or time.monotonic() >= deadline:
-            waited = "" if fixed_cluster else f" after waiting {timeout_s:g}s"
-            raise RaydagError(
-                f"{what} asks for {problem}{waited}; change the job's resources or run on a "
-                "cluster that has them"
-            )
+    while problem is not None:
+        if time.monotonic() >= deadline:
+            raise RaydagError(f"{what} needs {problem}, still after waiting {timeout_s:g}s; "
+                              "change the job's resources or the cluster's node types")
         time.sleep(poll_s)
+        problem = _problem(one, count)
+
+
+def release_resource_requests() -> None:
+    """Withdraw what :func:`wait_for_resources` asked of the autoscaler."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])

@@ -49,16 +49,17 @@ class GenerateStage:
     Args:
         op: A pure operator with ``build_request``, ``parse`` and ``prompt_hash``.
         engine_kwargs: Arguments for :class:`raydag.engines.VLLMEngine`.
+        engine: An engine to use instead of building one (tests of the columns use this).
     """
 
     adds = ("prompt_hash", "sampling", "_raw_generation", "tokens_in", "tokens_out",
             "finish_reason", "_engine_seconds", "_batch_started_at")
 
-    def __init__(self, op: Any, engine_kwargs: dict) -> None:
+    def __init__(self, op: Any, engine_kwargs: dict, engine: Any = None) -> None:
         from raydag.engines.vllm import VLLMEngine
 
         self.op = op
-        self.engine = VLLMEngine(**engine_kwargs)
+        self.engine = engine if engine is not None else VLLMEngine(**engine_kwargs)
         self._rows_done = 0
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -65,6 +65,7 @@ def train_loop(config: dict) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from raydag.evaluate import accuracy, confusion_matrix, macro_f1
+    from raydag.models import resolve_model
 
     student = StudentConfig.model_validate(config["student"])
     labels: list[str] = config["labels"]
@@ -74,10 +75,12 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(config["seed"])
 
     deepspeed.init_distributed()  # reuses the process group Ray Train made
-    local = os.path.isdir(config["model_path"])  # else a Hugging Face id, fetched by the hub
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], local_files_only=local)
+    # Resolved on the worker: an embedded model lives in this node's own installation.
+    model_path = resolve_model(student.model)
+    local = os.path.isdir(model_path)  # else a Hugging Face id, fetched from the hub
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=local)
     model = AutoModelForSequenceClassification.from_pretrained(
-        config["model_path"],
+        model_path,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id=label2id,
@@ -154,12 +157,13 @@ def fit_student(
     *,
     label_set: list[str],
     student: StudentConfig,
-    model_path: str,
     storage_dir: str,
     seed: int,
-    use_gpu: bool,
 ) -> dict[str, Any]:
     """Fine-tune one student with Ray Train + DeepSpeed and evaluate it on the test split.
+
+    ``student.num_workers`` and ``student.use_gpu`` are taken as given (see
+    :func:`raydag.resources.student_workers` for how a job's ``use_gpu: null`` is decided).
 
     Returns:
         Metrics (``accuracy``, ``macro_f1``, ``train_examples``...) and ``checkpoint``, the
@@ -178,7 +182,6 @@ def fit_student(
         "name": name,
         "student": student.model_dump(),
         "labels": label_set,
-        "model_path": model_path,
         "seed": seed,
         "train_rows": ray.put((list(texts), list(labels))),
         "test_rows": ray.put((list(test_texts), list(test_labels))),
@@ -186,7 +189,8 @@ def fit_student(
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=student.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=student.num_workers,
+                                     use_gpu=bool(student.use_gpu)),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_dir)),
     )
     try:

@@ -4,10 +4,10 @@ import pytest
 
 from raydag.errors import RaydagError
 from raydag.resources import (
-    student_resources,
+    bundle,
+    student_workers,
     teacher_actor_resources,
-    teacher_pool_resources,
-    teacher_runtime_env,
+    teacher_gpu_memory_share,
     wait_for_resources,
 )
 
@@ -21,29 +21,36 @@ def test_teacher_actor_resources_for_cpu_gpu_and_tensor_parallel():
         teacher_actor_resources(1, 4, cluster_gpus=8)
 
 
-def test_pool_student_and_thread_settings():
-    per_actor = {"num_cpus": 1.0, "num_gpus": 2.0}
-    assert teacher_pool_resources(per_actor, 3) == {"num_cpus": 3.0, "num_gpus": 6.0}
-    assert student_resources(2, use_gpu=False) == {"num_cpus": 2.0, "num_gpus": 0.0}
-    assert student_resources(4, use_gpu=True) == {"num_cpus": 4.0, "num_gpus": 4.0}
-    assert teacher_runtime_env(per_actor, None) == {}
-    assert teacher_runtime_env({"num_cpus": 1.0, "num_gpus": 0.0}, 3) == {
-        "env_vars": {"OMP_NUM_THREADS": "3"}}
+def test_student_workers_bundles_and_gpu_memory_shares():
+    assert student_workers(2, None, cluster_gpus=0) == (2, False)
+    assert student_workers(2, None, cluster_gpus=1) == (1, True)  # one GPU: one GPU worker
+    assert student_workers(2, None, cluster_gpus=8) == (2, True)
+    assert student_workers(4, False, cluster_gpus=8) == (4, False)
+    assert bundle({"num_cpus": 1.0, "num_gpus": 0.0}) == {"CPU": 1.0}
+    assert bundle({"num_cpus": 1.0, "num_gpus": 2.0}) == {"CPU": 1.0, "GPU": 2.0}
+    assert teacher_gpu_memory_share(1.0, None) == 0.9
+    assert teacher_gpu_memory_share(0.5, None) == 0.45  # two engines share one GPU
+    assert teacher_gpu_memory_share(4.0, None) == 0.9
+    assert teacher_gpu_memory_share(0.5, 0.3) == 0.3
 
 
 def test_an_impossible_request_on_the_local_cluster_fails_at_once(ray_local):
     started = time.monotonic()
-    with pytest.raises(RaydagError, match="num_gpus=1e\\+06 but the cluster has"):
-        wait_for_resources({"num_cpus": 1, "num_gpus": 10**6}, "the teacher", fixed_cluster=True,
+    with pytest.raises(RaydagError, match="the teacher needs .*GPU.* on one node, but the largest"):
+        wait_for_resources({"CPU": 1, "GPU": 10**6}, 1, "the teacher", fixed_cluster=True,
                            timeout_s=600)
     assert time.monotonic() - started < 5
-    wait_for_resources({"num_cpus": 1, "num_gpus": 0}, "the teacher", fixed_cluster=True,
-                       timeout_s=1)
+    wait_for_resources({"CPU": 1}, 2, "the teacher", fixed_cluster=True, timeout_s=1)
+    with pytest.raises(RaydagError, match="1000 x .* but the cluster has CPU="):
+        wait_for_resources({"CPU": 1}, 1000, "the pool", fixed_cluster=True, timeout_s=1)
 
 
 def test_a_cluster_that_may_autoscale_gets_the_timeout(ray_local):
     started = time.monotonic()
-    with pytest.raises(RaydagError, match="after waiting 1s"):
-        wait_for_resources({"num_gpus": 10**6}, "the teacher", fixed_cluster=False, timeout_s=1,
+    from raydag.resources import release_resource_requests
+
+    with pytest.raises(RaydagError, match="still after waiting 1s"):
+        wait_for_resources({"GPU": 10**6}, 1, "the teacher", fixed_cluster=False, timeout_s=1,
                            poll_s=0.2)
+    release_resource_requests()
     assert time.monotonic() - started >= 1

