@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from raydag.engines.base import ChatRequest, Completion
 from raydag.models import resolve_model
@@ -36,6 +37,16 @@ def engine_args(
     """Prepare this process for vLLM and return the ``vllm.LLM`` arguments raydag uses.
 
     On CPU hosts it also sets vLLM's environment and torch's thread count (see below).
+
+    Args:
+        model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
+        dtype: Weights dtype.
+        max_model_len: Context length.
+        seed: Engine seed (requests carry their own seeds as well).
+        tensor_parallel_size: GPUs one engine spans.
+        cpu_kv_cache_gib: KV cache size on CPU hosts.
+        cpu_threads: Threads on CPU hosts; None uses every core this process may run on.
+        gpu_memory_utilization: Share of each GPU's memory the engine may take.
     """
     args = {"model": resolve_model(model), "dtype": dtype, "max_model_len": max_model_len,
             "seed": seed, "tensor_parallel_size": tensor_parallel_size}
@@ -65,34 +76,16 @@ class VLLMEngine:
 
     Args:
         model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
-        dtype: Weights dtype.
-        max_model_len: Context length.
-        seed: Engine seed (requests carry their own seeds as well).
-        tensor_parallel_size: GPUs one engine spans.
-        cpu_kv_cache_gib: KV cache size on CPU hosts.
-        cpu_threads: Threads on CPU hosts; None uses every core this process may run on.
-        gpu_memory_utilization: Share of each GPU's memory the engine may take.
+        **options: Engine options of :func:`engine_args` (``dtype``, ``max_model_len``,
+            ``seed``, ``tensor_parallel_size``, ``cpu_kv_cache_gib``, ``cpu_threads``,
+            ``gpu_memory_utilization``).
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "bfloat16",
-        max_model_len: int = 2048,
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        cpu_kv_cache_gib: int = 1,
-        cpu_threads: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-    ) -> None:
-        self.model_name = model
+    def __init__(self, model: str, **options: Any) -> None:
         from vllm import LLM
 
-        self._llm = LLM(**engine_args(
-            model, dtype=dtype, max_model_len=max_model_len, seed=seed,
-            tensor_parallel_size=tensor_parallel_size, cpu_kv_cache_gib=cpu_kv_cache_gib,
-            cpu_threads=cpu_threads, gpu_memory_utilization=gpu_memory_utilization))
+        self.model_name = model
+        self._llm = LLM(**engine_args(model, **options))
         self._tokenizer = self._llm.get_tokenizer()
 
     def _prompt(self, request: ChatRequest) -> str:
