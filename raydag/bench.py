@@ -64,20 +64,21 @@ def _ours(job, op, plan, batch_size: int) -> dict:
     import ray
 
     from raydag.pipeline import init_ray
-    from raydag.resources import teacher_actor_resources
+    from raydag.resources import teacher_actor_resources, teacher_cpu_threads, teacher_runtime_env
     from raydag.stages import GenerateStage
 
     cluster = init_ray()
     wall_started = time.perf_counter()
+    per_actor = teacher_actor_resources(None, 1, cluster.get("GPU", 0.0))
+    threads = teacher_cpu_threads(per_actor, job.teacher.cpu_threads)
     engine_kwargs = {"model": job.teacher.model, "dtype": job.teacher.dtype,
                      "max_model_len": job.teacher.max_model_len, "seed": job.seed,
-                     "cpu_kv_cache_gib": job.teacher.cpu_kv_cache_gib}
-    per_actor = teacher_actor_resources(None, 1, cluster.get("GPU", 0.0))
+                     "cpu_kv_cache_gib": job.teacher.cpu_kv_cache_gib, "cpu_threads": threads}
     rows = ray.data.from_items(plan).map_batches(
         GenerateStage,
         fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
         batch_size=batch_size, batch_format="pandas", concurrency=1,
-        **per_actor,
+        runtime_env=teacher_runtime_env(threads), **per_actor,
     ).select_columns(["tokens_out", "_batch_started_at", "_engine_seconds"]).to_pandas()
     # From the first batch's start to the last batch's end: engine start-up excluded, Ray
     # Data's hand-offs between batches included.

@@ -105,8 +105,8 @@ class TeacherConfig(StrictModel):
     )
     cpu_threads: int | None = Field(
         default=None, ge=1,
-        description="Threads of a CPU engine; None: every core of its node (the teacher stage is "
-        "the only heavy work while it runs).",
+        description="Threads of a CPU engine; None: as many as the driver's machine has cores "
+        "(the teacher stage is the only heavy work while it runs).",
     )
 
 

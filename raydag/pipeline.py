@@ -29,7 +29,9 @@ from raydag.resources import (
     release_resource_requests,
     student_workers,
     teacher_actor_resources,
+    teacher_cpu_threads,
     teacher_gpu_memory_share,
+    teacher_runtime_env,
     wait_for_resources,
 )
 from raydag.stages import FILTER_ADDS, FILTER_REQUIRES, GenerateStage, check_chain, filter_generations
@@ -137,6 +139,7 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
                        f"the students ({workers} Ray Train worker(s))",
                        fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
     return {"teacher_actor": per_actor,
+            "teacher_cpu_threads": teacher_cpu_threads(per_actor, teacher.cpu_threads),
             "teacher_gpu_memory": teacher_gpu_memory_share(per_actor["num_gpus"],
                                                            teacher.gpu_memory_utilization),
             "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu})}
@@ -181,7 +184,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
         "seed": job.seed,
         "tensor_parallel_size": teacher.tensor_parallel_size,
         "cpu_kv_cache_gib": teacher.cpu_kv_cache_gib,
-        "cpu_threads": teacher.cpu_threads,
+        "cpu_threads": placement["teacher_cpu_threads"],
         "gpu_memory_utilization": placement["teacher_gpu_memory"],
     }
     filter_kwargs = {
@@ -197,6 +200,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
             batch_size=teacher.batch_size,
             batch_format="pandas",
             concurrency=teacher.concurrency,
+            runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
             **placement["teacher_actor"],
         )
         finished = filter_generations(generated, **filter_kwargs).map_batches(

