@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
 
 
-def _plan(num_requests: int, seed: int = 0):
+def _plan(num_requests: int, batch_size: int, seed: int = 0):
     from raydag.config import load_job
     from raydag.data import raw_row_id
     from raydag.ops.create import FewShotCreateOp
 
-    job = load_job(QUICKSTART)
+    job = load_job(QUICKSTART, [f"teacher.batch_size={batch_size}"])
     rows = [json.loads(line) for line in Path(job.data.train_path).read_text().splitlines()]
     raw = [{"id": raw_row_id(r["text"], r["label"]), **r} for r in rows[:100]]
     op = FewShotCreateOp(job.data.task, job.data.labels, job.teacher.shots, job.teacher.sampling)
@@ -59,27 +59,16 @@ def _plain_vllm(job, op, plan, batch_size: int) -> dict:
     return {"tokens_out": tokens, "seconds": seconds}
 
 
-def _ours(job, op, plan, batch_size: int) -> dict:
-    """The teacher stage as `raydag run` builds it: Ray Data map_batches over GenerateStage."""
+def _ours(job, op, plan) -> dict:
+    """The teacher stage exactly as `raydag run` builds it (:func:`raydag.pipeline.generate`)."""
     import ray
 
-    from raydag.pipeline import init_ray
-    from raydag.resources import teacher_actor_resources, teacher_cpu_threads, teacher_runtime_env
-    from raydag.stages import GenerateStage
+    from raydag.pipeline import generate, init_ray, plan_placement
 
-    cluster = init_ray()
+    placement = plan_placement(job, init_ray())
     wall_started = time.perf_counter()
-    per_actor = teacher_actor_resources(None, 1, cluster.get("GPU", 0.0))
-    threads = teacher_cpu_threads(per_actor, job.teacher.cpu_threads)
-    engine_kwargs = {"model": job.teacher.model, "dtype": job.teacher.dtype,
-                     "max_model_len": job.teacher.max_model_len, "seed": job.seed,
-                     "cpu_kv_cache_gib": job.teacher.cpu_kv_cache_gib, "cpu_threads": threads}
-    rows = ray.data.from_items(plan).map_batches(
-        GenerateStage,
-        fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
-        batch_size=batch_size, batch_format="pandas", concurrency=1,
-        runtime_env=teacher_runtime_env(threads), **per_actor,
-    ).select_columns(["tokens_out", "_batch_started_at", "_engine_seconds"]).to_pandas()
+    rows = generate(ray.data.from_items(plan), op, job, placement).select_columns(
+        ["tokens_out", "_batch_started_at", "_engine_seconds"]).to_pandas()
     # From the first batch's start to the last batch's end: engine start-up excluded, Ray
     # Data's hand-offs between batches included.
     batches = rows.groupby("_batch_started_at")["_engine_seconds"].sum()
@@ -129,14 +118,14 @@ def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
 
 def bench_teacher(num_requests: int, batch_size: int, with_ray_data_llm: bool = False) -> float:
     """Print both throughputs and their ratio; return the ratio."""
-    job, op, plan = _plan(num_requests)
+    job, op, plan = _plan(num_requests, batch_size)
     print(f"teacher benchmark: {num_requests} few-shot requests, batch {batch_size}, "
           f"model {job.teacher.model}", flush=True)
     from raydag.pipeline import init_ray
 
     init_ray()
     plain = _plain_vllm(job, op, plan, batch_size)
-    ours = _ours(job, op, plan, batch_size)
+    ours = _ours(job, op, plan)
     plain_tps = plain["tokens_out"] / plain["seconds"]
     ours_tps = ours["tokens_out"] / ours["seconds"]
     ratio = ours_tps / plain_tps

@@ -150,6 +150,9 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return pd.concat(parts).sort_values("id").reset_index(drop=True)
 
 
+# Columns every written row carries (lineage first).
+LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model",
+                   "prompt_hash", "sampling", "seed"]
 LINEAGE_REQUIRES = ("demo_ids", "request_seed", "prompt_hash", "text", "label")
 LINEAGE_ADDS = ("id", "parent_ids", "method", "teacher_model", "seed")
 
@@ -167,3 +170,15 @@ def add_lineage(batch: pd.DataFrame, *, method: str, teacher_model: str) -> pd.D
             batch["text"], batch["label"], batch["parent_ids"], batch["prompt_hash"])
     ]
     return batch
+
+
+def raw_lineage(raw: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The lineage columns of human-labelled rows (``method=raw``, no parents)."""
+    frame = raw.copy()
+    frame["parent_ids"] = [[] for _ in range(len(frame))]
+    frame["method"] = "raw"
+    frame["teacher_model"] = ""
+    frame["prompt_hash"] = ""
+    frame["sampling"] = ""
+    frame["seed"] = seed
+    return frame[LINEAGE_COLUMNS]

@@ -18,7 +18,15 @@ from typing import Any
 import pandas as pd
 
 from raydag.config import JobConfig, StudentConfig
-from raydag.data import LINEAGE_ADDS, LINEAGE_REQUIRES, add_lineage, read_labelled, stratified_sample
+from raydag.data import (
+    LINEAGE_ADDS,
+    LINEAGE_COLUMNS,
+    LINEAGE_REQUIRES,
+    add_lineage,
+    raw_lineage,
+    read_labelled,
+    stratified_sample,
+)
 from raydag.errors import DataError, RaydagError
 from raydag.filters.exact import normalize_text
 from raydag.models import cache_dir
@@ -36,9 +44,6 @@ from raydag.resources import (
 )
 from raydag.stages import FILTER_ADDS, FILTER_REQUIRES, GenerateStage, check_chain, filter_generations
 
-# Columns every written synthetic row carries (lineage first).
-LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model",
-                   "prompt_hash", "sampling", "seed"]
 _OUTPUT_FOLDERS = ("raw", "synthetic", "dropped", "quarantine", "students")
 ROWS_PER_SHARD = 50_000
 # Columns kept for rows that were dropped or quarantined, so each can be audited later.
@@ -72,6 +77,11 @@ def init_ray() -> dict[str, float]:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_operator_progress_bars = False  # one overall bar is enough on a terminal
     return ray.cluster_resources()
+
+
+def may_autoscale() -> bool:
+    """A cluster named by ``RAY_ADDRESS`` may grow; the local one started here cannot."""
+    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 def check_output_dir(path: str) -> Path:
@@ -131,7 +141,7 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
               f"worker(s) instead of student.num_workers={student.num_workers}", flush=True)
     if student.precision == "fp16" and not use_gpu:
         raise RaydagError("student.precision=fp16 needs GPUs; use bf16 or fp32 on CPU hosts")
-    fixed = not os.environ.get("RAY_ADDRESS")
+    fixed = not may_autoscale()
     wait_for_resources(bundle(per_actor), teacher.concurrency,
                        f"the teacher pool ({teacher.concurrency} engine actor(s))",
                        fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
@@ -145,15 +155,38 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
             "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu})}
 
 
-def _raw_lineage(raw: pd.DataFrame, seed: int) -> pd.DataFrame:
-    frame = raw.copy()
-    frame["parent_ids"] = [[] for _ in range(len(frame))]
-    frame["method"] = "raw"
-    frame["teacher_model"] = ""
-    frame["prompt_hash"] = ""
-    frame["sampling"] = ""
-    frame["seed"] = seed
-    return frame[LINEAGE_COLUMNS]
+def generate(requests, op: Any, job: JobConfig, placement: dict[str, Any]):
+    """The teacher stage: request rows -> GenerateStage engine actors -> parsed generations.
+
+    Args:
+        requests: A Ray Data dataset of request rows (see ``op.plan_requests``).
+        op: The pure operator that builds prompts and parses generations.
+        job: The job; its ``teacher`` section sets the engine and the actor pool.
+        placement: From :func:`plan_placement`.
+
+    Returns:
+        The lazy Ray Data dataset of generated rows.
+    """
+    teacher = job.teacher
+    engine_kwargs = {
+        "model": teacher.model,
+        "dtype": teacher.dtype,
+        "max_model_len": teacher.max_model_len,
+        "seed": job.seed,
+        "tensor_parallel_size": teacher.tensor_parallel_size,
+        "cpu_kv_cache_gib": teacher.cpu_kv_cache_gib,
+        "cpu_threads": placement["teacher_cpu_threads"],
+        "gpu_memory_utilization": placement["teacher_gpu_memory"],
+    }
+    return requests.map_batches(
+        GenerateStage,
+        fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
+        batch_size=teacher.batch_size,
+        batch_format="pandas",
+        concurrency=teacher.concurrency,
+        runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
+        **placement["teacher_actor"],
+    )
 
 
 def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path,
@@ -177,16 +210,6 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
         ("lineage", LINEAGE_REQUIRES, LINEAGE_ADDS),
         ("write", _SYNTHETIC_COLUMNS + _AUDIT_COLUMNS, ()),
     ])
-    engine_kwargs = {
-        "model": teacher.model,
-        "dtype": teacher.dtype,
-        "max_model_len": teacher.max_model_len,
-        "seed": job.seed,
-        "tensor_parallel_size": teacher.tensor_parallel_size,
-        "cpu_kv_cache_gib": teacher.cpu_kv_cache_gib,
-        "cpu_threads": placement["teacher_cpu_threads"],
-        "gpu_memory_utilization": placement["teacher_gpu_memory"],
-    }
     filter_kwargs = {
         "raw_norms": frozenset(raw["text"].map(normalize_text)) if job.filters.drop_raw_duplicates else frozenset(),
         "test_norms": frozenset(test["text"].map(normalize_text)) if job.filters.drop_test_copies else frozenset(),
@@ -194,15 +217,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path
         "max_chars": job.filters.max_chars,
     }
     with timer("teacher"):
-        generated = ray.data.from_items(plan).map_batches(
-            GenerateStage,
-            fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
-            batch_size=teacher.batch_size,
-            batch_format="pandas",
-            concurrency=teacher.concurrency,
-            runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
-            **placement["teacher_actor"],
-        )
+        generated = generate(ray.data.from_items(plan), op, job, placement)
         finished = filter_generations(generated, **filter_kwargs).map_batches(
             add_lineage,
             fn_kwargs={"method": op.method, "teacher_model": teacher.model},
@@ -295,13 +310,13 @@ def run_job(job: JobConfig) -> Path:
 
     with timer("read"):
         pool, test = read_inputs(job)
-    may_autoscale = bool(os.environ.get("RAY_ADDRESS"))
+    autoscaling = may_autoscale()
     try:
         placement = plan_placement(job, cluster)
         out = prepare_output_dir(job.output_dir)
         with timer("sample"):
             raw = stratified_sample(pool, job.raw_examples, job.seed)
-            ray.data.from_pandas(_raw_lineage(raw, job.seed)).write_parquet(str(out / "raw"))
+            ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(str(out / "raw"))
         teacher = run_teacher(job, raw, test, out, placement, timer)
         counts = {"pool": len(pool), "test": len(test), "raw": len(raw), **teacher["counts"]}
         check_counts(counts)
@@ -309,7 +324,7 @@ def run_job(job: JobConfig) -> Path:
                      else pd.DataFrame(columns=_SYNTHETIC_COLUMNS))
         students = run_students(job, raw, synthetic, test, out, placement["student"], timer)
     finally:
-        if may_autoscale:
+        if autoscaling:
             release_resource_requests()
 
     report = {
