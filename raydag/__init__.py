@@ -5,14 +5,14 @@ synthetic and mixed data with Ray Train + DeepSpeed.
 
 Example:
     >>> import raydag
-    >>> job = raydag.load_job("jobs/quickstart.yaml", ["teacher.num_examples=30"])  # doctest: +SKIP
+    >>> job = raydag.load_job("jobs/quickstart.yaml", ["stages.0.num_examples=30"])  # doctest: +SKIP
     >>> report_path = raydag.run_job(job)  # doctest: +SKIP
 """
 
 from raydag.config import JobConfig, load_job
 from raydag.engines import ChatRequest, Completion, Engine, VLLMEngine
 from raydag.errors import ConfigError, DataError, RaydagError
-from raydag.ops.create import FewShotCreateOp
+from raydag.ops.create import CreateOp
 
 
 def run_job(job: JobConfig):
@@ -28,7 +28,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Engine",
-    "FewShotCreateOp",
+    "CreateOp",
     "JobConfig",
     "RaydagError",
     "VLLMEngine",

@@ -1,7 +1,7 @@
 """Benchmarks that compare side by side in one run; ``make bench`` runs them.
 
-``python -m raydag.bench teacher`` measures the teacher stage (Ray Data -> GenerateStage actor
--> vLLM) against plain ``vllm.LLM.generate`` on the same model, the same prompts and the same
+``python -m raydag.bench teacher`` measures the teacher stage (Ray Data -> ChainRunner actor
+-> vLLM, exactly as ``raydag run`` builds it) against plain ``vllm.LLM.generate`` on the same model, the same prompts and the same
 sampling settings, and prints ``teacher_vs_vllm_ratio=<ours / plain output tokens per second>``.
 Engine start-up is left out of both sides; Ray Data's own overhead between batches is counted.
 Both sides run with the same local Ray up (its daemons share the cores), so the ratio measures
@@ -21,14 +21,14 @@ QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
 
 
 def _plan(num_requests: int, batch_size: int, seed: int = 0):
+    from raydag.chain import create_op
     from raydag.config import load_job
     from raydag.data import raw_row_id
-    from raydag.ops.create import FewShotCreateOp
 
     job = load_job(QUICKSTART, [f"teacher.batch_size={batch_size}"])
     rows = [json.loads(line) for line in Path(job.data.train_path).read_text().splitlines()]
     raw = [{"id": raw_row_id(r["text"], r["label"]), **r} for r in rows[:100]]
-    op = FewShotCreateOp(job.data.task, job.data.labels, job.teacher.shots, job.teacher.sampling)
+    op = create_op(job)
     return job, op, op.plan_requests(raw, num_requests, seed)
 
 
@@ -43,7 +43,7 @@ def _plain_vllm(job, op, plan, batch_size: int) -> dict:
 
     llm = LLM(**args)
     tokenizer = llm.get_tokenizer()
-    requests = [op.build_request(row) for row in plan]
+    requests = [op.build_requests(row)[0] for row in plan]
     prompts = [tokenizer.apply_chat_template(list(r.messages), tokenize=False,
                                              continue_final_message=True) for r in requests]
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
@@ -60,21 +60,28 @@ def _plain_vllm(job, op, plan, batch_size: int) -> dict:
 
 
 def _ours(job, op, plan) -> dict:
-    """The teacher stage exactly as `raydag run` builds it (:func:`raydag.pipeline.generate`)."""
+    """The teacher stage exactly as `raydag run` builds it (:func:`raydag.pipeline.generate`):
+    shards through ChainRunner actors, parsed, lineage added and written as Parquet."""
+    import tempfile
+
     import ray
 
+    from raydag.chain import shard_rows
     from raydag.pipeline import generate, init_ray, plan_placement
+    from raydag.stages import Step
 
     placement = plan_placement(job, init_ray())
+    rows = [{**row, "_status": "accepted", "_reason": "", "_stage": ""} for row in plan]
+    shards = shard_rows(rows, job.teacher.batch_size)
     wall_started = time.perf_counter()
-    rows = generate(ray.data.from_items(plan), op, job, placement).select_columns(
-        ["tokens_out", "_batch_started_at", "_engine_seconds"]).to_pandas()
-    # From the first batch's start to the last batch's end: engine start-up excluded, Ray
-    # Data's hand-offs between batches included.
-    batches = rows.groupby("_batch_started_at")["_engine_seconds"].sum()
-    window = float((batches.index + batches.values).max() - batches.index.min())
-    return {"tokens_out": int(rows["tokens_out"].sum()), "seconds": window,
-            "wall": time.perf_counter() - wall_started}
+    with tempfile.TemporaryDirectory() as shard_dir:
+        summaries = generate(ray.data.from_items(shards), [Step(name=f"1:{op.name}", op=op)], job,
+                             placement, Path(shard_dir)).to_pandas()
+    # From the first shard's start to the last shard's end: engine start-up excluded; parsing,
+    # writing and Ray Data's hand-offs between shards included.
+    window = float((summaries["started_at"] + summaries["seconds"]).max() - summaries["started_at"].min())
+    tokens = sum(json.loads(stats)[0]["tokens_out"] for stats in summaries["stats"])
+    return {"tokens_out": tokens, "seconds": window, "wall": time.perf_counter() - wall_started}
 
 
 def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
@@ -91,7 +98,7 @@ def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = []
     for row in plan:
-        r = op.build_request(row)
+        r = op.build_requests(row)[0]
         rows.append({
             "prompt": tokenizer.apply_chat_template(list(r.messages), tokenize=False,
                                                     continue_final_message=True),

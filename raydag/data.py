@@ -153,32 +153,49 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 # Columns every written row carries (lineage first).
 LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model",
                    "prompt_hash", "sampling", "seed"]
-LINEAGE_REQUIRES = ("demo_ids", "request_seed", "prompt_hash", "text", "label")
-LINEAGE_ADDS = ("id", "parent_ids", "method", "teacher_model", "seed")
 
 
-def add_lineage(batch: pd.DataFrame, *, method: str, teacher_model: str) -> pd.DataFrame:
-    """Add the lineage columns to generated rows; ``id`` hashes content and lineage."""
-    batch = batch.copy()
-    batch["parent_ids"] = batch["demo_ids"].map(list)
-    batch["method"] = method
-    batch["teacher_model"] = teacher_model
-    batch["seed"] = batch["request_seed"].astype("int64")
-    batch["id"] = [
-        stable_hash(method, text, label, list(parents), prompt_hash)
-        for text, label, parents, prompt_hash in zip(
-            batch["text"], batch["label"], batch["parent_ids"], batch["prompt_hash"])
-    ]
-    return batch
+def read_texts(path: str | os.PathLike, required: list[str], optional: list[str] = ()) -> pd.DataFrame:
+    """Read a file of texts (unlabelled texts, seed tasks) and check its string columns.
+
+    Returns:
+        The ``required`` and ``optional`` columns (missing optional ones as ""), plus ``id``:
+        a hash of the row's content.
+
+    Raises:
+        DataError: a missing column, or an empty or non-string required value (``file:line``).
+    """
+    path = Path(path)
+    frame = read_table(path)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing} (columns found: "
+                        f"{', '.join(map(str, frame.columns))})")
+    problems = []
+    for column in required:
+        for index, value in enumerate(frame[column]):
+            if not isinstance(value, str) or not value.strip():
+                problems.append(f"{_where(path, index)}: empty or missing '{column}'")
+                if len(problems) >= 5:
+                    raise DataError("\n".join(problems))
+    if problems:
+        raise DataError("\n".join(problems))
+    out = pd.DataFrame({c: frame[c].astype(str) for c in required})
+    for column in optional:
+        out[column] = frame[column].fillna("").astype(str) if column in frame.columns else ""
+    out.insert(0, "id", [stable_hash(*values) for values in out.itertuples(index=False)])
+    return out
 
 
-def raw_lineage(raw: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """The lineage columns of human-labelled rows (``method=raw``, no parents)."""
+def raw_lineage(raw: pd.DataFrame, seed: int, method: str = "raw") -> pd.DataFrame:
+    """Lineage columns for rows that come from input files (``method=raw``, no parents)."""
     frame = raw.copy()
+    if "label" not in frame:
+        frame["label"] = ""
     frame["parent_ids"] = [[] for _ in range(len(frame))]
-    frame["method"] = "raw"
+    frame["method"] = method
     frame["teacher_model"] = ""
     frame["prompt_hash"] = ""
     frame["sampling"] = ""
     frame["seed"] = seed
-    return frame[LINEAGE_COLUMNS]
+    return frame[LINEAGE_COLUMNS + [c for c in frame.columns if c not in LINEAGE_COLUMNS]]

@@ -1,12 +1,13 @@
-"""A job, start to end: read -> sample -> teacher -> filters -> write -> students -> report.
+"""A job, start to end: read -> sample -> teacher stages -> dedup -> write -> students -> report.
 
 Example:
     >>> from raydag import load_job, run_job
-    >>> report_path = run_job(load_job("jobs/quickstart.yaml", ["teacher.num_examples=30"]))  # doctest: +SKIP
+    >>> report_path = run_job(load_job("jobs/quickstart.yaml", ["stages.0.num_examples=30"]))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,20 +18,13 @@ from typing import Any
 
 import pandas as pd
 
+from raydag.chain import build_steps, check_contract, first_rows, run_signature, shard_rows
 from raydag.config import JobConfig, StudentConfig
-from raydag.data import (
-    LINEAGE_ADDS,
-    LINEAGE_COLUMNS,
-    LINEAGE_REQUIRES,
-    add_lineage,
-    raw_lineage,
-    read_labelled,
-    stratified_sample,
-)
+from raydag.data import raw_lineage, read_labelled, read_texts, stratified_sample
 from raydag.errors import DataError, RaydagError
 from raydag.filters.exact import normalize_text
 from raydag.models import cache_dir
-from raydag.ops.create import FewShotCreateOp
+from raydag.ops.create import TopicsOp
 from raydag.report import StageTimer, students_table, write_report
 from raydag.resources import (
     bundle,
@@ -42,14 +36,10 @@ from raydag.resources import (
     teacher_runtime_env,
     wait_for_resources,
 )
-from raydag.stages import FILTER_ADDS, FILTER_REQUIRES, GenerateStage, check_chain, filter_generations
+from raydag.stages import ChainRunner, Step, deduplicate, merge_stats
 
-_OUTPUT_FOLDERS = ("raw", "synthetic", "dropped", "quarantine", "students")
+_OUTPUT_FOLDERS = ("raw", "synthetic", "dropped", "quarantine", "students", "topics_shard")
 ROWS_PER_SHARD = 50_000
-# Columns kept for rows that were dropped or quarantined, so each can be audited later.
-_AUDIT_COLUMNS = ["request_id", "target_label", "text", "_raw_generation", "finish_reason",
-                  "_status", "_reason", "parent_ids", "prompt_hash", "seed"]
-_SYNTHETIC_COLUMNS = LINEAGE_COLUMNS + ["request_id", "target_label"]
 # Marks a folder as a raydag output folder, which a new run may clear.
 _OUTPUT_MARKER = ".raydag-output"
 
@@ -111,18 +101,26 @@ def discard_stale_report(path: str) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def prepare_output_dir(path: str) -> Path:
-    """Check the output folder (see :func:`check_output_dir`), then clear what a run replaces."""
+def prepare_run_dir(path: str, signature: str, settings: dict) -> Path:
+    """Check the output folder, then make (or reuse) the run folder ``runs/<signature>``.
+
+    Finished shards in the run folder are kept, so a rerun of the same settings resumes; what
+    a run rebuilds from them (``raw/``, ``synthetic/``, ``dropped/``, ``quarantine/``,
+    ``students/``) is cleared.
+    """
     out = check_output_dir(path)
-    (out / _OUTPUT_MARKER).write_text("raydag output folder; a new run clears it\n")
+    (out / _OUTPUT_MARKER).write_text("raydag output folder; raydag may clear what it wrote here\n")
     discard_stale_report(path)
+    run_dir = out / "runs" / signature
+    (run_dir / "shards").mkdir(parents=True, exist_ok=True)
+    (run_dir / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
     for name in _OUTPUT_FOLDERS:
-        if (out / name).exists():
+        if (run_dir / name).exists():
             try:
-                shutil.rmtree(out / name)  # old shards must never mix with new ones
+                shutil.rmtree(run_dir / name)  # rebuilt from the shards every run
             except OSError as err:
                 raise RaydagError(f"output_dir {out}: cannot clear {name}/ ({err})") from None
-    return out
+    return run_dir
 
 
 def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
@@ -134,7 +132,10 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
     """
     teacher, student = job.teacher, job.student
     gpus = cluster.get("GPU", 0.0)
-    per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size, gpus)
+    if teacher.engine == "openai":  # the model runs elsewhere: an actor is an HTTP client
+        per_actor = {"num_cpus": 1.0, "num_gpus": 0.0}
+    else:
+        per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size, gpus)
     workers, use_gpu = student_workers(student.num_workers, student.use_gpu, gpus)
     if workers != student.num_workers:
         print(f"raydag: the cluster has {gpus:g} GPU(s): training students on {workers} GPU "
@@ -149,26 +150,22 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
                        f"the students ({workers} Ray Train worker(s))",
                        fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
     return {"teacher_actor": per_actor,
-            "teacher_cpu_threads": teacher_cpu_threads(per_actor, teacher.cpu_threads),
+            "teacher_cpu_threads": (None if teacher.engine == "openai"
+                                    else teacher_cpu_threads(per_actor, teacher.cpu_threads)),
             "teacher_gpu_memory": teacher_gpu_memory_share(per_actor["num_gpus"],
                                                            teacher.gpu_memory_utilization),
             "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu})}
 
 
-def generate(requests, op: Any, job: JobConfig, placement: dict[str, Any]):
-    """The teacher stage: request rows -> GenerateStage engine actors -> parsed generations.
-
-    Args:
-        requests: A Ray Data dataset of request rows (see ``op.plan_requests``).
-        op: The pure operator that builds prompts and parses generations.
-        job: The job; its ``teacher`` section sets the engine and the actor pool.
-        placement: From :func:`plan_placement`.
-
-    Returns:
-        The lazy Ray Data dataset of generated rows.
-    """
+def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
+    """Arguments of :func:`raydag.engines.make_engine` for the job's teacher."""
     teacher = job.teacher
-    engine_kwargs = {
+    if teacher.engine == "openai":
+        return {"engine": "openai", "model": teacher.model, "base_url": teacher.base_url,
+                "api_key_env": teacher.api_key_env, "max_concurrency": teacher.max_concurrency,
+                "timeout_s": teacher.request_timeout_s, "max_retries": teacher.max_retries}
+    return {
+        "engine": "vllm",
         "model": teacher.model,
         "dtype": teacher.dtype,
         "max_model_len": teacher.max_model_len,
@@ -178,96 +175,189 @@ def generate(requests, op: Any, job: JobConfig, placement: dict[str, Any]):
         "cpu_threads": placement["teacher_cpu_threads"],
         "gpu_memory_utilization": placement["teacher_gpu_memory"],
     }
-    return requests.map_batches(
-        GenerateStage,
-        fn_constructor_kwargs={"op": op, "engine_kwargs": engine_kwargs},
-        batch_size=teacher.batch_size,
+
+
+def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any], shard_dir: Path):
+    """The teacher stage: shard rows -> ChainRunner engine actors -> one summary row per shard.
+
+    Args:
+        shards: A Ray Data dataset of shard rows (see :func:`raydag.chain.shard_rows`).
+        steps: The operator chain (see :func:`raydag.chain.build_steps`).
+        job: The job; its ``teacher`` section sets the engine and the actor pool.
+        placement: From :func:`plan_placement`.
+        shard_dir: Where the actors write the shard files.
+
+    Returns:
+        The lazy Ray Data dataset of shard summaries (``shard``, ``rows``, ``stats``, ``seconds``).
+    """
+    return shards.map_batches(
+        ChainRunner,
+        fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
+                               "shard_dir": str(shard_dir)},
+        batch_size=1,
         batch_format="pandas",
-        concurrency=teacher.concurrency,
+        concurrency=job.teacher.concurrency,
         runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
         **placement["teacher_actor"],
     )
 
 
-def run_teacher(job: JobConfig, raw: pd.DataFrame, test: pd.DataFrame, out: Path,
-                placement: dict[str, Any], timer: StageTimer) -> dict[str, Any]:
-    """Generate, parse, filter and write the synthetic rows; return counts and token totals."""
+def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> list[str] | None:
+    """For ``zero_shot_topic``: the teacher's topic list, written once as ``topics.json``."""
     import ray
 
-    teacher = job.teacher
-    op = FewShotCreateOp(task=job.data.task, labels=job.data.labels, shots=teacher.shots,
-                         sampling=teacher.sampling)
-    per_label = raw["label"].value_counts()
-    for label in job.data.labels:
-        if int(per_label.get(label, 0)) < teacher.shots:
-            print(f"raydag: warning: label '{label}' has {int(per_label.get(label, 0))} raw "
-                  f"example(s), fewer than teacher.shots={teacher.shots}; its requests get fewer "
-                  "demonstrations", file=sys.stderr, flush=True)
-    plan = op.plan_requests(raw.to_dict("records"), teacher.num_examples, job.seed)
-    check_chain(plan[0].keys(), [
-        (f"teacher ({op.method})", op.requires, tuple(op.adds) + GenerateStage.adds),
-        ("filters", FILTER_REQUIRES, FILTER_ADDS),
-        ("lineage", LINEAGE_REQUIRES, LINEAGE_ADDS),
-        ("write", _SYNTHETIC_COLUMNS + _AUDIT_COLUMNS, ()),
-    ])
-    filter_kwargs = {
-        "raw_norms": frozenset(raw["text"].map(normalize_text)) if job.filters.drop_raw_duplicates else frozenset(),
-        "test_norms": frozenset(test["text"].map(normalize_text)) if job.filters.drop_test_copies else frozenset(),
-        "min_chars": job.filters.min_chars,
-        "max_chars": job.filters.max_chars,
-    }
+    stage = job.stages[0]
+    if stage.type != "create" or stage.method != "zero_shot_topic":
+        return None
+    path = run_dir / "topics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    op = TopicsOp(task=job.data.task, num_topics=stage.num_topics)
+    seed_row = {"request_id": "topics", "request_seed": job.seed, "_status": "accepted",
+                "_reason": "", "_stage": ""}
+    shard_dir = run_dir / "topics_shard"
+    summary = generate(ray.data.from_items(shard_rows([seed_row], 1)),
+                       [Step(name="0:create.topics", op=op)], job, placement, shard_dir).take_all()
+    frame = pd.read_parquet(shard_dir / "shard-00000.parquet")
+    topics = [str(t) for t in frame["topics"].iloc[0]] if "topics" in frame else []
+    if len(topics) < 2:
+        raise RaydagError(f"the teacher wrote {len(topics)} usable topic(s) for zero_shot_topic "
+                          f"(raw: {frame['_raw_generation'].iloc[0]!r}); try another method or teacher")
+    path.write_text(json.dumps(topics, indent=2))
+    print(f"raydag: [topics] {len(topics)} topics ({summary[0]['seconds']:.1f}s): "
+          f"{'; '.join(topics[:5])}...", flush=True)
+    return topics
+
+
+def _finished_shards(shard_dir: Path, count: int) -> dict[int, list[dict]]:
+    """Shards of this plan already written (the Parquet file is renamed into place last)."""
+    done = {}
+    for index in range(count):
+        if (shard_dir / f"shard-{index:05d}.parquet").exists():
+            done[index] = json.loads((shard_dir / f"shard-{index:05d}.stats.json").read_text())
+    return done
+
+
+def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | None,
+                inputs: dict[str, pd.DataFrame], run_dir: Path, placement: dict[str, Any],
+                timer: StageTimer) -> dict[str, Any]:
+    """Run the chain over every unfinished shard, then deduplicate and write the outputs."""
+    import ray
+
+    def norms(frame, on: bool) -> frozenset:
+        return frozenset(frame["text"].map(normalize_text)) if on and frame is not None else frozenset()
+
+    text_filters = {"raw_norms": norms(raw, job.filters.drop_raw_duplicates),
+                    "test_norms": norms(test, job.filters.drop_test_copies),
+                    "min_chars": job.filters.min_chars, "max_chars": job.filters.max_chars}
+    first = job.stages[0]
+    if first.type == "create" and raw is not None and first.method in ("one_shot", "few_shot"):
+        shots = 1 if first.method == "one_shot" else first.shots
+        per_label = raw["label"].value_counts()
+        for label in job.data.labels:
+            if int(per_label.get(label, 0)) < shots:
+                print(f"raydag: warning: label '{label}' has {int(per_label.get(label, 0))} raw "
+                      f"example(s), fewer than {shots} shot(s); its requests get fewer "
+                      "demonstrations", file=sys.stderr, flush=True)
+    topics = ensure_topics(job, placement, run_dir)
+    rows = first_rows(job, raw, inputs, topics)
+    if not rows:
+        raise RaydagError(f"stage 1 ({first.type}) has no input rows")
+    steps = build_steps(job, text_filters, topics)
+    check_contract(rows, steps)
+    shards = shard_rows(rows, job.teacher.batch_size)
+    shard_dir = run_dir / "shards"
+    done = _finished_shards(shard_dir, len(shards))
+    stats: list[dict] = []
+    for shard_stats in done.values():
+        stats = merge_stats(stats, shard_stats)
+    todo = [s for s in shards if s["shard"] not in done]
+    print(f"raydag: [teacher] {len(rows)} rows in {len(shards)} shard(s) of "
+          f"{job.teacher.batch_size}; {len(done)} already done in {run_dir}, {len(todo)} to run",
+          flush=True)
+    max_tokens = job.budget.max_tokens
+
+    def used() -> int:
+        return sum(s["tokens_in"] + s["tokens_out"] for s in stats)
+
     with timer("teacher"):
-        generated = generate(ray.data.from_items(plan), op, job, placement)
-        finished = filter_generations(generated, **filter_kwargs).map_batches(
-            add_lineage,
-            fn_kwargs={"method": op.method, "teacher_model": teacher.model},
-            batch_format="pandas",
-        ).materialize()
+        if todo and not (max_tokens and used() >= max_tokens):
+            stream = generate(ray.data.from_items(todo), steps, job, placement, shard_dir)
+            for summary in stream.iter_rows():
+                stats = merge_stats(stats, json.loads(summary["stats"]))
+                if max_tokens and used() >= max_tokens:
+                    print(f"raydag: [teacher] token budget reached ({used()} >= {max_tokens}); "
+                          "no new shards start", flush=True)
+                    break
+    finished = _finished_shards(shard_dir, len(shards))
+    unrun = [s for s in shards if s["shard"] not in finished]
+    budget_exhausted = bool(max_tokens and used() >= max_tokens)
+    if unrun and not budget_exhausted:
+        raise RaydagError(f"{len(unrun)} shard(s) did not finish: {[s['shard'] for s in unrun][:10]}")
+    if not finished:
+        raise RaydagError("no shard finished before the token budget ran out; raise budget.max_tokens")
+    stats = []
+    for shard_stats in finished.values():
+        stats = merge_stats(stats, shard_stats)
 
     with timer("write"):
-        from ray.data.expressions import col
+        outputs = finish_outputs(job, steps, sorted(finished), shard_dir, run_dir)
+    planned_rows = len(rows)
+    not_run = sum(len(json.loads(s["rows"])) for s in unrun)
+    return {"stats": stats, "outputs": outputs, "planned": planned_rows, "not_run": not_run,
+            "shards": {"total": len(shards), "resumed": len(done),
+                       "run": len(finished) - len(done), "not_run": len(unrun)},
+            "budget_exhausted": budget_exhausted, "steps": steps}
 
-        summary = finished.select_columns(
-            ["_status", "_reason", "tokens_in", "tokens_out", "_engine_seconds"]).to_pandas()
-        present = set(summary["_status"])
-        outputs = (("accepted", "synthetic", _SYNTHETIC_COLUMNS),
-                   ("dropped", "dropped", _AUDIT_COLUMNS), ("quarantined", "quarantine", _AUDIT_COLUMNS))
-        for status, folder, columns in outputs:
-            if status in present:
-                finished.filter(expr=col("_status") == status).select_columns(columns).write_parquet(
-                    str(out / folder), min_rows_per_file=ROWS_PER_SHARD)
+
+def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_dir: Path,
+                   run_dir: Path) -> dict[str, Any]:
+    """Deduplicate across shards, apply the novelty filter, and write the output folders."""
+    import ray
+    from ray.data.expressions import col
+
+    rows = ray.data.read_parquet([str(shard_dir / f"shard-{i:05d}.parquet") for i in shards])
+    if any(step.op.creates_rows for step in steps):
+        rows = deduplicate(rows)
+    novelty = next((s for s in job.stages if s.type == "self_instruct"), None)
+    if novelty is not None:
+        from raydag.ops.instruct import novelty_filter
+
+        kept = rows.filter(expr=col("_status") == "accepted").select_columns(
+            ["id", "instruction", "_order"]).to_pandas().sort_values("_order")
+        seeds = read_texts(novelty.seed_tasks_path, ["instruction", "output"], ["input"])
+        verdicts = novelty_filter(kept["instruction"].tolist(), seeds["instruction"].tolist(),
+                                  novelty.novelty_threshold)
+        too_close = frozenset(i for i, (ok, _, _) in zip(kept["id"], verdicts) if not ok)
+        rows = rows.map_batches(_mark_not_novel, fn_kwargs={"ids": too_close}, batch_format="pandas")
+    rows = rows.materialize()
+    if "_norm" in rows.columns():
+        rows = rows.drop_columns(["_norm"])
+    summary = rows.select_columns(["_status", "_reason", "_stage"]).to_pandas()
+    written = []
+    for status, folder in (("accepted", "synthetic"), ("dropped", "dropped"),
+                           ("quarantined", "quarantine")):
+        if (summary["_status"] == status).any():
+            rows.filter(expr=col("_status") == status).write_parquet(
+                str(run_dir / folder), min_rows_per_file=ROWS_PER_SHARD)
+            written.append(folder)
 
     def by_reason(status: str) -> dict[str, int]:
-        rows = summary[summary["_status"] == status]
-        return {k: int(v) for k, v in rows["_reason"].value_counts().sort_index().items()}
+        part = summary[summary["_status"] == status]
+        return {k: int(v) for k, v in part["_reason"].value_counts().sort_index().items()}
 
-    stage_seconds = max(timer.seconds["teacher"], 1e-9)
-    engine_seconds = max(float(summary["_engine_seconds"].sum()), 1e-9)
-    tokens_in, tokens_out = int(summary["tokens_in"].sum()), int(summary["tokens_out"].sum())
-    return {
-        "counts": {
-            "requested": len(plan),
-            "generated": len(summary),
-            "accepted": int((summary["_status"] == "accepted").sum()),
-            "quarantined": int((summary["_status"] == "quarantined").sum()),
-            "dropped": by_reason("dropped"),
-            "quarantined_by_reason": by_reason("quarantined"),
-        },
-        "written": sorted(folder for status, folder, _ in outputs if status in present),
-        "teacher": {
-            "model": teacher.model,
-            "method": op.method,
-            "requests": len(plan),
-            "tokens_in": tokens_in,
-            "tokens_out": tokens_out,
-            # Output tokens per second of engine generate time (one engine; start-up excluded).
-            "tokens_per_s": round(tokens_out / engine_seconds, 2),
-            "prompt_and_output_tokens_per_s": round((tokens_in + tokens_out) / engine_seconds, 2),
-            "engine_seconds": round(engine_seconds, 2),
-            # Output tokens per wall second of the whole stage, engine start-up included.
-            "stage_tokens_per_s": round(tokens_out / stage_seconds, 2),
-        },
-    }
+    return {"rows": len(summary), "accepted": int((summary["_status"] == "accepted").sum()),
+            "dropped": by_reason("dropped"), "quarantined": by_reason("quarantined"),
+            "written": written}
+
+
+def _mark_not_novel(batch: pd.DataFrame, ids: frozenset) -> pd.DataFrame:
+    batch = batch.copy()
+    hit = batch["id"].isin(ids) & (batch["_status"] == "accepted")
+    batch.loc[hit, "_status"] = "dropped"
+    batch.loc[hit, "_reason"] = "not_novel"
+    batch.loc[hit, "_stage"] = "novelty"
+    return batch
 
 
 def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame, test: pd.DataFrame,
@@ -309,66 +399,168 @@ def run_job(job: JobConfig) -> Path:
     import ray
 
     with timer("read"):
-        pool, test = read_inputs(job)
+        pool, test, inputs = read_inputs(job)
+    signature, settings = run_signature(job, input_digests(job))
     autoscaling = may_autoscale()
     try:
         placement = plan_placement(job, cluster)
-        out = prepare_output_dir(job.output_dir)
-        with timer("sample"):
-            raw = stratified_sample(pool, job.raw_examples, job.seed)
-            ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(str(out / "raw"))
-        teacher = run_teacher(job, raw, test, out, placement, timer)
-        counts = {"pool": len(pool), "test": len(test), "raw": len(raw), **teacher["counts"]}
-        check_counts(counts)
-        synthetic = (pd.read_parquet(out / "synthetic") if "synthetic" in teacher["written"]
-                     else pd.DataFrame(columns=_SYNTHETIC_COLUMNS))
-        students = run_students(job, raw, synthetic, test, out, placement["student"], timer)
+        run_dir = prepare_run_dir(job.output_dir, signature, settings)
+        raw = None
+        if pool is not None:
+            with timer("sample"):
+                raw = stratified_sample(pool, job.raw_examples, job.seed)
+                ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(str(run_dir / "raw"))
+        teacher = run_teacher(job, raw, test, inputs, run_dir, placement, timer)
+        counts = reconcile(teacher, pool, test, raw)
+        students = {}
+        if job.student.train_sets:
+            synthetic = (pd.read_parquet(run_dir / "synthetic", columns=["text", "label", "method"])
+                         if "synthetic" in teacher["outputs"]["written"]
+                         else pd.DataFrame(columns=["text", "label", "method"]))
+            synthetic = synthetic[synthetic["method"] != "raw"]  # raw rows a stage passed on
+            students = run_students(job, raw, synthetic, test, run_dir, placement["student"], timer)
     finally:
         if autoscaling:
             release_resource_requests()
 
+    totals = teacher_totals(teacher["stats"])
     report = {
         "job": job.name,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "output_dir": str(out),
+        "output_dir": str(Path(job.output_dir)),
+        "run_dir": str(run_dir),
+        "signature": signature,
         "counts": counts,
-        "teacher": teacher["teacher"],
+        "shards": teacher["shards"],
+        "teacher": {"model": job.teacher.model, "engine": job.teacher.engine,
+                    "methods": [step.op.name for step in teacher["steps"]], **totals,
+                    "stage_seconds": timer.seconds.get("teacher", 0.0)},
+        "per_stage": teacher["stats"],
+        "budget": {**json.loads(job.budget.model_dump_json()),
+                   "tokens_used": totals["tokens_in"] + totals["tokens_out"],
+                   "exhausted": teacher["budget_exhausted"]},
+        "cost": cost_report(job, totals, counts["accepted"], placement,
+                            timer.seconds.get("teacher", 0.0)),
         "stages": timer.seconds,
         "students": students,
-        "outputs": {name: str(out / name) for name in ["raw", *teacher["written"]]},
+        "outputs": {name: str(run_dir / name)
+                    for name in (["raw"] if raw is not None else []) + teacher["outputs"]["written"]},
         "config": json.loads(job.model_dump_json()),
     }
-    path = write_report(out, report)
-    print(students_table(students), flush=True)
-    return path
+    write_report(run_dir, report)
+    out = Path(job.output_dir)
+    for name in ("report.json", "report.md"):  # the latest run's report, at the top
+        shutil.copyfile(run_dir / name, out / name)
+    if students:
+        print(students_table(students), flush=True)
+    return out / "report.json"
 
 
-def check_counts(counts: dict[str, Any]) -> None:
-    """Every requested row came back, and each one is accepted, dropped or quarantined."""
-    if counts["generated"] != counts["requested"]:
-        raise RaydagError(f"rows lost: requested {counts['requested']}, "
-                          f"generated {counts['generated']}")
-    settled = counts["accepted"] + counts["quarantined"] + sum(counts["dropped"].values())
-    if settled != counts["generated"]:
-        raise RaydagError(f"counts do not reconcile: generated {counts['generated']} != "
+def teacher_totals(stats: list[dict]) -> dict[str, Any]:
+    """Requests, tokens and throughput of the teacher over every step."""
+    tokens_in = sum(s["tokens_in"] for s in stats)
+    tokens_out = sum(s["tokens_out"] for s in stats)
+    engine_seconds = max(sum(s["engine_seconds"] for s in stats), 1e-9)
+    return {"requests": sum(s["requests"] for s in stats), "tokens_in": tokens_in,
+            "tokens_out": tokens_out, "engine_seconds": round(engine_seconds, 2),
+            # Output tokens per second of engine generate time (start-up excluded).
+            "tokens_per_s": round(tokens_out / engine_seconds, 2)}
+
+
+def cost_report(job: JobConfig, totals: dict, accepted: int, placement: dict[str, Any],
+                teacher_seconds: float) -> dict[str, Any]:
+    """Cost of the teacher from the job's prices: GPU-hours (the whole actor pool for the
+    stage's wall time) and tokens; and per accepted example. Unpriced parts are left out."""
+    prices = job.cost
+    gpus = placement["teacher_actor"]["num_gpus"] * job.teacher.concurrency
+    gpu_hours = gpus * teacher_seconds / 3600
+    parts = {}
+    if prices.usd_per_gpu_hour is not None:
+        parts["gpu_usd"] = gpu_hours * prices.usd_per_gpu_hour
+    if prices.usd_per_million_input_tokens is not None:
+        parts["input_tokens_usd"] = totals["tokens_in"] / 1e6 * prices.usd_per_million_input_tokens
+    if prices.usd_per_million_output_tokens is not None:
+        parts["output_tokens_usd"] = totals["tokens_out"] / 1e6 * prices.usd_per_million_output_tokens
+    report: dict[str, Any] = {"gpu_hours": round(gpu_hours, 6), **{k: round(v, 6) for k, v in parts.items()}}
+    if parts:
+        total = sum(parts.values())
+        report["total_usd"] = round(total, 6)
+        report["usd_per_accepted_example"] = round(total / accepted, 8) if accepted else None
+    return report
+
+
+def reconcile(teacher: dict[str, Any], pool, test, raw) -> dict[str, Any]:
+    """The run's counts; raise unless rows in = rows out + dropped + quarantined.
+
+    Rows in are the first stage's rows that ran plus the rows stages created; rows the token
+    budget left unrun are counted apart.
+    """
+    stats, outputs = teacher["stats"], teacher["outputs"]
+    ran = stats[0]["rows_in"] + stats[0]["passed_through"]
+    created = sum(s["created"] for s in stats)
+    counts = {
+        "pool": len(pool) if pool is not None else 0,
+        "test": len(test) if test is not None else 0,
+        "raw": len(raw) if raw is not None else 0,
+        "planned": teacher["planned"],
+        "not_run_budget": teacher["not_run"],
+        "ran": ran,
+        "created": created,
+        "accepted": outputs["accepted"],
+        "dropped": outputs["dropped"],
+        "quarantined": outputs["quarantined"],
+    }
+    if ran + teacher["not_run"] != teacher["planned"]:
+        raise RaydagError(f"rows lost: planned {teacher['planned']}, ran {ran}, "
+                          f"not run {teacher['not_run']}")
+    settled = outputs["accepted"] + sum(outputs["dropped"].values()) + sum(outputs["quarantined"].values())
+    if settled != ran + created or outputs["rows"] != ran + created:
+        raise RaydagError(f"counts do not reconcile: rows in {ran} + created {created} != "
                           f"accepted + dropped + quarantined = {settled}")
+    return counts
 
 
-def read_inputs(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read and check the training pool and the test split."""
+def input_digests(job: JobConfig) -> dict[str, str]:
+    """SHA-256 of every input file, so the run signature changes when their content does."""
+    paths = {}
+    if job.data is not None:
+        paths.update(train=job.data.train_path, test=job.data.test_path,
+                     unlabelled=job.data.unlabelled_path)
+    for index, stage in enumerate(job.stages):
+        if stage.type == "self_instruct":
+            paths[f"stages.{index}.seed_tasks"] = stage.seed_tasks_path
+    digests = {}
+    for name, path in paths.items():
+        if path and Path(path).is_file():
+            digests[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return digests
+
+
+def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict[str, pd.DataFrame]]:
+    """Read and check the training pool, the test split and the stages' own inputs."""
+    inputs: dict[str, pd.DataFrame] = {}
+    for stage in job.stages:
+        if stage.type == "self_instruct":
+            inputs["seed_tasks"] = read_texts(stage.seed_tasks_path, ["instruction", "output"], ["input"])
     data = job.data
+    if data is None:
+        return None, None, inputs
     pool = read_labelled(data.train_path, data.text_column, data.label_column, data.labels)
     test = read_labelled(data.test_path, data.text_column, data.label_column, data.labels)
+    if data.unlabelled_path:
+        inputs["unlabelled"] = read_texts(data.unlabelled_path, [data.text_column]).rename(
+            columns={data.text_column: "text"})
     if job.raw_examples > len(pool):
         raise DataError(f"{data.train_path}: raw_examples={job.raw_examples} but the pool has "
                         f"{len(pool)} rows")
-    return pool, test
+    return pool, test, inputs
 
 
 def validate_job(job: JobConfig) -> dict[str, int]:
     """Check a job's data and output folder without generating or training; return row counts."""
     init_ray()
-    pool, test = read_inputs(job)
+    pool, test, inputs = read_inputs(job)
     check_output_dir(job.output_dir)
-    return {"pool": len(pool), "test": len(test)}
+    counts = {"pool": len(pool), "test": len(test)} if pool is not None else {}
+    return {**counts, **{name: len(frame) for name, frame in inputs.items()}}

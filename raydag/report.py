@@ -36,33 +36,50 @@ def students_table(students: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "none"
+
+
 def _markdown(report: dict[str, Any]) -> str:
-    counts, teacher = report["counts"], report["teacher"]
-    dropped = ", ".join(f"{k}: {v}" for k, v in counts["dropped"].items()) or "none"
-    quarantined = ", ".join(f"{k}: {v}" for k, v in counts["quarantined_by_reason"].items()) or "none"
+    counts, teacher, shards = report["counts"], report["teacher"], report["shards"]
     rows = [
         f"# raydag report: {report['job']}",
         "",
+        f"Run folder `{report['run_dir']}` (signature `{report['signature']}`).",
+        "",
         "## Counts",
         f"- raw examples: {counts['raw']} (from a pool of {counts['pool']}; test split {counts['test']})",
-        f"- requested {counts['requested']}, generated {counts['generated']}, "
-        f"accepted {counts['accepted']}, quarantined {counts['quarantined']}, "
-        f"dropped {sum(counts['dropped'].values())}",
-        f"- dropped by reason: {dropped}",
-        f"- quarantined by reason: {quarantined}",
+        f"- first stage rows: planned {counts['planned']}, ran {counts['ran']}, left unrun by the "
+        f"token budget {counts['not_run_budget']}; rows created by stages {counts['created']}",
+        f"- accepted {counts['accepted']}, dropped {sum(counts['dropped'].values())}, "
+        f"quarantined {sum(counts['quarantined'].values())}",
+        f"- dropped by reason: {_reasons(counts['dropped'])}",
+        f"- quarantined by reason: {_reasons(counts['quarantined'])}",
+        f"- shards: {shards['total']} ({shards['resumed']} reused from an earlier run, "
+        f"{shards['run']} run now, {shards['not_run']} not run)",
         "",
         "## Teacher",
-        f"- model: `{teacher['model']}` ({teacher['method']})",
-        f"- tokens in {teacher['tokens_in']}, out {teacher['tokens_out']}, "
-        f"{teacher['tokens_per_s']:.1f} output tokens/s",
+        f"- model: `{teacher['model']}` ({teacher['engine']}); steps: {', '.join(teacher['methods'])}",
+        f"- requests {teacher['requests']}, tokens in {teacher['tokens_in']}, out "
+        f"{teacher['tokens_out']}, {teacher['tokens_per_s']:.1f} output tokens/s",
         "",
-        "## Students (test split)",
-        "",
-        "| student | train examples | accuracy | macro-F1 |",
-        "|---|---:|---:|---:|",
+        "| stage | rows in | created | requests | tokens in | tokens out | accepted | dropped | quarantined |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, m in report["students"].items():
-        rows.append(f"| {name} | {m['train_examples']} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
+    for s in report["per_stage"]:
+        rows.append(f"| {s['stage']} | {s['rows_in']} | {s['created']} | {s['requests']} | "
+                    f"{s['tokens_in']} | {s['tokens_out']} | {s['accepted']} | "
+                    f"{_reasons(s['dropped'])} | {_reasons(s['quarantined'])} |")
+    budget, cost = report["budget"], report["cost"]
+    rows += ["", "## Budget and cost",
+             f"- budget: max_requests {budget['max_requests']}, max_tokens {budget['max_tokens']}; "
+             f"tokens used {budget['tokens_used']}; exhausted: {budget['exhausted']}",
+             f"- cost: {', '.join(f'{k} {v}' for k, v in cost.items())}"]
+    if report["students"]:
+        rows += ["", "## Students (test split)", "",
+                 "| student | train examples | accuracy | macro-F1 |", "|---|---:|---:|---:|"]
+        for name, m in report["students"].items():
+            rows.append(f"| {name} | {m['train_examples']} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
     rows += ["", "## Stages (wall seconds)", ""]
     rows += [f"- {name}: {sec:.1f}" for name, sec in report["stages"].items()]
     return "\n".join(rows) + "\n"

@@ -1,15 +1,25 @@
-"""Ray Data glue: a callable class that owns an engine and runs a pure operator over batches."""
+"""Ray Data glue: the actor that owns an engine and runs a job's chain of pure operators.
+
+Rows stream through every stage of a job inside one actor per engine: a shard goes in, every
+operator of the chain runs on its accepted rows in turn, and the shard's rows (accepted,
+dropped and quarantined alike) are written as one Parquet file. Nothing is collected on the
+driver between stages, and a model is loaded once per actor rather than once per stage.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import pandas as pd
 
+from raydag.data import stable_hash
+from raydag.engines.base import ChatRequest
 from raydag.errors import ColumnContractError
-from raydag.filters.exact import apply_row_filters, drop_synthetic_duplicates
+from raydag.filters.exact import drop_synthetic_duplicates, normalize_text, row_filter_reason
 
 
 def check_columns(stage: str, required: Iterable[str], available: Iterable[str]) -> None:
@@ -34,79 +44,209 @@ def check_chain(columns: Iterable[str], stages: list[tuple[str, Iterable[str], I
         available |= set(adds)
 
 
-# Declared columns of the stages below (see check_chain).
-FILTER_REQUIRES = ("text", "_parse_error", "request_index")
-FILTER_ADDS = ("_status", "_reason", "_norm")
+# Columns every row carries through the chain: where it stands, and why.
+STATUS_COLUMNS = ("_status", "_reason", "_stage")
+# Columns the runner adds to every row an operator creates.
+RUNNER_ADDS = ("method", "teacher_model", "prompt_hash", "sampling", "seed", "_raw_generation",
+               "finish_reason", "tokens_in", "tokens_out")
 
 
-class GenerateStage:
-    """Ray Data actor: builds requests with ``op``, runs them on the engine, parses the results.
+@dataclass
+class Step:
+    """One operator of the chain, with the rule filters for the texts it creates.
 
-    Each output row is the input row plus the op's columns and ``prompt_hash``,
-    ``_raw_generation``, ``tokens_in``, ``tokens_out``, ``finish_reason``, ``sampling``, ``_engine_seconds`` (this row's share
-    of its batch's generate time) and ``_batch_started_at`` (wall clock).
-
-    Args:
-        op: A pure operator with ``build_request``, ``parse`` and ``prompt_hash``.
-        engine_kwargs: Arguments for :class:`raydag.engines.VLLMEngine`.
-        engine: An engine to use instead of building one (tests of the columns use this).
+    Attributes:
+        name: Stage name in counts and errors, e.g. ``1:create.few_shot_3``.
+        op: The pure operator (see :mod:`raydag.ops.base`).
+        text_filters: Arguments of :func:`raydag.filters.exact.row_filter_reason` for rows the
+            operator creates (None: no filter).
     """
 
-    adds = ("prompt_hash", "sampling", "_raw_generation", "tokens_in", "tokens_out",
-            "finish_reason", "_engine_seconds", "_batch_started_at")
-
-    def __init__(self, op: Any, engine_kwargs: dict, engine: Any = None) -> None:
-        from raydag.engines.vllm import VLLMEngine
-
-        self.op = op
-        self.engine = engine if engine is not None else VLLMEngine(**engine_kwargs)
-        self._rows_done = 0
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = batch.to_dict("records")
-        requests = [self.op.build_request(row) for row in rows]
-        started_at = time.time()
-        started = time.perf_counter()
-        completions = self.engine.generate(requests)
-        seconds = time.perf_counter() - started
-        seconds_per_row = seconds / max(len(rows), 1)
-        self._rows_done += len(rows)
-        tokens = sum(c.completion_tokens for c in completions)
-        print(f"raydag: [teacher] {self._rows_done} rows done by this engine; last batch "
-              f"{len(rows)} rows in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.0f} output tok/s)",
-              flush=True)
-        out = []
-        for row, request, completion in zip(rows, requests, completions):
-            sampling = {"temperature": request.temperature, "top_p": request.top_p,
-                        "max_tokens": request.max_tokens, "stop": list(request.stop)}
-            out.append(
-                {
-                    **row,
-                    **self.op.parse(row, completion),
-                    "prompt_hash": self.op.prompt_hash(request),
-                    "sampling": json.dumps(sampling, sort_keys=True),
-                    "_raw_generation": completion.text,
-                    "tokens_in": completion.prompt_tokens,
-                    "tokens_out": completion.completion_tokens,
-                    "finish_reason": completion.finish_reason or "",
-                    "_engine_seconds": seconds_per_row,
-                    "_batch_started_at": started_at,
-                }
-            )
-        return pd.DataFrame(out)
+    name: str
+    op: Any
+    text_filters: dict | None = None
 
 
-def filter_generations(generated, **filter_kwargs):
-    """Per-row filters, then exact deduplication across all rows (a Ray Data groupby).
+def empty_stats(name: str) -> dict:
+    """Counters of one step (summed over shards by :func:`merge_stats`)."""
+    return {"stage": name, "rows_in": 0, "passed_through": 0, "created": 0, "requests": 0,
+            "tokens_in": 0, "tokens_out": 0, "engine_seconds": 0.0, "accepted": 0,
+            "dropped": {}, "quarantined": {}}
+
+
+def merge_stats(total: list[dict], more: list[dict]) -> list[dict]:
+    """Add one shard's step counters to the running totals (same steps, same order)."""
+    if not total:
+        return json.loads(json.dumps(more))
+    for into, add in zip(total, more):
+        for key, value in add.items():
+            if isinstance(value, dict):
+                for reason, count in value.items():
+                    into[key][reason] = into[key].get(reason, 0) + count
+            elif key != "stage":
+                into[key] += value
+    return total
+
+
+def _request_lineage(request: ChatRequest) -> dict:
+    sampling = {"temperature": request.temperature, "top_p": request.top_p,
+                "max_tokens": request.max_tokens, "stop": list(request.stop)}
+    return {"sampling": json.dumps(sampling, sort_keys=True),
+            "seed": -1 if request.seed is None else int(request.seed)}
+
+
+def run_step(step: Step, rows: list[dict], engine: Any, carried: set[str]) -> tuple[list[dict], dict]:
+    """Run one operator over the accepted rows of a shard; others pass through unchanged.
+
+    Every input row leaves as one or more output rows (none is lost): the operator's rows,
+    merged onto the input row, or the input row itself with a quarantine reason when the
+    operator returned nothing.
 
     Args:
-        generated: A Ray Data dataset of parsed generations (``text``, ``_parse_error``,
-            ``request_index``).
-        **filter_kwargs: Arguments of :func:`raydag.filters.exact.apply_row_filters`.
+        step: The step to run.
+        rows: Rows of one shard, each with the status columns.
+        engine: Anything with ``generate(requests) -> completions`` (see :mod:`raydag.engines`).
+        carried: Columns earlier annotating steps added; a created row does not inherit them
+            from its parent (a paraphrase is not scored by its parent's judge score).
 
     Returns:
-        The dataset with ``_status``, ``_reason`` and ``_norm`` on every row; nothing removed.
+        The output rows and this step's counters.
     """
-    checked = generated.map_batches(apply_row_filters, fn_kwargs=filter_kwargs,
-                                    batch_format="pandas")
-    return checked.groupby("_norm").map_groups(drop_synthetic_duplicates, batch_format="pandas")
+    op, stats = step.op, empty_stats(step.name)
+    applies = getattr(op, "applies", lambda row: True)
+    active = [i for i, row in enumerate(rows) if row["_status"] == "accepted" and applies(row)]
+    per_row = [op.build_requests(rows[i]) for i in active]
+    flat = [request for requests in per_row for request in requests]
+    started = time.perf_counter()
+    completions = engine.generate(flat) if flat else []
+    stats["engine_seconds"] = time.perf_counter() - started
+    stats.update(rows_in=len(active), passed_through=len(rows) - len(active), requests=len(flat),
+                 tokens_in=sum(c.prompt_tokens for c in completions),
+                 tokens_out=sum(c.completion_tokens for c in completions))
+    results: dict[int, list[dict]] = {}
+    offset = 0
+    for index, requests in zip(active, per_row):
+        done = completions[offset: offset + len(requests)]
+        offset += len(requests)
+        row = rows[index]
+        outputs = op.parse(row, done) or [{"_status": "quarantined", "_reason": "no_output"}]
+        new_rows = [out for out in outputs if "id" in out and out["id"] != row.get("id")]
+        stats["created"] += len(outputs) - 1
+        merged = []
+        for out in outputs:
+            if out in new_rows:
+                base = {k: v for k, v in row.items() if k not in carried}
+                source = requests[new_rows.index(out)] if len(new_rows) == len(requests) else requests[0]
+                completion = done[new_rows.index(out)] if len(new_rows) == len(done) else done[0]
+                new = {**base, "method": op.name, "teacher_model": engine.model_name,
+                       "prompt_hash": stable_hash([list(r.messages) for r in requests]),
+                       **_request_lineage(source), "_raw_generation": completion.text,
+                       "finish_reason": completion.finish_reason or "",
+                       "tokens_in": sum(c.prompt_tokens for c in done),
+                       "tokens_out": sum(c.completion_tokens for c in done),
+                       "_status": "accepted", "_reason": "", "_stage": "", **out}
+                if new["_status"] == "accepted" and step.text_filters is not None:
+                    reason = row_filter_reason(new.get("text", ""), **step.text_filters)
+                    if reason:
+                        new.update(_status="dropped", _reason=reason)
+            else:
+                new = {**row, **out}
+            if new["_status"] != "accepted":
+                new["_stage"] = step.name
+                bucket = stats[new["_status"]]
+                bucket[new["_reason"]] = bucket.get(new["_reason"], 0) + 1
+            else:
+                stats["accepted"] += 1
+            merged.append(new)
+        results[index] = merged
+    out_rows: list[dict] = []
+    for index, row in enumerate(rows):
+        out_rows.extend(results.get(index, [row]))
+    return out_rows, stats
+
+
+def write_shard(rows: list[dict], folder: str, shard: int) -> str:
+    """Write one shard's rows as ``shard-<n>.parquet``, atomically (a rerun trusts what exists)."""
+    path = os.path.join(folder, f"shard-{shard:05d}.parquet")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    frame = pd.DataFrame(rows)
+    frame["_order"] = [shard * 10_000_000 + position for position in range(len(frame))]
+    for column in frame.columns:  # one type per column, whatever a shard happens to hold
+        if frame[column].map(lambda v: isinstance(v, (dict, tuple))).any():
+            frame[column] = frame[column].map(json.dumps)
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+class ChainRunner:
+    """Ray Data actor: runs every step of the chain on one shard at a time with one engine.
+
+    Input rows are shards (``shard``: number, ``rows``: JSON list of row dicts). For each shard
+    the runner runs the steps in order, writes the shard's rows (every status) with
+    :func:`write_shard`, and returns one summary row: ``shard``, ``rows``, ``stats`` (JSON list
+    of step counters), ``seconds`` and ``started_at`` (wall clock).
+
+    Args:
+        steps: The chain.
+        engine_spec: Arguments of :func:`raydag.engines.make_engine`.
+        shard_dir: Folder for the shard files.
+        engine: An engine to use instead of building one (tests of the runner use this).
+    """
+
+    def __init__(self, steps: list[Step], engine_spec: dict, shard_dir: str, engine: Any = None) -> None:
+        from raydag.engines import make_engine
+
+        self.steps = steps
+        self.shard_dir = shard_dir
+        self.engine = engine if engine is not None else make_engine(engine_spec)
+        self._carried = [set() for _ in steps]
+        carried: set[str] = set()
+        for index, step in enumerate(steps):
+            self._carried[index] = set(carried)
+            if not step.op.creates_rows:
+                carried |= set(step.op.adds)
+        os.makedirs(shard_dir, exist_ok=True)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        summaries = []
+        for shard, payload in zip(batch["shard"], batch["rows"]):
+            started_at = time.time()
+            started = time.perf_counter()
+            rows = json.loads(payload)
+            stats = []
+            for step, carried in zip(self.steps, self._carried):
+                rows, step_stats = run_step(step, rows, self.engine, carried)
+                stats.append(step_stats)
+            stats_path = os.path.join(self.shard_dir, f"shard-{int(shard):05d}.stats.json")
+            with open(f"{stats_path}.tmp", "w") as handle:
+                json.dump(stats, handle)
+            os.replace(f"{stats_path}.tmp", stats_path)
+            write_shard(rows, self.shard_dir, int(shard))  # last: its file marks the shard done
+            seconds = time.perf_counter() - started
+            tokens = sum(s["tokens_out"] for s in stats)
+            print(f"raydag: [teacher] shard {int(shard)}: {len(rows)} rows in {seconds:.1f}s "
+                  f"({tokens / max(seconds, 1e-9):.0f} output tok/s)", flush=True)
+            summaries.append({"shard": int(shard), "rows": len(rows), "stats": json.dumps(stats),
+                              "seconds": seconds, "started_at": started_at})
+        return pd.DataFrame(summaries)
+
+
+def deduplicate(rows):
+    """Exact deduplication of accepted texts across all shards (a Ray Data groupby on the
+    normalised text); the earliest row (by ``_order``) is kept, later copies are dropped as
+    ``synthetic_duplicate``. Rows without text pass through.
+
+    Args:
+        rows: A Ray Data dataset of chain output rows with ``text``, ``_status`` and ``_order``.
+    """
+    return rows.map_batches(_with_norm, batch_format="pandas").groupby("_norm").map_groups(
+        drop_synthetic_duplicates, batch_format="pandas")
+
+
+def _with_norm(batch: pd.DataFrame) -> pd.DataFrame:
+    batch = batch.copy()
+    # Only accepted rows compete; every other row gets a unique key so it stays as it is.
+    batch["_norm"] = [normalize_text(text or "") if status == "accepted" else f"\x00{order}"
+                      for text, status, order in zip(batch["text"], batch["_status"], batch["_order"])]
+    return batch

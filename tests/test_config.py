@@ -14,14 +14,17 @@ def test_every_job_yaml_loads_and_starts_with_its_launch_command(path):
     assert isinstance(job, JobConfig)
     first = path.read_text().splitlines()[0]
     assert first.startswith("#") and f"raydag run jobs/{path.name}" in first
-    assert Path(job.data.train_path).is_file(), job.data.train_path
-    assert Path(job.data.test_path).is_file(), job.data.test_path
+    inputs = [job.data.train_path, job.data.test_path, job.data.unlabelled_path] if job.data else []
+    inputs += [getattr(stage, "seed_tasks_path", None) for stage in job.stages]
+    assert any(inputs)
+    for input_path in filter(None, inputs):
+        assert Path(input_path).is_file(), input_path
 
 
 def test_quickstart_defaults_follow_the_seed_study():
     job = load_job(QUICKSTART)
     assert job.raw_examples == 100
-    assert job.teacher.num_examples == 1000
+    assert job.stages[0].num_examples == 1000
     assert job.student.train_sets == ["raw", "synthetic", "mixed"]
     assert len(job.data.labels) >= 3
 
@@ -34,20 +37,20 @@ def test_yaml_paths_resolve_against_the_yaml_folder():
 
 def test_overrides_are_typed_and_relative_paths_follow_the_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    job = load_job(QUICKSTART, ["teacher.num_examples=30", "student.train_sets=[raw]",
-                                "teacher.sampling.temperature=0.5", "output_dir=here"])
-    assert job.teacher.num_examples == 30
+    job = load_job(QUICKSTART, ["stages.0.num_examples=30", "student.train_sets=[raw]",
+                                "stages.0.sampling.temperature=0.5", "output_dir=here"])
+    assert job.stages[0].num_examples == 30
     assert job.student.train_sets == ["raw"]
-    assert job.teacher.sampling.temperature == 0.5
+    assert job.stages[0].sampling.temperature == 0.5
     assert job.output_dir == str(tmp_path / "here")
 
 
 def test_unknown_key_in_file_is_named_with_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(QUICKSTART.read_text().replace("  shots: 3", "  shots: 3\n  shotz: 4"))
+    bad.write_text(QUICKSTART.read_text().replace("  concurrency: 1", "  concurrency: 1\n  concurrenzy: 4"))
     with pytest.raises(ConfigError) as err:
         load_job(bad)
-    assert "teacher.shotz" in str(err.value) and str(bad) in str(err.value)
+    assert "teacher.concurrenzy" in str(err.value) and str(bad) in str(err.value)
 
 
 def test_unknown_key_in_override_is_an_error():
@@ -56,14 +59,17 @@ def test_unknown_key_in_override_is_an_error():
 
 
 def test_mistyped_value_names_the_key():
-    with pytest.raises(ConfigError, match="teacher.num_examples"):
-        load_job(QUICKSTART, ["teacher.num_examples=many"])
+    with pytest.raises(ConfigError, match="stages.0.create.num_examples"):
+        load_job(QUICKSTART, ["stages.0.num_examples=many"])
 
 
 def test_missing_required_key_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\noutput_dir: out\n")
-    with pytest.raises(ConfigError, match="missing key 'data'"):
+    with pytest.raises(ConfigError, match="stages.0 \\(create\\) needs the job's data section"):
+        load_job(bad)
+    bad.write_text("name: x\n")
+    with pytest.raises(ConfigError, match="missing key 'output_dir'"):
         load_job(bad)
 
 
@@ -74,7 +80,7 @@ def test_duplicate_labels_are_rejected():
 
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
-        parse_override("teacher.num_examples")
+        parse_override("stages.0.num_examples")
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 
 from raydag.evaluate import accuracy, confusion_matrix, macro_f1
-from raydag.filters.exact import apply_row_filters, drop_synthetic_duplicates, normalize_text
+from raydag.filters.exact import drop_synthetic_duplicates, normalize_text, row_filter_reason
 
 
 def test_normalize_text():
@@ -10,22 +10,16 @@ def test_normalize_text():
     assert normalize_text("Ｆｕｌｌ width") == "full width"
 
 
-def test_row_filters_give_every_row_a_status_and_reason():
-    batch = pd.DataFrame({
-        "text": ["", "ok text here", "x" * 700, "A test sentence.", "raw copy", "fine message",
-                 "short"],
-        "_parse_error": ["empty_generation", None, None, None, None, None, None],
-    })
-    out = apply_row_filters(batch, raw_norms=frozenset({"raw copy"}),
-                            test_norms=frozenset({"a test sentence"}), min_chars=6, max_chars=600)
-    assert out["_status"].tolist() == ["quarantined", "accepted", "dropped", "dropped", "dropped",
-                                       "accepted", "dropped"]
-    assert out["_reason"].tolist() == ["empty_generation", "", "too_long", "test_copy",
-                                       "raw_duplicate", "", "too_short"]
+def test_row_filters_name_the_first_reason_that_applies():
+    texts = ["", "ok text here", "x" * 700, "A test sentence.", "raw copy", "short"]
+    reasons = [row_filter_reason(t, raw_norms=frozenset({"raw copy"}),
+                                 test_norms=frozenset({"a test sentence"}), min_chars=6,
+                                 max_chars=600) for t in texts]
+    assert reasons == ["too_short", None, "too_long", "test_copy", "raw_duplicate", "too_short"]
 
 
 def test_synthetic_duplicates_keep_the_earliest_request():
-    group = pd.DataFrame({"request_index": [5, 2, 9, 1], "_norm": ["same"] * 4,
+    group = pd.DataFrame({"_order": [5, 2, 9, 1], "_norm": ["same"] * 4,
                           "_status": ["accepted", "accepted", "accepted", "quarantined"],
                           "_reason": ["", "", "", "empty_generation"]})
     out = drop_synthetic_duplicates(group)
@@ -43,36 +37,32 @@ def test_accuracy_and_macro_f1_against_hand_computed_values():
     assert macro_f1(np.zeros((2, 2), dtype=int)) == 0.0
 
 
-def test_filter_chain_on_ray_data_catches_planted_copies_and_loses_no_row(ray_local):
+def test_dedup_on_ray_data_keeps_the_earliest_copy_and_loses_no_row(ray_local):
     import ray
 
-    from raydag.stages import filter_generations
+    from raydag.stages import deduplicate
 
-    texts = ["Where is my parcel?", "where is my  parcel", "Refund please, order #1",
-             "A raw example text", "The copied test sentence", "", "New unique message here",
-             "WHERE IS MY PARCEL!"]
-    errors = [None, None, None, None, None, "empty_generation", None, None]
-    rows = pd.DataFrame({"request_index": range(len(texts)), "text": texts, "_parse_error": errors})
-    out = filter_generations(
-        ray.data.from_pandas(rows).repartition(3),
-        raw_norms=frozenset({"a raw example text"}),
-        test_norms=frozenset({"the copied test sentence"}), min_chars=5, max_chars=600,
-    ).to_pandas().sort_values("request_index")
+    texts = ["Where is my parcel?", "where is my  parcel", "Refund please, order #1", "",
+             "New unique message here", "WHERE IS MY PARCEL!", "Refund please, order #1"]
+    status = ["accepted", "accepted", "accepted", "quarantined", "accepted", "accepted", "dropped"]
+    rows = pd.DataFrame({"_order": range(len(texts)), "text": texts, "_status": status,
+                         "_reason": ["", "", "", "empty_generation", "", "", "too_long"],
+                         "_stage": ""})
+    out = deduplicate(ray.data.from_pandas(rows).repartition(3)).to_pandas().sort_values("_order")
     assert len(out) == len(texts)
-    assert out["_status"].tolist() == ["accepted", "dropped", "accepted", "dropped", "dropped",
-                                       "quarantined", "accepted", "dropped"]
-    assert out["_reason"].tolist() == ["", "synthetic_duplicate", "", "raw_duplicate", "test_copy",
-                                       "empty_generation", "", "synthetic_duplicate"]
+    assert out["_status"].tolist() == ["accepted", "dropped", "accepted", "quarantined",
+                                       "accepted", "dropped", "dropped"]
+    assert out["_reason"].tolist() == ["", "synthetic_duplicate", "", "empty_generation", "",
+                                       "synthetic_duplicate", "too_long"]
 
 
 def test_column_chain_names_the_stage_and_the_missing_column():
     import pytest
 
     from raydag.errors import ColumnContractError
-    from raydag.stages import FILTER_ADDS, FILTER_REQUIRES, check_chain
+    from raydag.stages import check_chain
 
-    stages = [("teacher", ("target_label",), ("text", "_parse_error")),
-              ("filters", FILTER_REQUIRES, FILTER_ADDS)]
+    stages = [("teacher", ("target_label",), ("text",)), ("judge", ("text", "request_index"), ())]
     check_chain(["target_label", "request_index"], stages)
-    with pytest.raises(ColumnContractError, match=r"stage 'filters' needs column\(s\) \['request_index'\]"):
+    with pytest.raises(ColumnContractError, match=r"stage 'judge' needs column\(s\) \['request_index'\]"):
         check_chain(["target_label"], stages)

@@ -3,14 +3,14 @@
 from collections import Counter
 
 from raydag.engines.base import Completion
-from raydag.ops.create import FewShotCreateOp
+from raydag.ops.create import CreateOp
 
 LABELS = ["billing", "shipping", "technical"]
 RAW = [{"id": f"r{i}", "text": f"raw text {i}", "label": LABELS[i % 3]} for i in range(30)]
 
 
-def op(shots=3):
-    return FewShotCreateOp(task="Route support messages.", labels=LABELS, shots=shots)
+def op(shots=3, method="few_shot"):
+    return CreateOp(task="Route support messages.", labels=LABELS, method=method, shots=shots)
 
 
 def test_plan_is_balanced_seeded_and_class_conditioned():
@@ -32,17 +32,17 @@ def test_demonstrations_vary_between_requests():
 
 
 def test_zero_shot_has_no_demonstrations_and_its_own_method():
-    zero = op(shots=0)
+    zero = op(method="zero_shot")
     plan = zero.plan_requests(RAW, 6, seed=0)
     assert all(r["demo_ids"] == [] for r in plan)
-    assert zero.method == "create.zero_shot" and op().method == "create.few_shot_3"
-    request = zero.build_request(plan[0])
+    assert zero.name == "create.zero_shot" and op().name == "create.few_shot_3"
+    [request] = zero.build_requests(plan[0])
     assert request.messages[-1]["content"] == "1."
 
 
 def test_request_continues_a_numbered_list_of_the_target_label():
     plan = op().plan_requests(RAW, 3, seed=0)
-    request = op().build_request(plan[1])
+    [request] = op().build_requests(plan[1])
     assert request.continue_final_message and request.stop == ("\n",)
     assert request.seed == plan[1]["request_seed"]
     assistant = request.messages[-1]["content"]
@@ -50,11 +50,13 @@ def test_request_continues_a_numbered_list_of_the_target_label():
     for text in plan[1]["demo_texts"]:
         assert text in assistant
     assert f'"{plan[1]["target_label"]}"' in request.messages[1]["content"]
-    assert op().prompt_hash(request) == op().prompt_hash(op().build_request(plan[1]))
+    assert request == op().build_requests(plan[1])[0]
 
 
 def parse(text, finish="stop", label="billing"):
-    return op().parse({"target_label": label}, Completion(text, 10, 5, finish))
+    row = {"target_label": label, "demo_ids": ["r0"], "request_id": "q1"}
+    [out] = op().parse(row, [Completion(text, 10, 5, finish)])
+    return {**out, "_parse_error": out.get("_reason")}
 
 
 def test_parse_cleans_numbering_prefixes_and_quotes():

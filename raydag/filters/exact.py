@@ -22,6 +22,22 @@ def normalize_text(text: str) -> str:
     return _SPACE.sub(" ", text).strip(_EDGE_PUNCT)
 
 
+def row_filter_reason(text: str, *, raw_norms: frozenset[str], test_norms: frozenset[str],
+                      min_chars: int, max_chars: int) -> str | None:
+    """Why a generated text is dropped (``too_short``, ``too_long``, ``test_copy``,
+    ``raw_duplicate``; first match wins), or None when it passes."""
+    norm = normalize_text(text or "")
+    if len(norm) < max(min_chars, 1):
+        return "too_short"
+    if len(str(text)) > max_chars:
+        return "too_long"
+    if norm in test_norms:
+        return "test_copy"
+    if norm in raw_norms:
+        return "raw_duplicate"
+    return None
+
+
 def apply_row_filters(
     batch: pd.DataFrame,
     *,
@@ -62,12 +78,15 @@ def apply_row_filters(
 
 
 def drop_synthetic_duplicates(group: pd.DataFrame) -> pd.DataFrame:
-    """For one group of rows sharing ``_norm``: keep the earliest accepted row, drop the rest."""
+    """For one group of rows sharing ``_norm``: keep the earliest (``_order``) accepted row,
+    drop the rest."""
     group = group.copy()
     accepted = group.index[group["_status"] == "accepted"]
     if len(accepted) > 1:
-        keep = group.loc[accepted, "request_index"].idxmin()
+        keep = group.loc[accepted, "_order"].idxmin()
         later = [i for i in accepted if i != keep]
         group.loc[later, "_status"] = "dropped"
         group.loc[later, "_reason"] = "synthetic_duplicate"
+        if "_stage" in group:
+            group.loc[later, "_stage"] = "dedup"
     return group

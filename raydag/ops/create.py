@@ -1,4 +1,9 @@
-"""Data creation: few-shot, class-conditioned generation of labelled examples.
+"""Data creation: the seed study's generation methods, class-conditioned on a target label.
+
+Methods (``CreateOp(method=...)``): ``zero_shot`` (task description and target label),
+``zero_shot_topic`` (as zero-shot, plus one topic sampled per request from a list the teacher
+wrote first, see :class:`TopicsOp`), ``one_shot`` and ``few_shot`` (k demonstrations of the
+target label, sampled per request with the request's own seed).
 
 The operator is pure: it plans requests from raw rows, turns a request row into a
 :class:`ChatRequest`, and parses a :class:`Completion` back into columns. It imports no Ray,
@@ -10,72 +15,130 @@ with one new item and stops at the newline. Small teachers stay on task far bett
 when asked to answer free-form.
 
 Example:
-    >>> from raydag.ops.create import FewShotCreateOp
-    >>> op = FewShotCreateOp(task="Route support messages.", labels=["billing", "shipping"])
+    >>> from raydag.ops.create import CreateOp
+    >>> op = CreateOp(task="Route support messages.", labels=["billing", "shipping"], method="one_shot")
     >>> plan = op.plan_requests([{"id": "r1", "text": "Refund me", "label": "billing"}], 2, seed=0)
-    >>> [row["target_label"] for row in plan]
-    ['billing', 'shipping']
+    >>> [row["target_label"] for row in plan], op.name
+    (['billing', 'shipping'], 'create.one_shot')
 """
 
 from __future__ import annotations
 
 import random
-import re
+
 from raydag.config import SamplingConfig
 from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest, Completion
+from raydag.ops.base import QUARANTINED, clean_line, reject, text_problem
 
 SYSTEM_PROMPT = "You write realistic, varied example texts for a text classification dataset."
-
-_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):-]|[-*•])\s*")
-_PREFIX = re.compile(r"^\s*(?:text|message|example|new example|input)\s*:\s*", re.IGNORECASE)
-_REFUSAL = re.compile(
-    r"^\s*(?:as an ai\b|(?:i'?m sorry,? but )?i (?:can'?t|cannot|am unable to|'m unable to|won'?t) "
-    r"(?:help|assist|provide|create|generate|write|comply)\b)",
-    re.IGNORECASE,
-)  # narrow on purpose: support messages often start with "I can't find..." or "I'm sorry to..."
-_QUOTES = "\"'“”‘’`"
+METHODS = ("zero_shot", "zero_shot_topic", "one_shot", "few_shot")
 
 
-class FewShotCreateOp:
-    """Few-shot (k demonstrations, k=0 for zero-shot) class-conditioned data creation.
+def label_counts(labels: list[str], num_examples: int,
+                 distribution: dict[str, float] | None = None) -> dict[str, int]:
+    """Requests per label: proportional to ``distribution`` (balanced when None), by largest
+    remainder so the counts sum to ``num_examples``; ties go to the earlier label."""
+    weights = {label: float((distribution or {}).get(label, 0.0 if distribution else 1.0))
+               for label in labels}
+    total = sum(weights.values())
+    exact = {label: num_examples * w / total for label, w in weights.items()}
+    counts = {label: int(value) for label, value in exact.items()}
+    left = num_examples - sum(counts.values())
+    order = sorted(labels, key=lambda lab: (-(exact[lab] - counts[lab]), labels.index(lab)))
+    for label in order[:left]:
+        counts[label] += 1
+    return counts
+
+
+class TopicsOp:
+    """The teacher writes a numbered list of topics for the task (zero-shot topic's first step).
+
+    One request; ``parse`` returns the topics (deduplicated, in order). The list is a run
+    artifact (``topics.json``) that every creation request then samples from.
+    """
+
+    name = "create.topics"
+    creates_rows = False
+    requires = ("request_seed",)
+    adds = ("topics",)
+
+    def __init__(self, task: str, num_topics: int = 20, max_tokens: int = 400) -> None:
+        self.task = task
+        self.num_topics = num_topics
+        self.max_tokens = max_tokens
+
+    def build_requests(self, row: dict) -> list[ChatRequest]:
+        user = (f"Task: {self.task}\nList {self.num_topics} different, specific topics that texts "
+                "in this task could be about, one short phrase per line.")
+        return [ChatRequest(
+            messages=({"role": "system", "content": SYSTEM_PROMPT},
+                      {"role": "user", "content": user},
+                      {"role": "assistant", "content": "1."}),
+            max_tokens=self.max_tokens, temperature=0.7, top_p=0.95,
+            seed=int(row["request_seed"]), continue_final_message=True)]
+
+    def parse(self, row: dict, completions: list[Completion]) -> list[dict]:
+        topics: list[str] = []
+        for line in ("1." + completions[0].text).splitlines():
+            topic = clean_line(line).rstrip(".")
+            if 2 <= len(topic) <= 80 and topic.lower() not in {t.lower() for t in topics}:
+                topics.append(topic)
+        return [{"topics": topics[: self.num_topics], "_raw_generation": completions[0].text}]
+
+
+class CreateOp:
+    """Class-conditioned data creation by one of the seed study's methods.
 
     Args:
         task: One-sentence task description.
         labels: The label set.
-        shots: Demonstrations per request, drawn from raw rows of the target label.
+        method: ``zero_shot``, ``zero_shot_topic``, ``one_shot`` or ``few_shot``.
+        shots: Demonstrations per request for ``few_shot`` (k); ``one_shot`` uses 1 and the
+            zero-shot methods 0 whatever this says.
         sampling: Decoding settings; defaults to temperature 0.9, top-p 0.95, 80 tokens.
+        label_distribution: Share of requests per label; None is balanced.
+        topics: The topic list for ``zero_shot_topic`` (see :class:`TopicsOp`).
 
     Columns:
         requires: ``request_id``, ``target_label``, ``demo_texts``, ``request_seed``.
-        adds: ``text``, ``label``, ``_parse_error``.
+        adds: ``id``, ``parent_ids``, ``text``, ``label`` (and ``topic``).
     """
 
-    name = "create.few_shot"
-    requires = ("request_id", "target_label", "demo_texts", "request_seed")
-    adds = ("text", "label", "_parse_error")
+    creates_rows = True
+    requires = ("request_id", "target_label", "demo_ids", "demo_texts", "request_seed", "topic")
+    adds = ("id", "parent_ids", "text", "label")
 
     def __init__(
         self,
         task: str,
         labels: list[str],
+        method: str = "few_shot",
         shots: int = 3,
         sampling: SamplingConfig | None = None,
+        label_distribution: dict[str, float] | None = None,
+        topics: list[str] | None = None,
     ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown creation method '{method}'; choose one of {METHODS}")
+        if method == "zero_shot_topic" and not topics:
+            raise ValueError("zero_shot_topic needs a non-empty topic list")
         self.task = task
         self.labels = list(labels)
-        self.shots = shots
+        self.method = method
+        self.shots = {"few_shot": shots, "one_shot": 1}.get(method, 0)
         self.sampling = sampling or SamplingConfig()
+        self.label_distribution = label_distribution
+        self.topics = list(topics or [])
 
     @property
-    def method(self) -> str:
+    def name(self) -> str:
         """Lineage name of the method, e.g. ``create.few_shot_3`` or ``create.zero_shot``."""
-        return "create.zero_shot" if self.shots == 0 else f"create.few_shot_{self.shots}"
+        return f"create.few_shot_{self.shots}" if self.method == "few_shot" else f"create.{self.method}"
 
     def label_counts(self, num_examples: int) -> dict[str, int]:
-        """Requests per label: balanced, the remainder going to the first labels."""
-        base, extra = divmod(num_examples, len(self.labels))
-        return {label: base + (i < extra) for i, label in enumerate(self.labels)}
+        """Requests per label (see :func:`label_counts`)."""
+        return label_counts(self.labels, num_examples, self.label_distribution)
 
     def plan_requests(self, raw_rows: list[dict], num_examples: int, seed: int) -> list[dict]:
         """Plan ``num_examples`` request rows, each naming its target label and demonstrations.
@@ -83,7 +146,7 @@ class FewShotCreateOp:
         Args:
             raw_rows: Raw examples with ``id``, ``text`` and ``label``.
             num_examples: Requests to plan (M).
-            seed: Seed; request ``i`` draws its demonstrations with its own derived seed.
+            seed: Seed; request ``i`` draws its demonstrations (and topic) with its own seed.
 
         Returns:
             Request rows in a fixed, interleaved label order.
@@ -91,10 +154,9 @@ class FewShotCreateOp:
         by_label: dict[str, list[dict]] = {label: [] for label in self.labels}
         for row in raw_rows:
             by_label.setdefault(row["label"], []).append(row)
-        counts = self.label_counts(num_examples)
-        # Interleave labels so every batch (and every prefix of the run) is balanced.
+        remaining = self.label_counts(num_examples)
+        # Interleave labels so every batch (and every prefix of the run) follows the distribution.
         order: list[str] = []
-        remaining = dict(counts)
         while any(remaining.values()):
             for label in self.labels:
                 if remaining[label]:
@@ -103,32 +165,35 @@ class FewShotCreateOp:
         plan = []
         for index, label in enumerate(order):
             request_seed = int(stable_hash(seed, index, label, length=8), 16)
+            rng = random.Random(request_seed)
             pool = by_label.get(label, [])
-            demos = random.Random(request_seed).sample(pool, min(self.shots, len(pool)))
+            demos = rng.sample(pool, min(self.shots, len(pool)))
             plan.append(
                 {
-                    "request_id": stable_hash(self.method, seed, index, label),
+                    "request_id": stable_hash(self.name, seed, index, label),
                     "request_index": index,
                     "target_label": label,
                     "demo_ids": [d["id"] for d in demos],
                     "demo_texts": [d["text"] for d in demos],
                     "request_seed": request_seed,
+                    "topic": rng.choice(self.topics) if self.topics else "",
                 }
             )
         return plan
 
-    def build_request(self, row: dict) -> ChatRequest:
-        """Turn a request row into a chat request that continues a numbered list."""
+    def build_requests(self, row: dict) -> list[ChatRequest]:
+        """One chat request that continues a numbered list of texts of the target label."""
         label = row["target_label"]
         demos = list(row["demo_texts"])
         listing = "".join(f"{i + 1}. {' '.join(str(d).split())}\n" for i, d in enumerate(demos))
+        topic = f'Every text is about this topic: "{row["topic"]}".\n' if row.get("topic") else ""
         user = (
             f"Task: {self.task}\n"
             f"Possible labels: {', '.join(self.labels)}.\n"
-            f'Write realistic texts whose label is "{label}", one per line. '
+            f'Write realistic texts whose label is "{label}", one per line. {topic}'
             "Each must be different from the others in wording and topic."
         )
-        return ChatRequest(
+        return [ChatRequest(
             messages=(
                 {"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": user},
@@ -140,33 +205,19 @@ class FewShotCreateOp:
             seed=int(row["request_seed"]),
             stop=("\n",),
             continue_final_message=True,
-        )
+        )]
 
-    def prompt_hash(self, request: ChatRequest) -> str:
-        """Hash of the exact messages sent to the teacher."""
-        return stable_hash(list(request.messages))
-
-    def parse(self, row: dict, completion: Completion) -> dict:
-        """Parse a generation into ``text`` and ``label``, or set ``_parse_error``.
-
-        Returns:
-            ``{"text", "label", "_parse_error"}``; ``_parse_error`` is None on success, else the
-            reason the row goes to quarantine (its raw text is kept by the stage).
-        """
+    def parse(self, row: dict, completions: list[Completion]) -> list[dict]:
+        """Parse the generation into a new row, or quarantine it with the reason."""
         label = row["target_label"]
-        lines = [ln for ln in completion.text.strip().splitlines() if ln.strip()]
-        text = lines[0] if lines else ""
-        text = _NUMBERING.sub("", text, count=1)
-        text = _PREFIX.sub("", text, count=1).strip()
-        if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
-            text = text[1:-1].strip()
-        error = None
-        if not text:
-            error = "empty_generation"
-        elif completion.finish_reason == "length":
-            error = "truncated_at_max_tokens"
-        elif _REFUSAL.match(text):
-            error = "refusal"
-        elif text.strip(" .:\"'").lower() in {lab.lower() for lab in self.labels}:
-            error = "label_only"
-        return {"text": text if error is None else "", "label": label, "_parse_error": error}
+        text = clean_line(completions[0].text)
+        problem = text_problem(text, completions[0], self.labels)
+        if problem:  # a row of its own, so the runner records its raw text and lineage
+            return [reject(problem, QUARANTINED, id=stable_hash(self.name, "failed", row["request_id"]),
+                           parent_ids=list(row["demo_ids"]), text="", label=label)]
+        return [{
+            "id": stable_hash(self.name, text, label, list(row["demo_ids"]), row["request_id"]),
+            "parent_ids": list(row["demo_ids"]),
+            "text": text,
+            "label": label,
+        }]

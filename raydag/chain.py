@@ -1,0 +1,163 @@
+"""A job's stages as a chain of operators: the first rows, the steps, the contract, the signature.
+
+Pure planning, no Ray: :func:`first_rows` makes the rows the first stage consumes,
+:func:`build_steps` turns the job's stage configs into operator steps,
+:func:`check_contract` proves before any work runs that every stage gets the columns it needs,
+and :func:`run_signature` names the folder where the run's shards live.
+
+Example:
+    >>> from raydag.chain import shard_rows
+    >>> [s["shard"] for s in shard_rows([{"id": str(i)} for i in range(5)], 2)]
+    [0, 1, 2]
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from raydag.config import JobConfig
+from raydag.data import LINEAGE_COLUMNS, raw_lineage, stable_hash
+from raydag.errors import ConfigError
+from raydag.ops.create import CreateOp
+from raydag.ops.judge import JudgeOp
+from raydag.ops.label import LabelOp
+from raydag.ops.reform import CounterfactualOp, ParaphraseOp
+from raydag.stages import RUNNER_ADDS, STATUS_COLUMNS, Step, check_chain
+
+# Job fields that do not change what a run produces: they stay out of the signature.
+_RESOURCE_FIELDS = {
+    "name": None, "output_dir": None, "student": None, "resource_timeout_s": None, "cost": None,
+    "budget": {"max_tokens"},  # a token cap stops a run early; a rerun with more goes on
+    "teacher": {"concurrency", "num_gpus", "tensor_parallel_size", "cpu_kv_cache_gib",
+                "gpu_memory_utilization", "cpu_threads", "max_concurrency", "request_timeout_s",
+                "max_retries", "api_key_env"},
+}
+
+
+def run_signature(job: JobConfig, input_digests: dict[str, str]) -> tuple[str, dict]:
+    """The signature of the settings that change a run's rows, and those settings.
+
+    Resource settings (actors, GPUs, threads, timeouts), the students and prices are left out,
+    so a rerun on another cluster shape reuses finished shards. The input files count by
+    content (``input_digests``), not by name.
+    """
+    settings = json.loads(job.model_dump_json())
+    for key, fields in _RESOURCE_FIELDS.items():
+        if fields is None:
+            settings.pop(key, None)
+        else:
+            for field in fields:
+                settings.get(key, {}).pop(field, None)
+    settings["inputs"] = dict(sorted(input_digests.items()))
+    return stable_hash(settings, length=12), settings
+
+
+def shard_rows(rows: list[dict], size: int) -> list[dict]:
+    """Cut rows into numbered shards: ``{"shard": n, "rows": <JSON list>}``."""
+    return [{"shard": index, "rows": json.dumps(rows[start:start + size])}
+            for index, start in enumerate(range(0, len(rows), size))]
+
+
+def _with_status(rows: list[dict]) -> list[dict]:
+    return [{**row, "_status": "accepted", "_reason": "", "_stage": ""} for row in rows]
+
+
+def first_rows(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.DataFrame],
+               topics: list[str] | None = None) -> list[dict]:
+    """The rows the first stage consumes, with status columns, in a fixed order.
+
+    - ``create``: planned requests (target label, demonstrations, seed) from the raw rows.
+    - ``self_instruct``: planned requests from the seed tasks (``inputs["seed_tasks"]``).
+    - ``label`` in annotate mode: the unlabelled texts (``inputs["unlabelled"]``).
+    - any other stage: the raw rows themselves (for example, paraphrasing the raw examples).
+    """
+    first = job.stages[0]
+    if first.type == "create":
+        op = create_op(job, topics)
+        rows = op.plan_requests(raw.to_dict("records"), first.num_examples, job.seed)
+    elif first.type == "self_instruct":
+        op = _self_instruct_op(first)
+        rows = op.plan_requests(inputs["seed_tasks"].to_dict("records"), first.num_instructions,
+                                job.seed)
+    elif first.type == "label" and first.mode == "annotate":
+        rows = raw_lineage(inputs["unlabelled"], job.seed, method="input").to_dict("records")
+    else:
+        rows = raw_lineage(raw, job.seed).to_dict("records")
+    if job.budget.max_requests is not None:
+        rows = rows[: job.budget.max_requests]
+    return _with_status(rows)
+
+
+def create_op(job: JobConfig, topics: list[str] | None = None) -> CreateOp:
+    """The creation operator of a job whose first stage is ``create``."""
+    stage = job.stages[0]
+    return CreateOp(task=job.data.task, labels=job.data.labels, method=stage.method,
+                    shots=stage.shots, sampling=stage.sampling,
+                    label_distribution=stage.label_distribution, topics=topics)
+
+
+def _self_instruct_op(stage):
+    from raydag.ops.instruct import SelfInstructOp
+
+    return SelfInstructOp(demos_per_request=stage.demos_per_request, sampling=stage.sampling)
+
+
+def build_steps(job: JobConfig, text_filters: dict | None, topics: list[str] | None = None) -> list[Step]:
+    """The job's stages as operator steps, in order (some stages are two steps).
+
+    Args:
+        job: The job.
+        text_filters: Rule filters for every text a stage creates (see
+            :func:`raydag.filters.exact.row_filter_reason`).
+        topics: The topic list of a ``zero_shot_topic`` creation stage.
+    """
+    data = job.data
+    steps: list[Step] = []
+    for index, stage in enumerate(job.stages, start=1):
+        def add(op: Any, filters: dict | None = None) -> None:
+            steps.append(Step(name=f"{index}:{op.name}", op=op, text_filters=filters))
+
+        if stage.type == "create":
+            add(create_op(job, topics), text_filters)
+        elif stage.type == "label":
+            add(LabelOp(task=data.task, labels=data.labels, mode=stage.mode, votes=stage.votes,
+                        vote_by=stage.vote_by, temperature=stage.temperature))
+        elif stage.type == "paraphrase":
+            add(ParaphraseOp(n=stage.n, sampling=stage.sampling, labels=data.labels), text_filters)
+        elif stage.type == "counterfactual":
+            edit = CounterfactualOp(task=data.task, labels=data.labels, sampling=stage.sampling)
+            add(edit, text_filters)
+            add(LabelOp(task=data.task, labels=data.labels, mode="verify",
+                        expect_column="target_label", reject_reason="counterfactual_not_flipped",
+                        applies_to_method=edit.name, name="label.verify_counterfactual"))
+        elif stage.type == "judge":
+            add(JudgeOp(rubric=stage.rubric, text_column=stage.text_column,
+                        target_column=stage.target_column, score_column=stage.score_column,
+                        rationale=stage.rationale, temperature=stage.temperature,
+                        scale=stage.scale, min_score=stage.min_score))
+        elif stage.type == "self_instruct":
+            add(_self_instruct_op(stage), text_filters)
+        elif stage.type == "preference":
+            from raydag.ops.instruct import PreferenceJudgeOp, ResponsePairOp
+
+            add(ResponsePairOp(sampling=stage.sampling))
+            add(PreferenceJudgeOp(rubric=stage.rubric, min_margin=stage.min_margin))
+        else:  # pragma: no cover - the config's discriminated union rules this out
+            raise ConfigError(f"stages.{index - 1}: unknown stage type '{stage.type}'")
+    return steps
+
+
+def check_contract(first: list[dict], steps: list[Step]) -> None:
+    """Check every step's required columns against what the rows will have by then.
+
+    Raises:
+        ColumnContractError: naming the stage and the missing column, before any work runs.
+    """
+    columns = set(first[0]) if first else set()
+    chain = [(step.name, step.op.requires,
+              tuple(step.op.adds) + (RUNNER_ADDS + tuple(LINEAGE_COLUMNS) if step.op.creates_rows else ()))
+             for step in steps]
+    check_chain(columns | set(STATUS_COLUMNS), chain)
