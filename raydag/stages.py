@@ -138,7 +138,7 @@ def run_step(step: Step, rows: list[dict], engine: Any, carried: set[str]) -> tu
                 base = {k: v for k, v in row.items() if k not in carried}
                 source = requests[new_rows.index(out)] if len(new_rows) == len(requests) else requests[0]
                 completion = done[new_rows.index(out)] if len(new_rows) == len(done) else done[0]
-                new = {**base, "method": op.name, "teacher_model": engine.model_name,
+                new = {"label": "", **base, "method": op.name, "teacher_model": engine.model_name,
                        "prompt_hash": stable_hash([list(r.messages) for r in requests]),
                        **_request_lineage(source), "_raw_generation": completion.text,
                        "finish_reason": completion.finish_reason or "",

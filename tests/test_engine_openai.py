@@ -534,3 +534,26 @@ def test_real_server_seed_repeats_the_same_text(served):
                                          seed=99)])[0].text
     assert first and first == second
     assert other != first
+
+
+@pytest.mark.slow
+def test_openai_teacher_job_runs_through_the_http_engine(vllm_server, ray_local, tmp_path):
+    """jobs/openai_teacher.yaml, shrunk, against the real server: the multi-stage chain and the
+    report work the same behind HTTP as with the in-process engine."""
+    import json
+
+    from raydag.cli import main
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    code = main(["run", str(ROOT / "jobs" / "openai_teacher.yaml"), f"output_dir={out}",
+                 f"teacher.base_url={vllm_server['base_url']}", f"teacher.model={SERVED_NAME}",
+                 "stages.0.num_examples=8", "teacher.batch_size=4", "student.train_sets=[]",
+                 "raw_examples=30"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"]["engine"] == "openai" and report["teacher"]["requests"] == 8
+    counts = report["counts"]
+    assert counts["ran"] == 8 and counts["accepted"] > 0
+    assert counts["accepted"] + sum(counts["dropped"].values()) + sum(counts["quarantined"].values()) == 8
+    assert report["cost"]["total_usd"] > 0 and report["cost"]["usd_per_accepted_example"] > 0
