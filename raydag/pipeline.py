@@ -331,8 +331,6 @@ def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_d
         too_close = frozenset(i for i, (ok, _, _) in zip(kept["id"], verdicts) if not ok)
         rows = rows.map_batches(_mark_not_novel, fn_kwargs={"ids": too_close}, batch_format="pandas")
     rows = rows.materialize()
-    if "_norm" in rows.columns():
-        rows = rows.drop_columns(["_norm"])
     summary = rows.select_columns(["_status", "_reason", "_stage"]).to_pandas()
     written = []
     for status, folder in (("accepted", "synthetic"), ("dropped", "dropped"),

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 
 from raydag.evaluate import accuracy, confusion_matrix, macro_f1
-from raydag.filters.exact import drop_synthetic_duplicates, normalize_text, row_filter_reason
+from raydag.filters.exact import later_copies, normalize_text, row_filter_reason, text_key
 
 
 def test_normalize_text():
@@ -18,14 +18,12 @@ def test_row_filters_name_the_first_reason_that_applies():
     assert reasons == ["too_short", None, "too_long", "test_copy", "raw_duplicate", "too_short"]
 
 
-def test_synthetic_duplicates_keep_the_earliest_request():
-    group = pd.DataFrame({"_order": [5, 2, 9, 1], "_norm": ["same"] * 4,
-                          "_status": ["accepted", "accepted", "accepted", "quarantined"],
-                          "_reason": ["", "", "", "empty_generation"]})
-    out = drop_synthetic_duplicates(group)
-    assert out["_status"].tolist() == ["dropped", "accepted", "dropped", "quarantined"]
-    assert out["_reason"].tolist() == ["synthetic_duplicate", "", "synthetic_duplicate",
-                                       "empty_generation"]
+def test_later_copies_are_found_by_normalised_key_in_order():
+    keys = pd.DataFrame({"_order": [5, 2, 9, 1, 7],
+                         "_key": [text_key("Same text"), text_key("same  TEXT!"), text_key("same text"),
+                                  text_key("other"), text_key("Other.")]})
+    assert later_copies(keys) == {5, 9, 7}
+    assert text_key("a") != text_key("b")
 
 
 def test_accuracy_and_macro_f1_against_hand_computed_values():

@@ -7,6 +7,7 @@ with ``_status`` (``accepted``, ``dropped`` or ``quarantined``) and, unless acce
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 
@@ -77,16 +78,12 @@ def apply_row_filters(
     return batch
 
 
-def drop_synthetic_duplicates(group: pd.DataFrame) -> pd.DataFrame:
-    """For one group of rows sharing ``_norm``: keep the earliest (``_order``) accepted row,
-    drop the rest."""
-    group = group.copy()
-    accepted = group.index[group["_status"] == "accepted"]
-    if len(accepted) > 1:
-        keep = group.loc[accepted, "_order"].idxmin()
-        later = [i for i in accepted if i != keep]
-        group.loc[later, "_status"] = "dropped"
-        group.loc[later, "_reason"] = "synthetic_duplicate"
-        if "_stage" in group:
-            group.loc[later, "_stage"] = "dedup"
-    return group
+def text_key(text: str) -> str:
+    """A short hash of the normalised text: rows with equal keys are exact duplicates."""
+    return hashlib.blake2b(normalize_text(text or "").encode(), digest_size=8).hexdigest()
+
+
+def later_copies(keys: pd.DataFrame) -> frozenset[int]:
+    """The ``_order`` of every row whose ``_key`` an earlier row (smaller ``_order``) has."""
+    ordered = keys.sort_values("_order", kind="stable")
+    return frozenset(int(o) for o in ordered.loc[ordered["_key"].duplicated(), "_order"])
