@@ -55,9 +55,9 @@ def run_signature(job: JobConfig, input_digests: dict[str, str]) -> tuple[str, d
     return stable_hash(settings, length=12), settings
 
 
-def shard_rows(rows: list[dict], size: int) -> list[dict]:
-    """Cut rows into numbered shards: ``{"shard": n, "rows": <JSON list>}``."""
-    return [{"shard": index, "rows": json.dumps(rows[start:start + size])}
+def shard_rows(rows: list[dict], size: int, first: int = 0) -> list[dict]:
+    """Cut rows into shards numbered from ``first``: ``{"shard": n, "rows": <JSON list>}``."""
+    return [{"shard": first + index, "rows": json.dumps(rows[start:start + size])}
             for index, start in enumerate(range(0, len(rows), size))]
 
 
@@ -66,11 +66,13 @@ def _with_status(rows: list[dict]) -> list[dict]:
 
 
 def first_rows(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.DataFrame],
-               topics: list[str] | None = None) -> list[dict]:
+               topics: list[str] | None = None, round_index: int = 0,
+               grown: list[dict] = (), planned: int = 0) -> list[dict]:
     """The rows the first stage consumes, with status columns, in a fixed order.
 
     - ``create``: planned requests (target label, demonstrations, seed) from the raw rows.
-    - ``self_instruct``: planned requests from the seed tasks (``inputs["seed_tasks"]``).
+    - ``self_instruct``: round ``round_index``'s planned requests, demonstrations drawn from the
+      seed tasks (``inputs["seed_tasks"]``) plus the tasks earlier rounds ``grown``.
     - ``label`` in annotate mode: the unlabelled texts (``inputs["unlabelled"]``).
     - any other stage: the raw rows themselves (for example, paraphrasing the raw examples).
     """
@@ -80,14 +82,16 @@ def first_rows(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
         rows = op.plan_requests(raw.to_dict("records"), first.num_examples, job.seed)
     elif first.type == "self_instruct":
         op = _self_instruct_op(first)
-        rows = op.plan_requests(inputs["seed_tasks"].to_dict("records"), first.num_instructions,
-                                job.seed)
+        base, extra = divmod(first.num_instructions, first.rounds)
+        seed = job.seed if round_index == 0 else int(stable_hash(job.seed, round_index, length=8), 16)
+        pool = inputs["seed_tasks"].to_dict("records") + list(grown)
+        rows = op.plan_requests(pool, base + (round_index < extra), seed)
     elif first.type == "label" and first.mode == "annotate":
         rows = raw_lineage(inputs["unlabelled"], job.seed, method="input").to_dict("records")
     else:
         rows = raw_lineage(raw, job.seed).to_dict("records")
     if job.budget.max_requests is not None:
-        rows = rows[: job.budget.max_requests]
+        rows = rows[: max(job.budget.max_requests - planned, 0)]
     return _with_status(rows)
 
 

@@ -9,10 +9,14 @@ from raydag.errors import RaydagError
 
 EPILOG = """examples:
   raydag run jobs/quickstart.yaml
-  raydag run jobs/quickstart.yaml teacher.num_examples=200 student.epochs=3
-  raydag validate jobs/quickstart.yaml
+  raydag run jobs/quickstart.yaml stages.0.num_examples=200 student.epochs=3
+  raydag run jobs/multistage.yaml budget.max_tokens=200000
+  raydag validate jobs/label_unlabelled.yaml
 
-Overrides are dotted keys of the job YAML; values are parsed as YAML (numbers, lists, true).
+Overrides are dotted keys of the job YAML (list items by index: stages.0.method=one_shot);
+values are parsed as YAML (numbers, lists, true). Rerunning a job with the same result settings
+resumes it: finished shards under output_dir/runs/<signature>/ are skipped.
+
 Set RAY_ADDRESS to run on an existing Ray cluster instead of a local one."""
 
 
@@ -28,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
-        help="run a job: sample raw rows, generate, filter, write shards, train and evaluate students",
-        description="Run a job end to end; prints a table and, as its last line, the report path.",
+        help="run a job: sample raw rows, run the teacher stages, write shards, train and "
+        "evaluate students",
+        description="Run a job end to end (resuming an interrupted run of the same settings); "
+        "prints the students' table and, as its last line, the report path.",
     )
     validate = sub.add_parser(
         "validate", help="check a job file, its data and its output folder without running it",
@@ -39,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (run, validate):
         p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="override a job field, e.g. teacher.num_examples=50")
+                       help="override a job field, e.g. stages.0.num_examples=50")
     return parser
 
 

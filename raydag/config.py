@@ -211,7 +211,11 @@ class SelfInstructStage(StrictModel):
     type: Literal["self_instruct"] = Field(description="Stage type.")
     seed_tasks_path: str = Field(description="JSONL of seed tasks: instruction, input, output.")
     num_instructions: int = Field(default=100, ge=1, description="Triplets to request.")
-    demos_per_request: int = Field(default=3, ge=1, description="Seed tasks shown per request.")
+    demos_per_request: int = Field(default=3, ge=1, description="Tasks shown per request.")
+    rounds: int = Field(
+        default=1, ge=1, description="Rounds of growth: each round's demonstrations are drawn "
+        "from the seed tasks plus the novel tasks of earlier rounds; the instructions are split "
+        "evenly across rounds.")
     novelty_threshold: float = Field(
         default=0.7, gt=0, le=1, description="Keep a triplet only if its instruction's ROUGE-L "
         "against every seed and earlier kept instruction is below this.")

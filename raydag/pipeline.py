@@ -229,10 +229,10 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> l
     return topics
 
 
-def _finished_shards(shard_dir: Path, count: int) -> dict[int, list[dict]]:
-    """Shards of this plan already written (the Parquet file is renamed into place last)."""
+def _finished_shards(shard_dir: Path, shards: list[int]) -> dict[int, list[dict]]:
+    """Those of ``shards`` already written (the Parquet file is renamed into place last)."""
     done = {}
-    for index in range(count):
+    for index in shards:
         if (shard_dir / f"shard-{index:05d}.parquet").exists():
             done[index] = json.loads((shard_dir / f"shard-{index:05d}.stats.json").read_text())
     return done
@@ -260,54 +260,86 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                       f"example(s), fewer than {shots} shot(s); its requests get fewer "
                       "demonstrations", file=sys.stderr, flush=True)
     topics = ensure_topics(job, placement, run_dir)
-    rows = first_rows(job, raw, inputs, topics)
-    if not rows:
-        raise RaydagError(f"stage 1 ({first.type}) has no input rows")
     steps = build_steps(job, text_filters, topics)
-    check_contract(rows, steps)
-    shards = shard_rows(rows, job.teacher.batch_size)
+    rounds = first.rounds if first.type == "self_instruct" else 1
     shard_dir = run_dir / "shards"
-    done = _finished_shards(shard_dir, len(shards))
-    stats: list[dict] = []
-    for shard_stats in done.values():
-        stats = merge_stats(stats, shard_stats)
-    todo = [s for s in shards if s["shard"] not in done]
-    print(f"raydag: [teacher] {len(rows)} rows in {len(shards)} shard(s) of "
-          f"{job.teacher.batch_size}; {len(done)} already done in {run_dir}, {len(todo)} to run",
-          flush=True)
     max_tokens = job.budget.max_tokens
+    shards: list[dict] = []
+    resumed, planned, grown = 0, 0, []
+    stats: list[dict] = []
 
     def used() -> int:
         return sum(s["tokens_in"] + s["tokens_out"] for s in stats)
 
     with timer("teacher"):
-        if todo and not (max_tokens and used() >= max_tokens):
-            stream = generate(ray.data.from_items(todo), steps, job, placement, shard_dir)
-            for summary in stream.iter_rows():
-                stats = merge_stats(stats, json.loads(summary["stats"]))
-                if max_tokens and used() >= max_tokens:
-                    print(f"raydag: [teacher] token budget reached ({used()} >= {max_tokens}); "
-                          "no new shards start", flush=True)
-                    break
-    finished = _finished_shards(shard_dir, len(shards))
+        for round_index in range(rounds):
+            rows = first_rows(job, raw, inputs, topics, round_index, grown, planned)
+            if round_index == 0:
+                if not rows:
+                    raise RaydagError(f"stage 1 ({first.type}) has no input rows")
+                check_contract(rows, steps)
+            new = shard_rows(rows, job.teacher.batch_size, first=len(shards))
+            shards += new
+            planned += len(rows)
+            done = _finished_shards(shard_dir, [s["shard"] for s in new])
+            resumed += len(done)
+            stats = _total_stats(_finished_shards(shard_dir, [s["shard"] for s in shards]))
+            todo = [s for s in new if s["shard"] not in done]
+            print(f"raydag: [teacher] {'round ' + str(round_index + 1) + ': ' if rounds > 1 else ''}"
+                  f"{len(rows)} rows in {len(new)} shard(s) of {job.teacher.batch_size}; "
+                  f"{len(done)} already done in {run_dir}, {len(todo)} to run", flush=True)
+            if todo and not (max_tokens and used() >= max_tokens):
+                stream = generate(ray.data.from_items(todo), steps, job, placement, shard_dir)
+                for summary in stream.iter_rows():
+                    stats = merge_stats(stats, json.loads(summary["stats"]))
+                    if max_tokens and used() >= max_tokens:
+                        print(f"raydag: [teacher] token budget reached ({used()} >= "
+                              f"{max_tokens}); no new shards start", flush=True)
+                        break
+            if max_tokens and used() >= max_tokens:
+                break
+            if round_index + 1 < rounds:
+                grown = novel_tasks(job, inputs, shard_dir, [s["shard"] for s in shards])
+    finished = _finished_shards(shard_dir, [s["shard"] for s in shards])
     unrun = [s for s in shards if s["shard"] not in finished]
     budget_exhausted = bool(max_tokens and used() >= max_tokens)
     if unrun and not budget_exhausted:
         raise RaydagError(f"{len(unrun)} shard(s) did not finish: {[s['shard'] for s in unrun][:10]}")
     if not finished:
         raise RaydagError("no shard finished before the token budget ran out; raise budget.max_tokens")
-    stats = []
-    for shard_stats in finished.values():
-        stats = merge_stats(stats, shard_stats)
+    stats = _total_stats(finished)
 
     with timer("write"):
         outputs = finish_outputs(job, steps, sorted(finished), shard_dir, run_dir)
-    planned_rows = len(rows)
     not_run = sum(len(json.loads(s["rows"])) for s in unrun)
-    return {"stats": stats, "outputs": outputs, "planned": planned_rows, "not_run": not_run,
-            "shards": {"total": len(shards), "resumed": len(done),
-                       "run": len(finished) - len(done), "not_run": len(unrun)},
+    return {"stats": stats, "outputs": outputs, "planned": planned, "not_run": not_run,
+            "shards": {"total": len(shards), "resumed": resumed,
+                       "run": len(finished) - resumed, "not_run": len(unrun)},
             "budget_exhausted": budget_exhausted, "steps": steps}
+
+
+def _total_stats(finished: dict[int, list[dict]]) -> list[dict]:
+    stats: list[dict] = []
+    for shard_stats in finished.values():
+        stats = merge_stats(stats, shard_stats)
+    return stats
+
+
+def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: Path,
+                shards: list[int]) -> list[dict]:
+    """Self-instruct growth: the accepted tasks so far whose instruction passes the novelty
+    filter against the seed tasks and the tasks kept before it (in row order)."""
+    from raydag.ops.instruct import novelty_filter
+
+    stage = job.stages[0]
+    columns = ["id", "instruction", "input", "output", "_status", "_order"]
+    frames = [pd.read_parquet(shard_dir / f"shard-{i:05d}.parquet", columns=columns) for i in shards]
+    tasks = pd.concat(frames, ignore_index=True)
+    tasks = tasks[tasks["_status"] == "accepted"].sort_values("_order")
+    verdicts = novelty_filter(tasks["instruction"].tolist(),
+                              inputs["seed_tasks"]["instruction"].tolist(), stage.novelty_threshold)
+    kept = tasks[[ok for ok, _, _ in verdicts]]
+    return kept[["id", "instruction", "input", "output"]].to_dict("records")
 
 
 def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_dir: Path,

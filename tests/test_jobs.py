@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 SMALL = ["teacher.batch_size=4", "student.train_sets=[]", "budget.max_requests=8"]
 EXTRA = {
     "create_zero_shot_topic.yaml": ["stages.0.num_topics=6"],
-    "self_instruct.yaml": ["budget.max_requests=6"],
+    "self_instruct.yaml": ["stages.0.num_instructions=8"],  # 2 rounds of 4
 }
 JOBS = sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")
               if p.name not in ("quickstart.yaml", "openai_teacher.yaml"))  # tested elsewhere
@@ -70,6 +70,16 @@ def test_job_runs_on_the_embedded_teacher(ray_local, tmp_path, name):
         if stats["accepted"]:
             assert set(steps[stats["stage"]].op.adds) <= set(rows.columns), stats["stage"]
     assert report["teacher"]["tokens_in"] > 0 and report["teacher"]["requests"] > 0
+    if name == "self_instruct.yaml":  # round 2 draws demonstrations from seeds + round 1's tasks
+        assert report["shards"]["total"] == 2 and report["counts"]["planned"] == 8
+        round1 = pd.read_parquet(Path(report["run_dir"]) / "shards" / "shard-00000.parquet")
+        round2 = pd.read_parquet(Path(report["run_dir"]) / "shards" / "shard-00001.parquet")
+        seeds = load_job(ROOT / "jobs" / name).stages[0].seed_tasks_path
+        from raydag.data import read_texts
+
+        known = set(read_texts(seeds, ["instruction", "output"], ["input"])["id"])
+        known |= set(round1.loc[round1["_status"] == "accepted", "id"])
+        assert all(set(d) <= known for d in round2["demo_ids"])
     if name == "create_zero_shot_topic.yaml":
         topics = json.loads((Path(report["run_dir"]) / "topics.json").read_text())
         assert len(topics) >= 2 and set(rows["topic"]) <= set(topics)
