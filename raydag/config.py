@@ -6,8 +6,8 @@ command-line overrides are relative to the current directory.
 
 Example:
     >>> from raydag.config import load_job
-    >>> job = load_job("jobs/quickstart.yaml", ["teacher.num_examples=30"])  # doctest: +SKIP
-    >>> job.teacher.num_examples  # doctest: +SKIP
+    >>> job = load_job("jobs/quickstart.yaml", ["stages.0.num_examples=30"])  # doctest: +SKIP
+    >>> job.stages[0].num_examples  # doctest: +SKIP
     30
 """
 
@@ -406,7 +406,7 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
 
     Args:
         path: The job YAML file.
-        overrides: Dotted ``key=value`` strings, e.g. ``teacher.num_examples=50``.
+        overrides: Dotted ``key=value`` strings, e.g. ``stages.0.num_examples=50``.
 
     Returns:
         The validated job, with every path made absolute.
