@@ -310,7 +310,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
     stats = _total_stats(finished)
 
     with timer("write"):
-        outputs = finish_outputs(job, steps, sorted(finished), shard_dir, run_dir)
+        outputs = finish_outputs(job, steps, sorted(finished), shard_dir, run_dir, inputs)
     not_run = sum(len(json.loads(s["rows"])) for s in unrun)
     return {"stats": stats, "outputs": outputs, "planned": planned, "not_run": not_run,
             "shards": {"total": len(shards), "resumed": resumed,
@@ -343,7 +343,7 @@ def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: Path
 
 
 def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_dir: Path,
-                   run_dir: Path) -> dict[str, Any]:
+                   run_dir: Path, inputs: dict[str, pd.DataFrame]) -> dict[str, Any]:
     """Deduplicate across shards, apply the novelty filter, and write the output folders."""
     import ray
     from ray.data.expressions import col
@@ -357,8 +357,8 @@ def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_d
 
         kept = rows.filter(expr=col("_status") == "accepted").select_columns(
             ["id", "instruction", "_order"]).to_pandas().sort_values("_order")
-        seeds = read_texts(novelty.seed_tasks_path, ["instruction", "output"], ["input"])
-        verdicts = novelty_filter(kept["instruction"].tolist(), seeds["instruction"].tolist(),
+        verdicts = novelty_filter(kept["instruction"].tolist(),
+                                  inputs["seed_tasks"]["instruction"].tolist(),
                                   novelty.novelty_threshold)
         too_close = frozenset(i for i, (ok, _, _) in zip(kept["id"], verdicts) if not ok)
         rows = rows.map_batches(_mark_not_novel, fn_kwargs={"ids": too_close}, batch_format="pandas")

@@ -1,8 +1,8 @@
 """Rule filters: normalisation, empty and over-long texts, exact duplicates, test-set copies.
 
-Pure functions over pandas batches; the pipeline runs them as Ray Data stages. Every row leaves
-with ``_status`` (``accepted``, ``dropped`` or ``quarantined``) and, unless accepted, a
-``_reason``; no row is lost.
+Pure functions: the chain runner applies :func:`row_filter_reason` to every text a stage
+writes, and :func:`raydag.stages.deduplicate` finds exact copies across shards with
+:func:`text_key` and :func:`later_copies`. A filtered row is dropped with its reason, never lost.
 """
 
 from __future__ import annotations
@@ -37,45 +37,6 @@ def row_filter_reason(text: str, *, raw_norms: frozenset[str], test_norms: froze
     if norm in raw_norms:
         return "raw_duplicate"
     return None
-
-
-def apply_row_filters(
-    batch: pd.DataFrame,
-    *,
-    raw_norms: frozenset[str],
-    test_norms: frozenset[str],
-    min_chars: int,
-    max_chars: int,
-) -> pd.DataFrame:
-    """Set ``_status``, ``_reason`` and ``_norm`` on a batch of parsed generations.
-
-    Reasons, first match wins: the parser's error (quarantined), ``too_short``, ``too_long``,
-    ``test_copy``, ``raw_duplicate`` (dropped).
-    """
-    batch = batch.copy()
-    norms, statuses, reasons = [], [], []
-    for text, parse_error in zip(batch["text"], batch["_parse_error"]):
-        norm = normalize_text(text or "")
-        norms.append(norm)
-        if isinstance(parse_error, str) and parse_error:
-            statuses.append("quarantined")
-            reasons.append(parse_error)
-            continue
-        reason = None
-        if len(norm) < max(min_chars, 1):
-            reason = "too_short"
-        elif len(str(text)) > max_chars:
-            reason = "too_long"
-        elif norm in test_norms:
-            reason = "test_copy"
-        elif norm in raw_norms:
-            reason = "raw_duplicate"
-        statuses.append("accepted" if reason is None else "dropped")
-        reasons.append(reason or "")
-    batch["_norm"] = norms
-    batch["_status"] = statuses
-    batch["_reason"] = reasons
-    return batch
 
 
 def text_key(text: str) -> str:

@@ -26,7 +26,7 @@ from typing import Protocol
 from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest, Completion
 
-ACCEPTED, DROPPED, QUARANTINED = "accepted", "dropped", "quarantined"
+DROPPED, QUARANTINED = "dropped", "quarantined"
 
 _NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):-]|[-*•])\s*")
 _PREFIX = re.compile(
