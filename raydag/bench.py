@@ -68,11 +68,10 @@ def _ours(job, op, plan) -> dict:
 
     from raydag.chain import shard_rows
     from raydag.pipeline import generate, init_ray, plan_placement
-    from raydag.stages import Step
+    from raydag.stages import Step, with_status
 
     placement = plan_placement(job, init_ray())
-    rows = [{**row, "_status": "accepted", "_reason": "", "_stage": ""} for row in plan]
-    shards = shard_rows(rows, job.teacher.batch_size)
+    shards = shard_rows(with_status(plan), job.teacher.batch_size)
     wall_started = time.perf_counter()
     with tempfile.TemporaryDirectory() as shard_dir:
         summaries = generate(ray.data.from_items(shards), [Step(name=f"1:{op.name}", op=op)], job,

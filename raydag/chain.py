@@ -25,7 +25,7 @@ from raydag.ops.create import CreateOp
 from raydag.ops.judge import JudgeOp
 from raydag.ops.label import LabelOp
 from raydag.ops.reform import CounterfactualOp, ParaphraseOp
-from raydag.stages import RUNNER_ADDS, STATUS_COLUMNS, Step, check_chain
+from raydag.stages import RUNNER_ADDS, STATUS_COLUMNS, Step, check_chain, with_status
 
 # Job fields that do not change what a run produces: they stay out of the signature.
 _RESOURCE_FIELDS = {
@@ -61,10 +61,6 @@ def shard_rows(rows: list[dict], size: int, first: int = 0) -> list[dict]:
             for index, start in enumerate(range(0, len(rows), size))]
 
 
-def _with_status(rows: list[dict]) -> list[dict]:
-    return [{**row, "_status": "accepted", "_reason": "", "_stage": ""} for row in rows]
-
-
 def first_rows(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.DataFrame],
                topics: list[str] | None = None, round_index: int = 0,
                grown: list[dict] = (), planned: int = 0) -> list[dict]:
@@ -92,7 +88,7 @@ def first_rows(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
         rows = raw_lineage(raw, job.seed).to_dict("records")
     if job.budget.max_requests is not None:
         rows = rows[: max(job.budget.max_requests - planned, 0)]
-    return _with_status(rows)
+    return with_status(rows)
 
 
 def create_op(job: JobConfig, topics: list[str] | None = None) -> CreateOp:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from raydag.chain import build_steps, check_contract, first_rows, run_signature, shard_rows
+from raydag.chain import build_steps, check_contract, create_op, first_rows, run_signature, shard_rows
 from raydag.config import JobConfig, StudentConfig
 from raydag.data import raw_lineage, read_labelled, read_texts, stratified_sample
 from raydag.errors import DataError, RaydagError
@@ -36,7 +36,7 @@ from raydag.resources import (
     teacher_runtime_env,
     wait_for_resources,
 )
-from raydag.stages import ChainRunner, Step, deduplicate, merge_stats
+from raydag.stages import ChainRunner, Step, deduplicate, merge_stats, shard_path, with_status
 
 _OUTPUT_FOLDERS = ("raw", "synthetic", "dropped", "quarantine", "students", "topics_shard")
 ROWS_PER_SHARD = 50_000
@@ -213,12 +213,11 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> l
     if path.exists():
         return json.loads(path.read_text())
     op = TopicsOp(task=job.data.task, num_topics=stage.num_topics)
-    seed_row = {"request_id": "topics", "request_seed": job.seed, "_status": "accepted",
-                "_reason": "", "_stage": ""}
+    seed_rows = with_status([{"request_id": "topics", "request_seed": job.seed}])
     shard_dir = run_dir / "topics_shard"
-    summary = generate(ray.data.from_items(shard_rows([seed_row], 1)),
+    summary = generate(ray.data.from_items(shard_rows(seed_rows, 1)),
                        [Step(name="0:create.topics", op=op)], job, placement, shard_dir).take_all()
-    frame = pd.read_parquet(shard_dir / "shard-00000.parquet")
+    frame = pd.read_parquet(shard_path(shard_dir, 0))
     topics = [str(t) for t in frame["topics"].iloc[0]] if "topics" in frame else []
     if len(topics) < 2:
         raise RaydagError(f"the teacher wrote {len(topics)} usable topic(s) for zero_shot_topic "
@@ -233,8 +232,8 @@ def _finished_shards(shard_dir: Path, shards: list[int]) -> dict[int, list[dict]
     """Those of ``shards`` already written (the Parquet file is renamed into place last)."""
     done = {}
     for index in shards:
-        if (shard_dir / f"shard-{index:05d}.parquet").exists():
-            done[index] = json.loads((shard_dir / f"shard-{index:05d}.stats.json").read_text())
+        if os.path.exists(shard_path(shard_dir, index)):
+            done[index] = json.loads(Path(shard_path(shard_dir, index, "stats.json")).read_text())
     return done
 
 
@@ -251,15 +250,15 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                     "test_norms": norms(test, job.filters.drop_test_copies),
                     "min_chars": job.filters.min_chars, "max_chars": job.filters.max_chars}
     first = job.stages[0]
-    if first.type == "create" and raw is not None and first.method in ("one_shot", "few_shot"):
-        shots = 1 if first.method == "one_shot" else first.shots
+    topics = ensure_topics(job, placement, run_dir)
+    shots = create_op(job, topics).shots if first.type == "create" else 0
+    if shots and raw is not None:
         per_label = raw["label"].value_counts()
         for label in job.data.labels:
             if int(per_label.get(label, 0)) < shots:
                 print(f"raydag: warning: label '{label}' has {int(per_label.get(label, 0))} raw "
                       f"example(s), fewer than {shots} shot(s); its requests get fewer "
                       "demonstrations", file=sys.stderr, flush=True)
-    topics = ensure_topics(job, placement, run_dir)
     steps = build_steps(job, text_filters, topics)
     rounds = first.rounds if first.type == "self_instruct" else 1
     shard_dir = run_dir / "shards"
@@ -333,7 +332,7 @@ def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: Path
 
     stage = job.stages[0]
     columns = ["id", "instruction", "input", "output", "_status", "_order"]
-    frames = [pd.read_parquet(shard_dir / f"shard-{i:05d}.parquet", columns=columns) for i in shards]
+    frames = [pd.read_parquet(shard_path(shard_dir, i), columns=columns) for i in shards]
     tasks = pd.concat(frames, ignore_index=True)
     tasks = tasks[tasks["_status"] == "accepted"].sort_values("_order")
     verdicts = novelty_filter(tasks["instruction"].tolist(),
@@ -348,7 +347,7 @@ def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_d
     import ray
     from ray.data.expressions import col
 
-    rows = ray.data.read_parquet([str(shard_dir / f"shard-{i:05d}.parquet") for i in shards])
+    rows = ray.data.read_parquet([shard_path(shard_dir, i) for i in shards])
     if any(step.op.creates_rows for step in steps):
         rows = deduplicate(rows)
     novelty = next((s for s in job.stages if s.type == "self_instruct"), None)

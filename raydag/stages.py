@@ -46,6 +46,17 @@ def check_chain(columns: Iterable[str], stages: list[tuple[str, Iterable[str], I
 
 # Columns every row carries through the chain: where it stands, and why.
 STATUS_COLUMNS = ("_status", "_reason", "_stage")
+_ACCEPTED = {"_status": "accepted", "_reason": "", "_stage": ""}
+
+
+def with_status(rows: Iterable[dict]) -> list[dict]:
+    """Rows entering the chain: every one accepted until a stage says otherwise."""
+    return [{**row, **_ACCEPTED} for row in rows]
+
+
+def shard_path(folder: str | os.PathLike, shard: int, suffix: str = "parquet") -> str:
+    """Where shard ``shard`` keeps its rows (``parquet``) or its step counters (``stats.json``)."""
+    return os.path.join(folder, f"shard-{int(shard):05d}.{suffix}")
 # Columns the runner adds to every row an operator creates.
 RUNNER_ADDS = ("method", "teacher_model", "prompt_hash", "sampling", "seed", "_raw_generation",
                "finish_reason", "tokens_in", "tokens_out")
@@ -130,21 +141,23 @@ def run_step(step: Step, rows: list[dict], engine: Any, carried: set[str]) -> tu
         offset += len(requests)
         row = rows[index]
         outputs = op.parse(row, done) or [{"_status": "quarantined", "_reason": "no_output"}]
-        new_rows = [out for out in outputs if "id" in out and out["id"] != row.get("id")]
+        is_new = ["id" in out and out["id"] != row.get("id") for out in outputs]
+        # With one request (or completion) per new row, new row k came from request k.
+        one_each = sum(is_new) == len(requests)
         stats["created"] += len(outputs) - 1
-        merged = []
-        for out in outputs:
-            if out in new_rows:
+        merged, made = [], 0
+        for out, new_row in zip(outputs, is_new):
+            if new_row:
                 base = {k: v for k, v in row.items() if k not in carried}
-                source = requests[new_rows.index(out)] if len(new_rows) == len(requests) else requests[0]
-                completion = done[new_rows.index(out)] if len(new_rows) == len(done) else done[0]
+                source, completion = (requests[made], done[made]) if one_each else (requests[0], done[0])
+                made += 1
                 new = {"label": "", **base, "method": op.name, "teacher_model": engine.model_name,
                        "prompt_hash": stable_hash([list(r.messages) for r in requests]),
                        **_request_lineage(source), "_raw_generation": completion.text,
                        "finish_reason": completion.finish_reason or "",
                        "tokens_in": sum(c.prompt_tokens for c in done),
                        "tokens_out": sum(c.completion_tokens for c in done),
-                       "_status": "accepted", "_reason": "", "_stage": "", **out}
+                       **_ACCEPTED, **out}
                 if new["_status"] == "accepted" and step.text_filters is not None:
                     reason = row_filter_reason(new.get("text", ""), **step.text_filters)
                     if reason:
@@ -167,7 +180,7 @@ def run_step(step: Step, rows: list[dict], engine: Any, carried: set[str]) -> tu
 
 def write_shard(rows: list[dict], folder: str, shard: int) -> str:
     """Write one shard's rows as ``shard-<n>.parquet``, atomically (a rerun trusts what exists)."""
-    path = os.path.join(folder, f"shard-{shard:05d}.parquet")
+    path = shard_path(folder, shard)
     tmp = f"{path}.tmp-{os.getpid()}"
     frame = pd.DataFrame(rows)
     frame["_order"] = [shard * 10_000_000 + position for position in range(len(frame))]
@@ -200,10 +213,10 @@ class ChainRunner:
         self.steps = steps
         self.shard_dir = shard_dir
         self.engine = engine if engine is not None else make_engine(engine_spec)
-        self._carried = [set() for _ in steps]
-        carried: set[str] = set()
-        for index, step in enumerate(steps):
-            self._carried[index] = set(carried)
+        # Per step: the columns earlier annotating steps added (see run_step's ``carried``).
+        self._carried, carried = [], set()
+        for step in steps:
+            self._carried.append(set(carried))
             if not step.op.creates_rows:
                 carried |= set(step.op.adds)
         os.makedirs(shard_dir, exist_ok=True)
@@ -218,7 +231,7 @@ class ChainRunner:
             for step, carried in zip(self.steps, self._carried):
                 rows, step_stats = run_step(step, rows, self.engine, carried)
                 stats.append(step_stats)
-            stats_path = os.path.join(self.shard_dir, f"shard-{int(shard):05d}.stats.json")
+            stats_path = shard_path(self.shard_dir, shard, "stats.json")
             with open(f"{stats_path}.tmp", "w") as handle:
                 json.dump(stats, handle)
             os.replace(f"{stats_path}.tmp", stats_path)
