@@ -5,7 +5,9 @@
 sampling settings, and prints ``teacher_vs_vllm_ratio=<ours / plain output tokens per second>``.
 Engine start-up is left out of both sides; Ray Data's own overhead between batches is counted.
 Both sides run with the same local Ray up (its daemons share the cores), so the ratio measures
-what the stage itself costs.
+what the stage itself costs. The requests are split into paired rounds (each side on the same
+slice, back to back, each with a fresh engine) and the ratio is the median of the rounds' ratios,
+so that a shared host's drift between minutes does not land on one side.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -33,7 +36,8 @@ def _plan(num_requests: int, batch_size: int, seed: int = 0):
 
 
 def _plain_vllm(job, op, plan, batch_size: int) -> dict:
-    """Plain vllm.LLM.generate in this process, with the same ``vllm.LLM`` arguments as ours."""
+    """Plain ``vllm.LLM.generate`` in this process, with the same ``vllm.LLM`` arguments as
+    ours; a fresh engine, like ours (no prefix cache carried over from an earlier round)."""
     from raydag.engines.vllm import engine_args
 
     args = engine_args(job.teacher.model, dtype=job.teacher.dtype,  # before vllm is imported
@@ -122,28 +126,52 @@ def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
     return {"tokens_out": int(out["tokens_out"].sum()), "seconds": time.perf_counter() - started}
 
 
-def bench_teacher(num_requests: int, batch_size: int, with_ray_data_llm: bool = False) -> float:
-    """Print both throughputs and their ratio; return the ratio."""
+def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
+                  with_ray_data_llm: bool = False) -> float:
+    """Print both throughputs and their ratio; return the ratio.
+
+    The requests are split into ``rounds`` slices; each slice runs on both sides back to back
+    (alternating which goes first), and the ratio is the median of the per-slice ratios. Pairing
+    in time keeps a shared host's drift (measured here: plain alone varied 85-107 tok/s between
+    runs minutes apart) out of the ratio.
+    """
+    import statistics
+
     job, op, plan = _plan(num_requests, batch_size)
-    print(f"teacher benchmark: {num_requests} few-shot requests, batch {batch_size}, "
-          f"model {job.teacher.model}", flush=True)
+    print(f"teacher benchmark: {num_requests} few-shot requests in {rounds} paired rounds, "
+          f"batch {batch_size}, model {job.teacher.model}", flush=True)
     from raydag.pipeline import init_ray
 
     init_ray()
-    plain = _plain_vllm(job, op, plan, batch_size)
-    ours = _ours(job, op, plan)
-    plain_tps = plain["tokens_out"] / plain["seconds"]
-    ours_tps = ours["tokens_out"] / ours["seconds"]
-    ratio = ours_tps / plain_tps
-    print(f"plain_vllm_tokens_per_s={plain_tps:.1f} (tokens {plain['tokens_out']}, {plain['seconds']:.1f}s)")
-    print(f"raydag_teacher_tokens_per_s={ours_tps:.1f} (tokens {ours['tokens_out']}, {ours['seconds']:.1f}s)")
-    print(f"raydag_teacher_wall_s={ours['wall']:.1f} (engine start-up included)")
-    print(f"teacher_vs_vllm_ratio={ratio:.3f}", flush=True)
+    per_round = -(-len(plan) // rounds)
+    totals = {"plain": [0, 0.0], "ours": [0, 0.0]}
+    ratios, ours_wall = [], 0.0
+    for index in range(rounds):
+        part = plan[index * per_round : (index + 1) * per_round]
+        if not part:
+            break
+        result = {}
+        for name in ("plain", "ours") if index % 2 == 0 else ("ours", "plain"):
+            result[name] = _plain_vllm(job, op, part, batch_size) if name == "plain" else _ours(job, op, part)
+            totals[name][0] += result[name]["tokens_out"]
+            totals[name][1] += result[name]["seconds"]
+        ours_wall += result["ours"]["wall"]
+        tps = {name: r["tokens_out"] / r["seconds"] for name, r in result.items()}
+        ratios.append(tps["ours"] / tps["plain"])
+        print(f"round {index + 1}/{rounds}: {len(part)} requests, plain {tps['plain']:.1f} tok/s, "
+              f"ours {tps['ours']:.1f} tok/s, ratio {ratios[-1]:.3f}", flush=True)
+    for name, label in (("plain", "plain_vllm"), ("ours", "raydag_teacher")):
+        tokens, seconds = totals[name]
+        print(f"{label}_tokens_per_s={tokens / seconds:.1f} (tokens {tokens}, {seconds:.1f}s)")
+    print(f"raydag_teacher_wall_s={ours_wall:.1f} (engine start-up included)")
+    ratio = statistics.median(ratios)
+    print(f"teacher_vs_vllm_ratio={ratio:.3f} (median of {len(ratios)} paired rounds; "
+          f"min {min(ratios):.3f}, max {max(ratios):.3f})", flush=True)
     if with_ray_data_llm:
         other = _ray_data_llm(job, op, plan, batch_size)
         print(f"ray_data_llm_tokens_per_s={other['tokens_out'] / other['seconds']:.1f} "
               f"(tokens {other['tokens_out']}, {other['seconds']:.1f}s, engine start-up included)")
-        print(f"raydag_vs_ray_data_llm_wall_ratio={other['seconds'] / ours['wall']:.3f}", flush=True)
+        print(f"raydag_vs_ray_data_llm_wall_ratio={other['seconds'] / ours_wall:.3f}", flush=True)
     return ratio
 
 
@@ -152,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raydag.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["teacher"], help="benchmark to run")
-    parser.add_argument("--requests", type=int, default=256, help="requests per side (256)")
+    parser.add_argument("--requests", type=int, default=384, help="requests per side (384)")
     parser.add_argument("--batch-size", type=int, default=64, help="requests per batch (64)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="paired rounds the requests are split into (3)")
     parser.add_argument("--with-ray-data-llm", action="store_true",
                         help="also run the requests through ray.data.llm and compare wall times")
     args = parser.parse_args(argv)
-    bench_teacher(args.requests, args.batch_size, args.with_ray_data_llm)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the plain side's engine logs here
+    bench_teacher(args.requests, args.batch_size, args.rounds, args.with_ray_data_llm)
     return 0
 
 
