@@ -12,6 +12,7 @@ EPILOG = """examples:
   raydag run jobs/quickstart.yaml stages.0.num_examples=200 student.epochs=3
   raydag run jobs/multistage.yaml budget.max_tokens=200000
   raydag validate jobs/label_unlabelled.yaml
+  raydag import-labels jobs/coannotate.yaml label_studio_export.json
 
 Overrides are dotted keys of the job YAML (list items by index: stages.0.method=one_shot);
 values are parsed as YAML (numbers, lists, true). Rerunning a job with the same result settings
@@ -42,8 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the job strictly, apply overrides, check the data files and that the "
         "output folder is writable and raydag's to use.",
     )
-    for p in (run, validate):
-        p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
+    labels = sub.add_parser(
+        "import-labels", help="merge labels returned from Label Studio into a run's human queue",
+        description="Read a Label Studio JSON export of the tasks a run put in its human queue "
+        "(runs/<signature>/human_queue/tasks.json) and store the labels, with annotator and "
+        "time, in runs/<signature>/human_labels.parquet. The next `raydag run` of the same job "
+        "(same overrides) reuses every shard and merges them: those rows are accepted with the "
+        "human's label (label_source=human, teacher_label kept).",
+    )
+    labels.add_argument("job", help="the job YAML the run came from")
+    labels.add_argument("export", help="Label Studio export (JSON)")
+    for p in (run, validate, labels):
+        if p is not labels:
+            p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override a job field, e.g. stages.0.num_examples=50")
     return parser
@@ -66,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
             counts = validate_job(job)
             print(f"{args.job}: ok (job '{job.name}', pool {counts['pool']} rows, "
                   f"test {counts['test']} rows)")
+            return 0
+        if args.command == "import-labels":
+            from pathlib import Path
+
+            from raydag.chain import run_signature
+            from raydag.pipeline import input_digests
+            from raydag.quality import import_labels
+
+            signature, _ = run_signature(job, input_digests(job))
+            run_dir = Path(job.output_dir) / "runs" / signature
+            counts = import_labels(run_dir, Path(args.export), job.data.labels)
+            print(f"{args.export}: {counts['labelled']} label(s) from {counts['tasks']} task(s) "
+                  f"({counts['skipped_unannotated']} unannotated, {counts['cancelled']} cancelled); "
+                  f"{counts['stored']} human label(s) stored in {run_dir}. Run `raydag run "
+                  f"{args.job}` with the same overrides to apply them.")
             return 0
         from raydag.pipeline import run_job
 

@@ -267,6 +267,99 @@ class FilterConfig(StrictModel):
     drop_test_copies: bool = Field(default=True, description="Drop exact copies of test texts.")
 
 
+class NearDupConfig(StrictModel):
+    """MinHash LSH near-duplicates (datasketch) over word shingles of the accepted rows."""
+
+    enabled: bool = Field(default=True, description="Drop near-duplicates.")
+    threshold: float = Field(default=0.8, gt=0, le=1, description="Estimated Jaccard similarity at which two texts are near-duplicates.")
+    num_perm: int = Field(default=128, ge=16, description="MinHash permutations.")
+    shingle_size: int = Field(default=3, ge=1, description="Words per shingle.")
+    against_raw: bool = Field(default=True, description="Also drop near-duplicates of raw rows.")
+    embedding_threshold: float | None = Field(
+        default=None, gt=0, le=1, description="Also drop rows whose student-encoder embedding has "
+        "this cosine similarity or more to an earlier kept row or a raw row (None: off).")
+
+
+class DecontamConfig(StrictModel):
+    """Decontamination against the evaluation splits: n-gram overlap and embedding similarity."""
+
+    enabled: bool = Field(default=True, description="On whenever the job has an evaluation split.")
+    ngram: int = Field(default=13, ge=1, description="Shared word n-gram length that marks a copy (8: stricter).")
+    embedding_threshold: float | None = Field(
+        default=0.95, gt=0, le=1, description="Cosine similarity to an evaluation text (student "
+        "encoder) that marks a copy (None: n-grams only).")
+    eval_paths: dict[str, str] = Field(
+        default_factory=dict, description="More evaluation splits by name (.jsonl/.csv/.parquet "
+        "with the text column); data.test_path is always one, as 'test'.")
+    examples: int = Field(default=5, ge=0, description="Matched examples listed in the report.")
+
+
+class ConsistencyConfig(StrictModel):
+    """Label consistency by a student: pointwise V-information under the raw-trained student."""
+
+    pvi_threshold: float | None = Field(
+        default=None, description="Drop synthetic rows whose PVI (bits: log2 p_raw_student(label|text) "
+        "- log2 p(label)) is below this (None: off; 0 keeps rows the student finds at least as "
+        "likely as the prior).")
+
+
+class PiiConfig(StrictModel):
+    """PII detection and redaction before rows are written."""
+
+    enabled: bool = Field(default=True, description="Redact PII in teacher outputs and in the raw copy.")
+    types: list[Literal["email", "phone", "card", "ip", "person"]] = Field(
+        default_factory=lambda: ["email", "phone", "card", "ip", "person"],
+        description="PII types to find and redact.")
+
+
+class DiversityConfig(StrictModel):
+    """Diversity measures in the report."""
+
+    sample_size: int = Field(default=200, ge=2, description="Rows sampled (seeded) for self-BLEU and embedding distance.")
+    embeddings: bool = Field(default=True, description="Mean pairwise cosine distance with the student encoder.")
+
+
+class BiasConfig(StrictModel):
+    """Label shortcut report: words tied to a label far more in synthetic than raw data."""
+
+    z_min: float = Field(default=3.0, gt=0, description="Least log-odds z-score in the synthetic data.")
+    min_count: int = Field(default=5, ge=1, description="Least occurrences in the label's synthetic rows.")
+    margin: float = Field(default=2.0, ge=0, description="Least z-score gain over the raw data.")
+    rephrase_flagged: bool = Field(
+        default=False, description="Rewrite rows that contain a flagged word of their label with "
+        "the teacher (a paraphrase that avoids the word); the originals are dropped as 'rephrased'.")
+
+
+class CoannotationConfig(StrictModel):
+    """Human-in-the-loop routing of labelled rows by the teacher's uncertainty."""
+
+    enabled: bool = Field(default=False, description="Route rows that a label stage labelled.")
+    measure: Literal["auto", "entropy", "margin"] = Field(
+        default="auto", description="entropy of the votes, 1 - margin, or auto (entropy when votes exist).")
+    accept_below: float = Field(default=0.3, ge=0, le=1, description="Uncertainty below which rows are accepted.")
+    drop_above: float = Field(default=0.9, ge=0, le=1, description="Uncertainty above which rows are dropped.")
+    human_budget: int = Field(default=100, ge=0, description="Most rows sent to the human queue.")
+    overflow: Literal["accept", "drop"] = Field(default="drop", description="What happens to uncertain rows beyond the budget.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CoannotationConfig:
+        if self.accept_below > self.drop_above:
+            raise ValueError("quality.coannotation: accept_below must not exceed drop_above")
+        return self
+
+
+class QualityConfig(StrictModel):
+    """Data-quality passes over the teacher's rows, and the measures in the report and data card."""
+
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig, description="Near-duplicates.")
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="Decontamination.")
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig, description="Student label consistency.")
+    pii: PiiConfig = Field(default_factory=PiiConfig, description="PII redaction.")
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig, description="Diversity measures.")
+    bias: BiasConfig = Field(default_factory=BiasConfig, description="Label shortcut report.")
+    coannotation: CoannotationConfig = Field(default_factory=CoannotationConfig, description="Human co-annotation.")
+
+
 TrainSet = Literal["raw", "synthetic", "mixed"]
 
 
@@ -310,6 +403,7 @@ class JobConfig(StrictModel):
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Teacher caps.")
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the report.")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Filters.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Data-quality passes and measures.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Students.")
     resource_timeout_s: float = Field(
         default=600, gt=0, description="On a cluster that may autoscale, fail when the resources a stage needs have "
@@ -430,6 +524,11 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
         if isinstance(value, str):
             _set_dotted(tree, ".".join(keys), os.path.normpath(base / os.path.expanduser(value)),
                         str(path))
+    eval_paths = _get_dotted(tree, ("quality", "decontam", "eval_paths"))
+    if isinstance(eval_paths, dict):
+        for name, value in eval_paths.items():
+            if isinstance(value, str):
+                eval_paths[name] = os.path.normpath(base / os.path.expanduser(value))
     for stage in tree.get("stages") or []:
         for key in _STAGE_PATH_FIELDS:
             if isinstance(stage, dict) and isinstance(stage.get(key), str):

@@ -25,7 +25,9 @@ from raydag.errors import DataError, RaydagError
 from raydag.filters.exact import normalize_text
 from raydag.models import cache_dir
 from raydag.ops.create import TopicsOp
-from raydag.report import StageTimer, students_table, write_report
+from raydag.filters.pii import redact
+from raydag.quality import eval_splits, measure
+from raydag.report import StageTimer, students_table, write_datacard, write_report
 from raydag.resources import (
     bundle,
     release_resource_requests,
@@ -193,7 +195,8 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
     return shards.map_batches(
         ChainRunner,
         fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
-                               "shard_dir": str(shard_dir)},
+                               "shard_dir": str(shard_dir),
+                               "pii_types": job.quality.pii.types if job.quality.pii.enabled else []},
         batch_size=1,
         batch_format="pandas",
         concurrency=job.teacher.concurrency,
@@ -240,7 +243,7 @@ def _finished_shards(shard_dir: Path, shards: list[int]) -> dict[int, list[dict]
 def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | None,
                 inputs: dict[str, pd.DataFrame], run_dir: Path, placement: dict[str, Any],
                 timer: StageTimer) -> dict[str, Any]:
-    """Run the chain over every unfinished shard, then deduplicate and write the outputs."""
+    """Run the chain over every unfinished shard (the outputs are written by finish_outputs)."""
     import ray
 
     def norms(frame, on: bool) -> frozenset:
@@ -307,11 +310,9 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
     if not finished:
         raise RaydagError("no shard finished before the token budget ran out; raise budget.max_tokens")
     stats = _total_stats(finished)
-
-    with timer("write"):
-        outputs = finish_outputs(job, steps, sorted(finished), shard_dir, run_dir, inputs)
     not_run = sum(len(json.loads(s["rows"])) for s in unrun)
-    return {"stats": stats, "outputs": outputs, "planned": planned, "not_run": not_run,
+    return {"stats": stats, "finished": sorted(finished), "shard_dir": shard_dir,
+            "planned": planned, "not_run": not_run,
             "shards": {"total": len(shards), "resumed": resumed,
                        "run": len(finished) - resumed, "not_run": len(unrun)},
             "budget_exhausted": budget_exhausted, "steps": steps}
@@ -341,15 +342,20 @@ def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: Path
     return kept[["id", "instruction", "input", "output"]].to_dict("records")
 
 
-def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_dir: Path,
-                   run_dir: Path, inputs: dict[str, pd.DataFrame]) -> dict[str, Any]:
-    """Deduplicate across shards, apply the novelty filter, and write the output folders."""
+def finish_outputs(job: JobConfig, shards: list[int], shard_dir: Path,
+                   run_dir: Path, inputs: dict[str, pd.DataFrame], *, raw: pd.DataFrame | None = None,
+                   evals: dict[str, list[str]] | None = None,
+                   raw_student: str | None = None,
+                   placement: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Deduplicate across shards, apply the novelty filter and the quality passes
+    (:func:`raydag.quality.apply_quality`), and write the output folders."""
     import ray
     from ray.data.expressions import col
 
+    from raydag.quality import apply_quality
+
     rows = ray.data.read_parquet([shard_path(shard_dir, i) for i in shards])
-    if any(step.op.creates_rows for step in steps):
-        rows = deduplicate(rows)
+    rows = deduplicate(rows)  # also texts a label or judge stage took in as they were
     novelty = next((s for s in job.stages if s.type == "self_instruct"), None)
     if novelty is not None:
         from raydag.ops.instruct import novelty_filter
@@ -361,8 +367,15 @@ def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_d
                                   novelty.novelty_threshold)
         too_close = frozenset(i for i, (ok, _, _) in zip(kept["id"], verdicts) if not ok)
         rows = rows.map_batches(_mark_not_novel, fn_kwargs={"ids": too_close}, batch_format="pandas")
+    rows, quality = apply_quality(rows.materialize(), job, raw=raw, evals=evals or {},
+                                  raw_student=raw_student, run_dir=run_dir)
+    extra_stats: list[dict] = []
+    if job.quality.bias.rephrase_flagged and raw is not None:
+        rows, quality["rephrase"], extra_stats = rephrase_flagged(rows.materialize(), job, raw,
+                                                                 run_dir, placement)
     rows = rows.materialize()
-    summary = rows.select_columns(["_status", "_reason", "_stage"]).to_pandas()
+    columns = ["_status", "_reason", "_stage"] + (["pii_redacted"] if "pii_redacted" in rows.columns() else [])
+    summary = rows.select_columns(columns).to_pandas()
     written = []
     for status, folder in (("accepted", "synthetic"), ("dropped", "dropped"),
                            ("quarantined", "quarantine")):
@@ -375,9 +388,120 @@ def finish_outputs(job: JobConfig, steps: list[Step], shards: list[int], shard_d
         part = summary[summary["_status"] == status]
         return {k: int(v) for k, v in part["_reason"].value_counts().sort_index().items()}
 
+    pii: dict[str, int] = {}
+    for found in summary.get("pii_redacted", pd.Series(dtype=object)).dropna():
+        for kind, count in (json.loads(found) if found else {}).items():
+            pii[kind] = pii.get(kind, 0) + int(count)
+    quality["pii_teacher_rows"] = dict(sorted(pii.items()))
     return {"rows": len(summary), "accepted": int((summary["_status"] == "accepted").sum()),
             "dropped": by_reason("dropped"), "quarantined": by_reason("quarantined"),
-            "written": written}
+            "written": written, "quality": quality, "extra_stats": extra_stats}
+
+
+REPHRASE_FIRST_SHARD = 10**6  # rephrase shards' numbers (and so their rows' _order) start here
+
+
+def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
+                     placement: dict[str, Any]) -> tuple[Any, dict[str, Any], list[dict]]:
+    """Rewrite accepted rows that contain a shortcut word of their label (see
+    :func:`raydag.measures.bias.bias_report`) with :class:`raydag.ops.reform.RephraseOp`.
+
+    The rewrites run through the same ChainRunner actors into their own resumable shards
+    (``runs/<signature>/rephrase/<digest>/``); the flagged rows are replaced by the shard rows
+    (the original dropped as ``rephrased`` or kept, plus the rewrite).
+
+    Returns:
+        The rows, a summary, and the rephrase step's counters (for the report and the counts).
+    """
+    import ray
+    from ray.data.expressions import col
+
+    from raydag.data import stable_hash
+    from raydag.measures.bias import bias_report, flag_rows
+    from raydag.ops.reform import RephraseOp
+
+    accepted = rows.filter(expr=col("_status") == "accepted").to_pandas()
+    teacher_rows = accepted[accepted["method"] != "raw"]
+    settings = job.quality.bias
+    report = bias_report(raw["text"].astype(str).tolist(), raw["label"].astype(str).tolist(),
+                         teacher_rows["text"].astype(str).tolist(),
+                         teacher_rows["label"].astype(str).tolist(),
+                         z_min=settings.z_min, min_count=settings.min_count, margin=settings.margin)
+    words = flag_rows(teacher_rows["text"].astype(str).tolist(),
+                      teacher_rows["label"].astype(str).tolist(), report["shortcut_words"])
+    flagged = teacher_rows.assign(shortcut_words=words)
+    flagged = flagged[flagged["shortcut_words"].map(len) > 0]
+    summary = {"shortcut_words": len(report["shortcut_words"]), "flagged_rows": len(flagged)}
+    if flagged.empty:
+        return rows, {**summary, "rephrased": 0, "kept_original": 0}, []
+    first = [{k: v for k, v in row.items() if k != "_order" and not (
+        isinstance(v, float) and pd.isna(v))} for row in flagged.to_dict("records")]
+    for row in first:
+        row["shortcut_words"] = list(row["shortcut_words"])
+    op = RephraseOp(labels=job.data.labels)
+    steps = [Step(name="rephrase", op=op)]
+    folder = run_dir / "rephrase" / stable_hash(sorted(flagged["id"]), report["shortcut_words"], length=12)
+    shards = shard_rows(first, job.teacher.batch_size, first=REPHRASE_FIRST_SHARD)
+    done = _finished_shards(folder, [s["shard"] for s in shards])
+    todo = [s for s in shards if s["shard"] not in done]
+    print(f"raydag: [rephrase] {len(first)} rows with shortcut words in {len(shards)} shard(s); "
+          f"{len(done)} already done", flush=True)
+    if todo:
+        for _ in generate(ray.data.from_items(todo), steps, job, placement, folder).iter_rows():
+            pass
+    finished = _finished_shards(folder, [s["shard"] for s in shards])
+    if len(finished) != len(shards):
+        raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
+    new = pd.concat([pd.read_parquet(shard_path(folder, i)) for i in sorted(finished)],
+                    ignore_index=True)
+    base_columns = rows.columns()
+    for column in base_columns:
+        if column not in new.columns:
+            new[column] = None
+    extra = [c for c in new.columns if c not in base_columns]
+    orders = frozenset(int(o) for o in flagged["_order"])
+
+    def without_flagged(batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch[~batch["_order"].isin(orders)].copy()
+        for column in extra:
+            batch[column] = None
+        return batch[base_columns + extra]
+
+    new = new[base_columns + extra]
+    for column in new.columns:
+        new[column] = new[column].astype(object)
+    merged = rows.map_batches(without_flagged, batch_format="pandas").union(
+        ray.data.from_pandas(new)).materialize()
+    stats = _total_stats(finished)
+    originals = new[new["id"].isin(flagged["id"])]
+    return merged, {**summary, "rephrased": int((originals["_reason"] == "rephrased").sum()),
+                    "kept_original": int((originals["_status"] == "accepted").sum())}, stats
+
+
+def read_accepted(run_dir: Path, written: list[str]) -> pd.DataFrame:
+    """The accepted teacher rows (``text``, ``label``, ``method``), without raw rows a stage
+    passed on; an empty frame when none was accepted."""
+    columns = ["text", "label", "method"]
+    if "synthetic" not in written:
+        return pd.DataFrame(columns=columns)
+    frame = pd.read_parquet(run_dir / "synthetic")
+    for column in columns:
+        if column not in frame.columns:
+            frame[column] = ""
+    return frame.loc[frame["method"] != "raw", columns].reset_index(drop=True)
+
+
+def redact_frame(frame: pd.DataFrame, types: list[str]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows with PII redacted in ``text``, and the counts by type."""
+    frame, total = frame.copy(), {}
+    texts = []
+    for text in frame["text"].astype(str):
+        text, counts = redact(text, tuple(types))
+        texts.append(text)
+        for kind, count in counts.items():
+            total[kind] = total.get(kind, 0) + count
+    frame["text"] = texts
+    return frame, dict(sorted(total.items()))
 
 
 def _mark_not_novel(batch: pd.DataFrame, ids: frozenset) -> pd.DataFrame:
@@ -389,19 +513,20 @@ def _mark_not_novel(batch: pd.DataFrame, ids: frozenset) -> pd.DataFrame:
     return batch
 
 
-def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame, test: pd.DataFrame,
-                 out: Path, student: StudentConfig, timer: StageTimer) -> dict[str, dict]:
-    """Fine-tune and evaluate one student per requested training set."""
+def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame | None,
+                 test: pd.DataFrame, out: Path, student: StudentConfig, timer: StageTimer,
+                 only: list[str] | None = None) -> dict[str, dict]:
+    """Fine-tune and evaluate one student per requested training set (``only``: these)."""
     from raydag.train import fit_student
 
-    train_sets = {
-        "raw": raw,
-        "synthetic": synthetic,
-        "mixed": pd.concat([raw[["text", "label"]], synthetic[["text", "label"]]], ignore_index=True),
-    }
     results = {}
-    for name in student.train_sets:
-        rows = train_sets[name]
+    for name in only if only is not None else student.train_sets:
+        if name == "raw":
+            rows = raw
+        elif name == "synthetic":
+            rows = synthetic
+        else:
+            rows = pd.concat([raw[["text", "label"]], synthetic[["text", "label"]]], ignore_index=True)
         if rows.empty:
             raise RaydagError(f"student '{name}': no training rows (did every generation fail?)")
         with timer(f"student_{name}"):
@@ -434,20 +559,34 @@ def run_job(job: JobConfig) -> Path:
     try:
         placement = plan_placement(job, cluster)
         run_dir = prepare_run_dir(job.output_dir, signature, settings)
-        raw = None
+        raw, raw_pii = None, {}
         if pool is not None:
             with timer("sample"):
                 raw = stratified_sample(pool, job.raw_examples, job.seed)
+                if job.quality.pii.enabled:  # before the teacher sees them as demonstrations
+                    raw, raw_pii = redact_frame(raw, job.quality.pii.types)
                 ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(str(run_dir / "raw"))
         teacher = run_teacher(job, raw, test, inputs, run_dir, placement, timer)
+        students, raw_student = {}, None
+        if job.quality.consistency.pvi_threshold is not None and "raw" in job.student.train_sets:
+            students = run_students(job, raw, None, test, run_dir, placement["student"], timer,
+                                    only=["raw"])
+            raw_student = students["raw"]["checkpoint"]
+        with timer("write"):  # dedup, quality passes, output folders
+            teacher["outputs"] = finish_outputs(
+                job, teacher["finished"], teacher["shard_dir"], run_dir, inputs,
+                raw=raw, evals=eval_splits(job, test), raw_student=raw_student,
+                placement=placement)
+        teacher["stats"] = teacher["stats"] + teacher["outputs"]["extra_stats"]
         counts = reconcile(teacher, pool, test, raw)
-        students = {}
+        synthetic = read_accepted(run_dir, teacher["outputs"]["written"])
+        quality = {**teacher["outputs"]["quality"], "pii_raw": raw_pii}
+        with timer("measures"):
+            quality.update(measure(job, synthetic, raw))
         if job.student.train_sets:
-            synthetic = (pd.read_parquet(run_dir / "synthetic", columns=["text", "label", "method"])
-                         if "synthetic" in teacher["outputs"]["written"]
-                         else pd.DataFrame(columns=["text", "label", "method"]))
-            synthetic = synthetic[synthetic["method"] != "raw"]  # raw rows a stage passed on
-            students = run_students(job, raw, synthetic, test, run_dir, placement["student"], timer)
+            students.update(run_students(job, raw, synthetic, test, run_dir, placement["student"],
+                                         timer, only=[s for s in job.student.train_sets
+                                                      if s not in students]))
     finally:
         if autoscaling:
             release_resource_requests()
@@ -473,13 +612,15 @@ def run_job(job: JobConfig) -> Path:
                             timer.seconds.get("teacher", 0.0)),
         "stages": timer.seconds,
         "students": students,
+        "quality": quality,
         "outputs": {name: str(run_dir / name)
                     for name in (["raw"] if raw is not None else []) + teacher["outputs"]["written"]},
         "config": json.loads(job.model_dump_json()),
     }
     write_report(run_dir, report)
+    write_datacard(run_dir, report)
     out = Path(job.output_dir)
-    for name in ("report.json", "report.md"):  # the latest run's report, at the top
+    for name in ("report.json", "report.md", "datacard.json", "datacard.md"):  # the latest run's report, at the top
         shutil.copyfile(run_dir / name, out / name)
     if students:
         print(students_table(students), flush=True)

@@ -91,3 +91,156 @@ def write_report(output_dir: Path, report: dict[str, Any]) -> Path:
     path.write_text(json.dumps(report, indent=2, sort_keys=False))
     (output_dir / "report.md").write_text(_markdown(report))
     return path
+
+
+def datacard(report: dict[str, Any]) -> dict[str, Any]:
+    """The run's data card: where the data came from, how it was made, what every filter
+    removed, and what the data looks like (diversity, shortcut risks, contamination, PII)."""
+    config, counts, quality = report["config"], report["counts"], report.get("quality", {})
+    data = config.get("data") or {}
+    removed = {"dropped": counts["dropped"], "quarantined": counts["quarantined"]}
+    filters = {
+        "rules": config["filters"],
+        "near_duplicates": quality.get("near_dup"),
+        "decontamination": quality.get("decontam"),
+        "label_consistency": quality.get("consistency"),
+        "judge": [s for s in config["stages"] if s["type"] == "judge"],
+        "coannotation": quality.get("coannotation"),
+    }
+    return {
+        "name": report["job"],
+        "run_dir": report["run_dir"],
+        "signature": report["signature"],
+        "created_at": report["finished_at"],
+        "sources": {"train_path": data.get("train_path"), "test_path": data.get("test_path"),
+                    "unlabelled_path": data.get("unlabelled_path"),
+                    "eval_paths": config["quality"]["decontam"]["eval_paths"],
+                    "labels": data.get("labels"), "task": data.get("task"),
+                    "raw_examples": counts["raw"], "seed": config["seed"]},
+        "teacher": {"model": report["teacher"]["model"], "engine": report["teacher"]["engine"],
+                    "sampling": config["teacher"].get("sampling"),
+                    "requests": report["teacher"]["requests"],
+                    "tokens_in": report["teacher"]["tokens_in"],
+                    "tokens_out": report["teacher"]["tokens_out"]},
+        "methods": [s["type"] + (f":{s['method']}" if s.get("method") else "") for s in config["stages"]],
+        "counts": {"planned": counts["planned"], "ran": counts["ran"], "created": counts["created"],
+                   "accepted": counts["accepted"], **removed,
+                   "per_stage": [{k: s[k] for k in ("stage", "rows_in", "created", "accepted",
+                                                    "dropped", "quarantined")}
+                                 for s in report["per_stage"]]},
+        "filters": filters,
+        "pii": {"teacher_rows": quality.get("pii_teacher_rows", {}), "raw": quality.get("pii_raw", {}),
+                "types": config["quality"]["pii"]["types"] if config["quality"]["pii"]["enabled"] else []},
+        "diversity": quality.get("diversity"),
+        "bias": quality.get("bias"),
+        "students": {name: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                            "train_examples": m["train_examples"]}
+                     for name, m in report["students"].items()},
+    }
+
+
+def _diversity_rows(diversity: dict[str, Any]) -> list[str]:
+    rows = ["| group | rows | distinct-1 | distinct-2 | self-BLEU | embedding distance | labels |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    groups = {"all teacher rows": diversity["all"], **diversity.get("by_method", {})}
+    if diversity.get("raw_examples"):
+        groups["raw examples"] = diversity["raw_examples"]
+    for name, d in groups.items():
+        labels = ", ".join(f"{k} {v:.2f}" for k, v in d["label_distribution"].items())
+        distance = "-" if d["embedding_cosine_distance"] is None else f"{d['embedding_cosine_distance']:.3f}"
+        rows.append(f"| {name} | {d['rows']} | {d['distinct_1']:.3f} | {d['distinct_2']:.3f} | "
+                    f"{d['self_bleu']:.3f} | {distance} | {labels} |")
+    top = diversity["all"].get("top_ngrams") or []
+    rows += ["", "Most repeated 3-grams (all rows): "
+             + (", ".join(f"'{t['ngram']}' x{t['count']}" for t in top) or "none")]
+    return rows
+
+
+def _datacard_markdown(card: dict[str, Any]) -> str:
+    src, teacher, counts, filters = card["sources"], card["teacher"], card["counts"], card["filters"]
+    rows = [f"# Data card: {card['name']}", "",
+            f"Run `{card['run_dir']}` (signature `{card['signature']}`), {card['created_at']}.", "",
+            "## Sources",
+            f"- task: {src['task']}; labels: {src['labels']}",
+            f"- raw examples: {src['raw_examples']} from `{src['train_path']}` (seed {src['seed']})",
+            f"- evaluation splits: test `{src['test_path']}`"
+            + "".join(f", {k} `{v}`" for k, v in (src["eval_paths"] or {}).items()),
+            "", "## Teacher and methods",
+            f"- teacher `{teacher['model']}` ({teacher['engine']}); {teacher['requests']} requests, "
+            f"{teacher['tokens_in']} tokens in, {teacher['tokens_out']} out",
+            f"- stages: {', '.join(card['methods'])}",
+            "", "## Counts",
+            f"- planned {counts['planned']}, ran {counts['ran']}, created {counts['created']}, "
+            f"accepted {counts['accepted']}",
+            f"- dropped: {_reasons(counts['dropped'])}",
+            f"- quarantined: {_reasons(counts['quarantined'])}",
+            "", "| stage | rows in | created | accepted | dropped | quarantined |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for s in counts["per_stage"]:
+        rows.append(f"| {s['stage']} | {s['rows_in']} | {s['created']} | {s['accepted']} | "
+                    f"{_reasons(s['dropped'])} | {_reasons(s['quarantined'])} |")
+    rows += ["", "## Filters", f"- rules: {filters['rules']}"]
+    near = filters["near_duplicates"]
+    if near:
+        rows.append(f"- near-duplicates (MinHash, Jaccard >= {near.get('threshold')}): "
+                    f"{near.get('near_duplicate_synthetic', 0)} within synthetic, "
+                    f"{near.get('near_duplicate_raw', 0)} of raw rows"
+                    + (f"; embedding (cosine >= {near['embedding_threshold']}): "
+                       f"{near.get('embedding_duplicate_synthetic', 0)} within synthetic, "
+                       f"{near.get('embedding_duplicate_raw', 0)} of raw rows"
+                       if near.get("embedding_threshold") else ""))
+    decontam = filters["decontamination"]
+    if decontam:
+        rows.append(f"- decontamination ({decontam.get('n')}-gram overlap with {decontam.get('splits')}): "
+                    f"{decontam.get('matched', 0)} rows"
+                    + (f"; embedding (cosine >= {decontam['embedding_threshold']}): "
+                       f"{decontam.get('embedding_matched', 0)} rows"
+                       if decontam.get("embedding_threshold") else ""))
+        for ex in (decontam.get("examples") or []) + (decontam.get("embedding_examples") or []):
+            rows.append(f"  - \"{ex['text']}\" ~ {ex['eval_split']}: \"{ex['eval_text']}\"")
+    else:
+        rows.append("- decontamination: off (no evaluation split)")
+    if filters["label_consistency"]:
+        c = filters["label_consistency"]
+        rows.append(f"- label consistency (PVI under the raw student < {c['threshold']} bits): "
+                    f"{c['dropped']} of {c['checked']} dropped; mean PVI {c['mean_pvi']}")
+    for judge in filters["judge"]:
+        rows.append(f"- judge filter: min_score {judge.get('min_score')}")
+    if filters["coannotation"]:
+        c = filters["coannotation"]
+        rows.append(f"- co-annotation ({c['measure']}; accept < {c['accept_below']}, drop > "
+                    f"{c['drop_above']}, human budget {c['human_budget']}): {c['routed']}; "
+                    f"human labels merged {c['human_labels_merged']}; queue `{c['tasks_file']}`")
+    pii = card["pii"]
+    rows += ["", "## PII", f"- types redacted: {pii['types'] or 'none (off)'}",
+             f"- in teacher rows: {_reasons(pii['teacher_rows'])}; in raw examples: {_reasons(pii['raw'])}"]
+    if card["diversity"]:
+        rows += ["", "## Diversity", ""] + _diversity_rows(card["diversity"])
+    bias = card["bias"]
+    if bias:
+        rows += ["", "## Label shortcut risks",
+                 f"- settings: {bias['settings']}; rows containing a flagged word of their label: "
+                 f"{bias['flagged_rows']}"]
+        for w in bias["shortcut_words"]:
+            rows.append(f"  - '{w['word']}' -> {w['label']}: z {w['z_synthetic']:.1f} in synthetic "
+                        f"vs {w['z_raw']:.1f} in raw; in {w['share_of_label_rows']:.0%} of the "
+                        f"label's synthetic rows")
+        for flag in bias["length"]["flags"]:
+            rows.append(f"  - length shortcut: {flag}")
+        rows.append("- text length by label (mean words, raw / synthetic): " + ", ".join(
+            f"{label} {v['raw_mean']} / {v['synthetic_mean']}"
+            for label, v in bias["length"]["by_label"].items()))
+    if card["students"]:
+        rows += ["", "## Students (test split)"] + [
+            f"- {name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
+            f"({m['train_examples']} training rows)" for name, m in card["students"].items()]
+    return "\n".join(rows) + "\n"
+
+
+def write_datacard(output_dir: Path, report: dict[str, Any]) -> Path:
+    """Write ``datacard.json`` and ``datacard.md``; return the path of ``datacard.json``."""
+    card = datacard(report)
+    path = output_dir / "datacard.json"
+    path.write_text(json.dumps(card, indent=2, default=str))
+    (output_dir / "datacard.md").write_text(_datacard_markdown(card))
+    return path

@@ -194,6 +194,21 @@ def write_shard(rows: list[dict], folder: str, shard: int) -> str:
     return path
 
 
+# Free-text columns that operators and the runner write; PII redaction looks at these.
+PII_COLUMNS = ("text", "instruction", "input", "output", "response_a", "response_b", "chosen",
+               "rejected", "_raw_generation")
+
+
+def redact_row(row: dict, types: tuple[str, ...]) -> dict:
+    """The row with PII redacted in its free-text columns (and ``*_rationale`` columns), and
+    ``pii_redacted``: a JSON object of counts by type ("" when nothing was found)."""
+    from raydag.filters.pii import redact_columns
+
+    columns = [c for c in row if c in PII_COLUMNS or c.endswith("_rationale")]
+    row, counts = redact_columns(row, columns, types)
+    return {**row, "pii_redacted": json.dumps(counts, sort_keys=True) if counts else ""}
+
+
 class ChainRunner:
     """Ray Data actor: runs every step of the chain on one shard at a time with one engine.
 
@@ -207,13 +222,17 @@ class ChainRunner:
         engine_spec: Arguments of :func:`raydag.engines.make_engine`.
         shard_dir: Folder for the shard files.
         engine: An engine to use instead of building one (tests of the runner use this).
+        pii_types: PII types redacted in the free-text columns (:data:`PII_COLUMNS`) of every
+            row before the shard is written; a row's counts go to ``pii_redacted`` (JSON).
     """
 
-    def __init__(self, steps: list[Step], engine_spec: dict, shard_dir: str, engine: Any = None) -> None:
+    def __init__(self, steps: list[Step], engine_spec: dict, shard_dir: str, engine: Any = None,
+                 pii_types: tuple[str, ...] | list[str] = ()) -> None:
         from raydag.engines import make_engine
 
         self.steps = steps
         self.shard_dir = shard_dir
+        self.pii_types = tuple(pii_types)
         # One thread builds the engine and runs every shard. Ray Data calls __init__ and
         # __call__ on different threads; a CPU engine driven from two threads gets two OpenMP
         # thread teams, more OpenMP threads than cores, and libgomp then stops spinning between
@@ -242,6 +261,8 @@ class ChainRunner:
             for step, carried in zip(self.steps, self._carried):
                 rows, step_stats = run_step(step, rows, self.engine, carried)
                 stats.append(step_stats)
+            if self.pii_types:
+                rows = [redact_row(row, self.pii_types) for row in rows]
             stats_path = shard_path(self.shard_dir, shard, "stats.json")
             with open(f"{stats_path}.tmp", "w") as handle:
                 json.dump(stats, handle)

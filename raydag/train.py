@@ -200,3 +200,66 @@ def fit_student(
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return metrics
+
+
+class StudentScorer:
+    """Ray Data actor: ``log2_p_label``, the log2 probability a trained student gives each row's
+    ``label`` for its ``text``.
+
+    Args:
+        checkpoint: Folder of a student saved by :func:`train_loop`.
+        max_length: Tokens per text after truncation.
+    """
+
+    def __init__(self, checkpoint: str, max_length: int = 128) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self._tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+        self._model = AutoModelForSequenceClassification.from_pretrained(
+            checkpoint, local_files_only=True).float().eval()
+        self._label2id = dict(self._model.config.label2id)
+        self._max_length = max_length
+
+    def __call__(self, batch):
+        import torch
+
+        enc = self._tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
+                              max_length=self._max_length, return_tensors="pt")
+        with torch.no_grad():
+            logp = torch.log_softmax(self._model(**enc).logits, dim=-1)
+        index = torch.tensor([self._label2id[str(label)] for label in batch["label"]])
+        out = batch.copy()
+        out["log2_p_label"] = (logp[torch.arange(len(index)), index] / np.log(2)).numpy()
+        return out
+
+
+def student_log2_probs(texts: list[str], labels: list[str], checkpoint: str, *,
+                       threads: int | None = None) -> np.ndarray:
+    """log2 p(label | text) under a trained student, scored in one Ray Data actor."""
+    import pandas as pd
+    import ray
+
+    if not texts:
+        return np.zeros(0)
+    threads = threads or len(os.sched_getaffinity(0))
+    frame = pd.DataFrame({"_position": range(len(texts)), "text": texts, "label": labels})
+    out = ray.data.from_pandas(frame).map_batches(
+        StudentScorer, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=64,
+        batch_format="pandas", concurrency=1, num_cpus=1,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+    ).to_pandas().sort_values("_position")
+    return out["log2_p_label"].to_numpy(dtype=float)
+
+
+def pointwise_v_information(log2_p_label: np.ndarray, labels: list[str],
+                            prior: dict[str, float]) -> np.ndarray:
+    """PVI in bits (Ethayarajh et al., 2022): ``log2 p(y|x) - log2 p(y)``, with the null
+    model's p(y) taken as the label shares of the student's training rows.
+
+    Example:
+        >>> pointwise_v_information(np.log2(np.array([0.9, 0.2])), ["a", "b"], {"a": 0.5, "b": 0.5}).round(3)
+        array([ 0.848, -1.322])
+    """
+    return np.asarray(log2_p_label, dtype=float) - np.log2([prior[str(y)] for y in labels])

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import re
+
 from raydag.config import SamplingConfig
 from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest, Completion
@@ -123,3 +125,51 @@ class CounterfactualOp:
         target = self.target_for(row["label"])
         edit = _rewritten_row(self.name, row, 0, completions[0], target, self.labels)
         return [{}, {**edit, "target_label": target}]
+
+
+class RephraseOp:
+    """Rewrite a row that carries label shortcut words so that the words are gone.
+
+    Used by the bias pass (``quality.bias.rephrase_flagged``): ``shortcut_words`` holds the words
+    that give the row's label away more in the synthetic data than in the raw data. A good
+    rewrite replaces the row (the original is dropped as ``rephrased``); when the rewrite fails
+    or still contains one of the words, the original is kept and the rewrite is dropped or
+    quarantined with its reason.
+
+    Example:
+        >>> from raydag.engines.base import Completion
+        >>> op = RephraseOp()
+        >>> row = {"id": "a1", "text": "A delightful, delightful film.", "label": "positive",
+        ...        "shortcut_words": ["delightful"]}
+        >>> [(r.get("_reason"), r.get("text")) for r in op.parse(row, [Completion("A lovely film.", 9, 4, "stop")])]
+        [('rephrased', None), (None, 'A lovely film.')]
+    """
+
+    name = "reform.rephrase"
+    creates_rows = True
+    requires = ("id", "text", "label", "shortcut_words")
+    adds = ("parent_ids",)
+
+    def __init__(self, sampling: SamplingConfig | None = None, labels: list[str] = ()) -> None:
+        self.sampling = sampling or SamplingConfig(temperature=0.7)
+        self.labels = list(labels)
+
+    def build_requests(self, row: dict) -> list[ChatRequest]:
+        """One seeded rewrite request naming the words to avoid."""
+        text = " ".join(str(row["text"]).split())
+        words = ", ".join(f'"{w}"' for w in row["shortcut_words"])
+        user = ("Rewrite the text below in different words. Keep its meaning and its language, "
+                f"and do not use these words: {words}.\nText: {text}")
+        return [_rewrite_request(user, int(stable_hash(row["id"], "rephrase", length=8), 16),
+                                 self.sampling)]
+
+    def parse(self, row: dict, completions: list[Completion]) -> list[dict]:
+        """The original (dropped as ``rephrased``, or kept when the rewrite fails) and the rewrite."""
+        new = _rewritten_row(self.name, row, 0, completions[0], row["label"], self.labels)
+        if new.get("_status") is None:
+            tokens = set(re.findall(r"[\w']+", normalize_text(new["text"])))
+            if tokens & {normalize_text(w) for w in row["shortcut_words"]}:
+                new = reject("rephrase_kept_shortcut", **new)
+        if new.get("_status") is not None:
+            return [{}, new]
+        return [reject("rephrased"), new]

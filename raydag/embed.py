@@ -1,0 +1,122 @@
+"""Sentence embeddings with the student encoder (all-MiniLM-L6-v2 by default), in Ray Data.
+
+Used by the quality passes (embedding near-duplicates, embedding decontamination) and by the
+diversity measure. Embeddings are mean-pooled last hidden states, L2-normalised, so a dot
+product is a cosine similarity.
+
+Example:
+    >>> from raydag.embed import encode_texts  # doctest: +SKIP
+    >>> encode_texts(["a fine film", "a good movie"], "embedded:all-minilm-l6-v2").shape  # doctest: +SKIP
+    (2, 384)
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+
+class TextEncoder:
+    """Ray Data actor: adds ``_embedding`` (float32 list) to each row from its ``text``.
+
+    Args:
+        model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
+        max_length: Tokens per text after truncation.
+    """
+
+    def __init__(self, model: str, max_length: int = 128) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from raydag.models import resolve_model
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        path = resolve_model(model)
+        local = os.path.isdir(path)
+        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        self._model = AutoModel.from_pretrained(path, local_files_only=local).eval()
+        self._max_length = max_length
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import torch
+
+        enc = self._tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
+                              max_length=self._max_length, return_tensors="pt")
+        with torch.no_grad():
+            hidden = self._model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
+        out = batch.copy()
+        out["_embedding"] = list(pooled)
+        return out
+
+
+def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
+                 threads: int | None = None) -> np.ndarray:
+    """Embed texts with :class:`TextEncoder` in one Ray Data actor; rows keep their order.
+
+    Args:
+        texts: The texts.
+        model: Model reference of the encoder.
+        batch_size: Texts per encoder call.
+        threads: Torch threads of the encoder actor (default: this machine's cores).
+
+    Returns:
+        A float32 array of shape (len(texts), dim), rows L2-normalised.
+    """
+    import ray
+
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    threads = threads or len(os.sched_getaffinity(0))
+    frame = pd.DataFrame({"_position": range(len(texts)), "text": [str(t) for t in texts]})
+    out = ray.data.from_pandas(frame).map_batches(
+        TextEncoder, fn_constructor_kwargs={"model": model}, batch_size=batch_size,
+        batch_format="pandas", concurrency=1, num_cpus=1,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+    ).to_pandas().sort_values("_position")
+    return np.stack(out["_embedding"].to_numpy()).astype(np.float32)
+
+
+def max_similarity(queries: np.ndarray, keys: np.ndarray, *, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the highest cosine similarity to any key row and that key's index
+    (both arrays L2-normalised); computed in chunks so memory stays bounded."""
+    if len(queries) == 0 or len(keys) == 0:
+        return np.full(len(queries), -1.0, dtype=np.float32), np.full(len(queries), -1, dtype=np.int64)
+    best = np.empty(len(queries), dtype=np.float32)
+    where = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        sims = queries[start:start + chunk] @ keys.T
+        where[start:start + chunk] = sims.argmax(axis=1)
+        best[start:start + chunk] = sims[np.arange(len(sims)), where[start:start + chunk]]
+    return best, where
+
+
+def embedding_near_duplicates(embeddings: np.ndarray, *, threshold: float,
+                              reference: np.ndarray | None = None) -> dict[int, tuple[str, int]]:
+    """Rows (in the given order, earliest first) whose embedding is at least ``threshold``
+    cosine-similar to a reference row or to an earlier kept row.
+
+    Returns position -> (reason, matched position): ``embedding_duplicate_raw`` (matched is a
+    reference index) or ``embedding_duplicate_synthetic``. O(n x kept) dot products.
+    """
+    found: dict[int, tuple[str, int]] = {}
+    if reference is not None and len(reference):
+        best, where = max_similarity(embeddings, reference)
+        for i in np.flatnonzero(best >= threshold):
+            found[int(i)] = ("embedding_duplicate_raw", int(where[i]))
+    kept: list[int] = []
+    for i in range(len(embeddings)):
+        if i in found:
+            continue
+        if kept:
+            sims = embeddings[kept] @ embeddings[i]
+            j = int(sims.argmax())
+            if sims[j] >= threshold:
+                found[i] = ("embedding_duplicate_synthetic", kept[j])
+                continue
+        kept.append(i)
+    return found

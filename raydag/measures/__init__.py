@@ -1,0 +1,1 @@
+"""Measures of a generated corpus: diversity (:mod:`.diversity`) and label shortcuts (:mod:`.bias`)."""

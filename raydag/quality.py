@@ -1,0 +1,329 @@
+"""Data-quality passes over a run's rows, and the measures that go into its report and data card.
+
+The passes run in Ray Data over the rows of the finished shards, after exact deduplication and
+before the output folders are written; each one only changes the status of accepted rows
+(``dropped`` or ``quarantined`` with a reason and its stage), so no row is lost and the counts
+reconcile. In order:
+
+1. near-duplicates: MinHash LSH within the synthetic rows and against the raw rows
+   (:mod:`raydag.filters.near_dup`), optionally embedding near-duplicates;
+2. decontamination against every evaluation split: n-gram overlap
+   (:mod:`raydag.filters.decontam`) and embedding similarity;
+3. label consistency by the raw-trained student: pointwise V-information below a threshold;
+4. co-annotation: rows a label stage labelled are routed by uncertainty to auto-accept, the
+   human queue (quarantined as ``human_review``, exported for Label Studio) or drop; labels a
+   human returned (``raydag import-labels``) are merged back.
+
+PII is redacted earlier, as the shards are written (see :class:`raydag.stages.ChainRunner`).
+The measures (:func:`measure`) are diversity per generation method and the label shortcut report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raydag.config import JobConfig
+
+HUMAN_LABELS = "human_labels.parquet"  # in the run folder; written by `raydag import-labels`
+HUMAN_QUEUE = "human_queue"  # folder with tasks.json and label_config.xml for Label Studio
+
+
+def mark_by_order(rows, marks: dict[int, dict[str, Any]]):
+    """Apply per-row updates (by ``_order``) to a Ray Data dataset of rows.
+
+    Args:
+        rows: Dataset of rows with ``_order``.
+        marks: ``_order`` -> columns to set, e.g. ``{"_status": "dropped", "_reason": ...}``.
+    """
+    if not marks:
+        return rows
+    columns = sorted({column for update in marks.values() for column in update})
+
+    def apply(batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.copy()
+        for column in columns:
+            if column not in batch.columns:
+                batch[column] = None
+            batch[column] = batch[column].astype(object)
+        for position, order in enumerate(batch["_order"]):
+            update = marks.get(int(order))
+            if update:
+                for column, value in update.items():
+                    batch.iat[position, batch.columns.get_loc(column)] = value
+        return batch
+
+    return rows.map_batches(apply, batch_format="pandas")
+
+
+def _accepted(rows, columns: list[str]) -> pd.DataFrame:
+    from ray.data.expressions import col
+
+    present = [c for c in columns if c in rows.columns()]
+    return (rows.filter(expr=col("_status") == "accepted").select_columns(present)
+            .to_pandas().sort_values("_order", kind="stable").reset_index(drop=True))
+
+
+def _drop(reason: str, stage: str, **extra: Any) -> dict[str, Any]:
+    return {"_status": "dropped", "_reason": reason, "_stage": stage, **extra}
+
+
+def eval_splits(job: JobConfig, test: pd.DataFrame | None) -> dict[str, list[str]]:
+    """The evaluation texts by split: the job's test split as ``test`` plus ``eval_paths``."""
+    from raydag.data import read_texts
+
+    splits = {} if test is None else {"test": test["text"].astype(str).tolist()}
+    column = job.data.text_column if job.data else "text"
+    for name, path in job.quality.decontam.eval_paths.items():
+        splits[name] = read_texts(path, [column])[column].astype(str).tolist()
+    return splits
+
+
+def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
+                  evals: dict[str, list[str]], raw_student: str | None,
+                  run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Run the quality passes over the rows (see the module docstring).
+
+    Args:
+        rows: Dataset of every row of the run (all statuses), with ``_order``.
+        job: The job (its ``quality`` section).
+        raw: The raw examples (``id``, ``text``, ``label``), or None.
+        evals: Evaluation texts by split (see :func:`eval_splits`).
+        raw_student: Checkpoint folder of the raw-trained student, for the PVI filter.
+        run_dir: The run folder (human labels in, the Label Studio export out).
+
+    Returns:
+        The marked dataset and a summary per pass.
+    """
+    from raydag.embed import embedding_near_duplicates, encode_texts, max_similarity
+
+    quality, summary = job.quality, {}
+    raw_texts = raw["text"].astype(str).tolist() if raw is not None else []
+    raw_ids = raw["id"].astype(str).tolist() if raw is not None else []
+    if quality.near_dup.enabled:
+        from raydag.filters.near_dup import mark_near_duplicates
+
+        near = quality.near_dup
+        rows, summary["near_dup"] = mark_near_duplicates(
+            rows, reference_texts=raw_texts if near.against_raw else None,
+            reference_ids=raw_ids if near.against_raw else None, threshold=near.threshold,
+            num_perm=near.num_perm, shingle_size=near.shingle_size, seed=job.seed)
+        rows = rows.materialize()
+    decontam = quality.decontam.enabled and bool(evals)
+    if decontam:
+        from raydag.filters.decontam import mark_contaminated
+
+        rows, summary["decontam"] = mark_contaminated(rows, eval_texts=evals, n=quality.decontam.ngram)
+        rows = rows.materialize()
+        summary["decontam"]["embedding_threshold"] = quality.decontam.embedding_threshold
+    embed_dups = quality.near_dup.enabled and quality.near_dup.embedding_threshold is not None
+    embed_decontam = decontam and quality.decontam.embedding_threshold is not None
+    if embed_dups or embed_decontam:
+        accepted = _accepted(rows, ["id", "text", "_order"])
+        vectors = encode_texts(accepted["text"].tolist(), job.student.model)
+        marks: dict[int, dict] = {}
+        if embed_decontam:
+            names = [(name, i) for name, texts in evals.items() for i in range(len(texts))]
+            eval_vectors = encode_texts([evals[n][i] for n, i in names], job.student.model)
+            best, where = max_similarity(vectors, eval_vectors)
+            hits = np.flatnonzero(best >= quality.decontam.embedding_threshold)
+            examples = []
+            for i in hits:
+                split, index = names[int(where[i])]
+                marks[int(accepted["_order"][i])] = _drop(
+                    "contaminated_embedding", "decontam", contaminated_by=f"{split}:{index}")
+                if len(examples) < quality.decontam.examples:
+                    examples.append({"text": accepted["text"][i], "eval_split": split,
+                                     "eval_text": evals[split][index],
+                                     "similarity": round(float(best[i]), 4)})
+            summary["decontam"].update(embedding_matched=len(hits), embedding_examples=examples)
+        if embed_dups:
+            keep = [i for i in range(len(accepted)) if int(accepted["_order"][i]) not in marks]
+            reference = (encode_texts(raw_texts, job.student.model)
+                         if quality.near_dup.against_raw and raw_texts else None)
+            found = embedding_near_duplicates(vectors[keep], reference=reference,
+                                              threshold=quality.near_dup.embedding_threshold)
+            counts: dict[str, int] = {}
+            for position, (reason, matched) in found.items():
+                i = keep[position]
+                of = raw_ids[matched] if reason.endswith("_raw") else accepted["id"][keep[matched]]
+                marks[int(accepted["_order"][i])] = _drop(reason, "near_dup", near_dup_of=of)
+                counts[reason] = counts.get(reason, 0) + 1
+            summary.setdefault("near_dup", {}).update(
+                embedding_threshold=quality.near_dup.embedding_threshold, **counts)
+        rows = mark_by_order(rows, marks).materialize()
+    if quality.consistency.pvi_threshold is not None:
+        rows, summary["consistency"] = _pvi_filter(rows, job, raw, raw_student)
+    if quality.coannotation.enabled:
+        rows, summary["coannotation"] = _coannotate(rows, job, run_dir)
+    return rows, summary
+
+
+def _pvi_filter(rows, job: JobConfig, raw: pd.DataFrame | None, raw_student: str | None):
+    from raydag.errors import RaydagError
+    from raydag.train import pointwise_v_information, student_log2_probs
+
+    if raw is None or raw_student is None:
+        raise RaydagError("quality.consistency.pvi_threshold needs the raw student "
+                          "(student.train_sets must include 'raw')")
+    threshold = job.quality.consistency.pvi_threshold
+    accepted = _accepted(rows, ["id", "text", "label", "method", "_order"])
+    accepted = accepted[accepted["method"] != "raw"].reset_index(drop=True)
+    prior = raw["label"].astype(str).value_counts(normalize=True).to_dict()
+    prior = {label: prior.get(label, 1e-6) for label in job.data.labels}
+    logp = student_log2_probs(accepted["text"].astype(str).tolist(),
+                              accepted["label"].astype(str).tolist(), raw_student)
+    pvi = pointwise_v_information(logp, accepted["label"].astype(str).tolist(), prior)
+    marks = {}
+    for order, value in zip(accepted["_order"], pvi):
+        update = {"pvi": round(float(value), 4)}
+        if value < threshold:
+            update.update(_drop("low_pvi", "consistency"))
+        marks[int(order)] = update
+    low = int((pvi < threshold).sum())
+    return mark_by_order(rows, marks).materialize(), {
+        "method": "pvi", "threshold": threshold, "checked": len(accepted), "dropped": low,
+        "mean_pvi": round(float(pvi.mean()), 4) if len(pvi) else None}
+
+
+def _coannotate(rows, job: JobConfig, run_dir: Path):
+    from raydag.ops.coannotate import (
+        label_studio_config,
+        label_studio_tasks,
+        route,
+        uncertainty,
+    )
+
+    config = job.quality.coannotation
+    columns = ["id", "text", "label", "label_confidence", "label_margin", "label_agreement",
+               "label_votes", "_order"]
+    accepted = _accepted(rows, columns)
+    if "label_margin" not in accepted.columns and "label_votes" not in accepted.columns:
+        from raydag.errors import RaydagError
+
+        raise RaydagError("quality.coannotation needs a label stage (label_margin or label_votes "
+                          "columns); add one to stages or switch coannotation off")
+    def labelled(row: dict) -> bool:  # rows the label stage did not score stay as they are
+        margin, votes = row.get("label_margin"), row.get("label_votes")
+        has_margin = margin is not None and not (isinstance(margin, float) and np.isnan(margin))
+        has_votes = votes is not None and not (isinstance(votes, float) and np.isnan(votes))
+        return has_margin or has_votes
+
+    records = [row for row in accepted.to_dict("records") if labelled(row)]
+    try:
+        scores = [uncertainty(row, measure=config.measure, num_labels=len(job.data.labels))
+                  for row in records]
+    except ValueError as err:
+        from raydag.errors import RaydagError
+
+        raise RaydagError(f"quality.coannotation (measure {config.measure}): {err}") from None
+    decisions = route(scores, accept_below=config.accept_below, drop_above=config.drop_above,
+                      human_budget=config.human_budget, overflow=config.overflow)
+    human = _human_labels(run_dir)
+    marks, queue, merged = {}, [], 0
+    for row, score, decision in zip(records, scores, decisions):
+        update: dict[str, Any] = {"label_uncertainty": round(float(score), 4), "route": decision}
+        if decision == "human" and row["id"] in human:
+            answer = human[row["id"]]
+            update.update(teacher_label=row["label"], label=answer["label"], label_source="human",
+                          annotator=str(answer["annotator"]), annotated_at=str(answer["annotated_at"]))
+            merged += 1
+        elif decision == "human":
+            update.update(_status="quarantined", _reason="human_review", _stage="coannotation")
+            queue.append(row)
+        elif decision == "drop":
+            update.update(_drop("uncertain_label", "coannotation"))
+        marks[int(row["_order"])] = update
+    folder = run_dir / HUMAN_QUEUE
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = label_studio_tasks(queue, model_version=job.teacher.model)
+    (folder / "tasks.json").write_text(json.dumps(tasks, indent=1, default=str))
+    (folder / "label_config.xml").write_text(label_studio_config(job.data.labels))
+    counts = {name: decisions.count(name) for name in ("auto", "human", "drop")}
+    return mark_by_order(rows, marks).materialize(), {
+        "scored": len(records), "not_scored": len(accepted) - len(records),
+        "measure": config.measure, "accept_below": config.accept_below,
+        "drop_above": config.drop_above, "human_budget": config.human_budget,
+        "overflow": config.overflow, "routed": counts, "human_labels_merged": merged,
+        "human_queue": len(queue), "tasks_file": str(folder / "tasks.json")}
+
+
+def _human_labels(run_dir: Path) -> dict[str, dict]:
+    path = run_dir / HUMAN_LABELS
+    if not path.exists():
+        return {}
+    frame = pd.read_parquet(path)
+    return {row["id"]: row for row in frame.to_dict("records")}
+
+
+def import_labels(run_dir: Path, export: Path, labels: list[str]) -> dict[str, int]:
+    """Merge a Label Studio export into the run's human labels (``human_labels.parquet``);
+    the next ``raydag run`` of the job applies them (the shards are reused).
+
+    Returns:
+        Counts: tasks read, labelled, skipped, and human labels stored in total.
+    """
+    from raydag.errors import DataError
+    from raydag.ops.coannotate import read_label_studio_export
+
+    queue = run_dir / HUMAN_QUEUE / "tasks.json"
+    if not queue.exists():
+        raise DataError(f"{run_dir}: no human queue here ({queue} is missing); run the job with "
+                        "quality.coannotation.enabled=true first")
+    queued = {task["data"]["raydag_id"] for task in json.loads(queue.read_text())}
+    answers, counts = read_label_studio_export(export, labels)
+    unknown = [a["id"] for a in answers if a["id"] not in queued]
+    if unknown:
+        raise DataError(f"{export}: {len(unknown)} task(s) name rows that are not in this run's "
+                        f"human queue, e.g. {unknown[:3]}")
+    stored = _human_labels(run_dir)
+    for answer in answers:
+        stored[answer["id"]] = {**answer, "source": str(export)}
+    frame = pd.DataFrame(list(stored.values()))
+    for column in frame.columns:
+        frame[column] = frame[column].astype(str)
+    tmp = run_dir / f"{HUMAN_LABELS}.tmp"
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(run_dir / HUMAN_LABELS)
+    return {**counts, "stored": len(stored)}
+
+
+def measure(job: JobConfig, synthetic: pd.DataFrame, raw: pd.DataFrame | None) -> dict[str, Any]:
+    """Diversity per generation method (raw rows as their own group) and the shortcut report.
+
+    Args:
+        job: The job.
+        synthetic: Accepted teacher rows (``text``, ``label``, ``method``).
+        raw: The raw examples, or None.
+    """
+    from raydag.measures.bias import bias_report
+    from raydag.measures.diversity import diversity_by_group, diversity_report
+
+    frame = synthetic[["text", "label", "method"]].copy().reset_index(drop=True)
+    frame["text"] = frame["text"].astype(str)
+    frame["label"] = frame["label"].fillna("").astype(str)
+    raw_texts = raw["text"].astype(str).tolist() if raw is not None else []
+    vectors = None
+    if job.quality.diversity.embeddings and (len(frame) or raw_texts):
+        from raydag.embed import encode_texts
+
+        vectors = encode_texts(frame["text"].tolist() + raw_texts, job.student.model)
+    size, seed = job.quality.diversity.sample_size, job.seed
+    diversity = diversity_by_group(frame, group_column="method", sample_size=size, seed=seed,
+                                   embeddings=None if vectors is None else vectors[:len(frame)])
+    if raw is not None:
+        diversity["raw_examples"] = diversity_report(
+            raw_texts, raw["label"].astype(str).tolist(), sample_size=size, seed=seed,
+            embeddings=None if vectors is None else vectors[len(frame):])
+    result: dict[str, Any] = {"diversity": diversity}
+    if raw is not None and len(synthetic) and job.data is not None:
+        settings = job.quality.bias
+        result["bias"] = bias_report(
+            raw["text"].astype(str).tolist(), raw["label"].astype(str).tolist(),
+            frame["text"].tolist(), frame["label"].tolist(),
+            z_min=settings.z_min, min_count=settings.min_count, margin=settings.margin)
+    return result

@@ -1,0 +1,189 @@
+"""Data-quality passes end to end through `raydag run` on the embedded teacher (real Ray, real
+vLLM, the real MiniLM encoder): planted duplicates, test copies and PII are caught and counted;
+co-annotation exports a Label Studio queue and `raydag import-labels` merges labels back; and
+the SST-2 acceptance run (skipped without ../shared/data)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raydag.cli import main
+
+from conftest import ROOT, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+QUICK = ROOT / "jobs" / "data" / "quickstart"
+BENCH_DATA = Path(os.environ.get("RAYDAG_BENCH_DATA", ROOT.parent / "shared" / "data"))
+
+LONG = ("I ordered the stainless steel kettle three weeks ago and the tracking page still says "
+        "the parcel is waiting at the regional depot, nobody answers the phone line and the chat "
+        "bot keeps sending me the same useless link, so please tell me where it actually is")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(job: Path, overrides: list[str]) -> dict:
+    assert main(["run", str(job), *overrides]) == 0
+    out = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
+    return json.loads((Path(out) / "report.json").read_text())
+
+
+def all_rows(report: dict) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(report["outputs"][name])
+                      for name in ("synthetic", "dropped", "quarantine") if name in report["outputs"]],
+                     ignore_index=True)
+
+
+def test_planted_duplicates_test_copies_and_pii_are_caught_and_counted(ray_local, tmp_path):
+    base = [r["text"] for r in read_jsonl(QUICK / "unlabelled.jsonl")][:20]
+    train = [r["text"] for r in read_jsonl(QUICK / "train.jsonl")]
+    test = [r["text"] for r in read_jsonl(QUICK / "test.jsonl")]
+    long_test = next(t for t in test if len(t.split()) >= 13)
+    planted = {
+        "exact": base[3],
+        "long": LONG,
+        "near": LONG.rsplit(" ", 1)[0] + " now",  # last word changed
+        "raw_copy": train[5],
+        "test_copy": test[7],
+        "test_13gram": "Hello support team, " + long_test + " Thanks in advance.",
+        "email_phone": "Please email me at jane.doe@example.com or call +1 415 555 0137 about my refund.",
+        "card": "My card 4111 1111 1111 1111 was charged twice for the same toaster.",
+        "ip_person": "The app says login from 192.168.10.24 failed; Dr. Maria Lopez set up the account.",
+    }
+    texts = base + list(planted.values())
+    unlabelled = write_jsonl(tmp_path / "unlabelled.jsonl", [{"text": t} for t in texts])
+    report = run(ROOT / "jobs" / "label_unlabelled.yaml", [
+        f"output_dir={tmp_path / 'out'}", f"data.unlabelled_path={unlabelled}", "raw_examples=150",
+        "stages.0.votes=1", "student.train_sets=[]", "quality.decontam.embedding_threshold=0.97"])
+    counts = report["counts"]
+    assert counts["ran"] == len(texts)
+    settled = counts["accepted"] + sum(counts["dropped"].values()) + sum(counts["quarantined"].values())
+    assert settled == counts["ran"] + counts["created"]
+
+    rows = all_rows(report).set_index("id")
+    by_text = {}
+    for row_id, row in rows.iterrows():
+        by_text.setdefault(row["text"], []).append((row_id, row))
+
+    def status_of(text: str) -> tuple[str, str]:
+        (_, row), *_ = by_text[text]
+        return row["_status"], row["_reason"]
+
+    # exact copy: the later one is dropped, the first kept
+    copies = sorted(by_text[planted["exact"]], key=lambda item: item[1]["_order"])
+    assert [r["_status"] for _, r in copies] == ["accepted", "dropped"]
+    assert copies[1][1]["_reason"] == "synthetic_duplicate"
+    # near duplicate of an earlier row, and of a raw row
+    assert status_of(planted["long"]) == ("accepted", "")
+    assert status_of(planted["near"]) == ("dropped", "near_duplicate_synthetic")
+    (_, near_row), = by_text[planted["near"]]
+    assert near_row["near_dup_of"] == by_text[planted["long"]][0][0]
+    assert status_of(planted["raw_copy"]) == ("dropped", "near_duplicate_raw")
+    # test-set copies: a whole short test sentence, and a 13-gram inside a longer text
+    assert status_of(planted["test_copy"]) == ("dropped", "contaminated")
+    assert status_of(planted["test_13gram"]) == ("dropped", "contaminated")
+    (_, copy_row), = by_text[planted["test_copy"]]
+    assert copy_row["contaminated_by"] == f"test:{test.index(planted['test_copy'])}"
+
+    quality = report["quality"]
+    assert quality["near_dup"]["near_duplicate_synthetic"] >= 1
+    assert quality["near_dup"]["near_duplicate_raw"] >= 1
+    assert quality["decontam"]["matched"] >= 2 and quality["decontam"]["examples"]
+    assert counts["dropped"]["synthetic_duplicate"] >= 1 and counts["dropped"]["contaminated"] >= 2
+
+    # PII: redacted in the written rows and counted by type
+    pii = quality["pii_teacher_rows"]
+    for kind in ("email", "phone", "card", "ip", "person"):
+        assert pii.get(kind, 0) >= 1, (kind, pii)
+    written = " ".join(rows["text"])
+    for secret in ("jane.doe@example.com", "415 555 0137", "4111 1111 1111 1111", "192.168.10.24",
+                   "Maria Lopez"):
+        assert secret not in written
+    assert "[EMAIL]" in written and "[CARD]" in written and "[IP]" in written
+
+    card = json.loads((tmp_path / "out" / "datacard.json").read_text())
+    assert card["filters"]["decontamination"]["matched"] == quality["decontam"]["matched"]
+    assert card["pii"]["teacher_rows"] == pii
+    assert "## Filters" in (tmp_path / "out" / "datacard.md").read_text()
+
+
+def test_coannotation_queue_round_trips_through_label_studio_format(ray_local, tmp_path):
+    job = ROOT / "jobs" / "coannotate.yaml"
+    overrides = [f"output_dir={tmp_path / 'out'}", "student.train_sets=[]",
+                 # every item is uncertain enough for the queue; 5 fit the budget, the rest pass
+                 "quality.coannotation.accept_below=0.0", "quality.coannotation.drop_above=1.0",
+                 "quality.coannotation.human_budget=5", "quality.coannotation.overflow=accept"]
+    report = run(job, overrides)
+    co = report["quality"]["coannotation"]
+    assert co["routed"]["human"] == 5 and co["human_queue"] == 5
+    assert report["counts"]["quarantined"]["human_review"] == 5
+    tasks = json.loads(Path(co["tasks_file"]).read_text())
+    assert len(tasks) == 5
+    labels = ["billing", "shipping", "technical"]
+    for task in tasks:
+        prediction = task["predictions"][0]["result"][0]["value"]["choices"][0]
+        assert prediction in labels and task["data"]["text"]
+    # A Label Studio export: the same tasks with one human annotation each.
+    export = []
+    for index, task in enumerate(tasks):
+        export.append({**task, "id": index + 1, "annotations": [{
+            "id": 100 + index, "completed_by": 7, "was_cancelled": False,
+            "created_at": "2026-11-21T10:00:00Z", "updated_at": "2026-11-21T10:00:00Z",
+            "result": [{"from_name": "label", "to_name": "text", "type": "choices",
+                        "value": {"choices": ["shipping"]}}]}]})
+    export_path = tmp_path / "export.json"
+    export_path.write_text(json.dumps(export))
+    assert main(["import-labels", str(job), str(export_path), *overrides]) == 0
+
+    again = run(job, overrides)
+    assert again["shards"]["resumed"] == again["shards"]["total"]  # no teacher work redone
+    assert again["quality"]["coannotation"]["human_labels_merged"] == 5
+    assert "human_review" not in again["counts"]["quarantined"]
+    rows = pd.read_parquet(again["outputs"]["synthetic"])
+    human = rows[rows["label_source"] == "human"]
+    assert sorted(human["id"]) == sorted(t["data"]["raydag_id"] for t in tasks)
+    assert (human["label"] == "shipping").all() and human["teacher_label"].isin(labels).all()
+    assert (human["annotator"] == "7").all()
+
+    bad = tmp_path / "bad.json"
+    export[0]["annotations"][0]["result"][0]["value"]["choices"] = ["refunds"]
+    bad.write_text(json.dumps(export))
+    assert main(["import-labels", str(job), str(bad), *overrides]) == 2
+
+
+@pytest.mark.skipif(not (BENCH_DATA / "sst2" / "train.jsonl").exists(),
+                    reason=f"the shared benchmark data is not at {BENCH_DATA} (set RAYDAG_BENCH_DATA)")
+def test_sst2_100_raw_1000_synthetic_gets_card_decontamination_diversity_and_bias(ray_local, tmp_path):
+    sst2 = BENCH_DATA / "sst2"
+    report = run(ROOT / "jobs" / "sst2_quality.yaml", [
+        f"output_dir={tmp_path / 'out'}", f"data.train_path={sst2 / 'train.jsonl'}",
+        f"data.test_path={sst2 / 'test.jsonl'}", f"quality.decontam.eval_paths.dev={sst2 / 'dev.jsonl'}",
+        "student.train_sets=[]"])
+    counts = report["counts"]
+    assert counts["raw"] == 100 and counts["planned"] == 1000
+    quality = report["quality"]
+    assert quality["decontam"]["splits"] == {"test": 1821, "dev": 872}
+    assert quality["decontam"]["checked"] > 0
+    diversity = quality["diversity"]
+    assert set(diversity["by_method"]) >= {"few_shot"}
+    few = diversity["by_method"]["few_shot"]
+    assert 0 < few["distinct_1"] <= 1 and 0 < few["distinct_2"] <= 1 and 0 <= few["self_bleu"] <= 1
+    assert few["embedding_cosine_distance"] is not None
+    assert set(few["label_distribution"]) <= {"negative", "positive"}
+    bias = quality["bias"]
+    assert set(bias["length"]["by_label"]) == {"negative", "positive"}
+    assert isinstance(bias["shortcut_words"], list)
+    card = json.loads((tmp_path / "out" / "datacard.json").read_text())
+    assert card["counts"]["accepted"] == counts["accepted"]
+    assert card["diversity"] == diversity and card["bias"] == bias
+    text = (tmp_path / "out" / "datacard.md").read_text()
+    for section in ("## Sources", "## Filters", "## Diversity", "## Label shortcut risks", "## PII"):
+        assert section in text
