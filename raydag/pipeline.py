@@ -454,6 +454,8 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
         raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
     new = pd.concat([pd.read_parquet(shard_path(folder, i)) for i in sorted(finished)],
                     ignore_index=True)
+    new["shortcut_words"] = new["shortcut_words"].map(  # one type per column: a JSON list
+        lambda words: json.dumps(list(words)) if words is not None and not isinstance(words, str) else words)
     base_columns = rows.columns()
     for column in base_columns:
         if column not in new.columns:

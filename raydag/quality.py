@@ -64,8 +64,10 @@ def _accepted(rows, columns: list[str]) -> pd.DataFrame:
     from ray.data.expressions import col
 
     present = [c for c in columns if c in rows.columns()]
-    return (rows.filter(expr=col("_status") == "accepted").select_columns(present)
-            .to_pandas().sort_values("_order", kind="stable").reset_index(drop=True))
+    frame = rows.filter(expr=col("_status") == "accepted").select_columns(present).to_pandas()
+    if frame.empty:  # no accepted rows: no columns either
+        return pd.DataFrame(columns=present)
+    return frame.sort_values("_order", kind="stable").reset_index(drop=True)
 
 
 def _drop(reason: str, stage: str, **extra: Any) -> dict[str, Any]:

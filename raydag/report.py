@@ -75,6 +75,16 @@ def _markdown(report: dict[str, Any]) -> str:
              f"- budget: max_requests {budget['max_requests']}, max_tokens {budget['max_tokens']}; "
              f"tokens used {budget['tokens_used']}; exhausted: {budget['exhausted']}",
              f"- cost: {', '.join(f'{k} {v}' for k, v in cost.items())}"]
+    quality = report.get("quality") or {}
+    if quality:
+        near, decontam = quality.get("near_dup") or {}, quality.get("decontam") or {}
+        rows += ["", "## Quality (details in datacard.md)",
+                 f"- near-duplicates dropped: {near.get('near_duplicate_synthetic', 0)} within "
+                 f"synthetic, {near.get('near_duplicate_raw', 0)} of raw rows",
+                 f"- contaminated rows dropped: {decontam.get('matched', 0)} by "
+                 f"{decontam.get('n', '-')}-grams, {decontam.get('embedding_matched', 0)} by embedding",
+                 f"- PII redacted: teacher rows {_reasons(quality.get('pii_teacher_rows', {}))}; "
+                 f"raw {_reasons(quality.get('pii_raw', {}))}"]
     if report["students"]:
         rows += ["", "## Students (test split)", "",
                  "| student | train examples | accuracy | macro-F1 |", "|---|---:|---:|---:|"]
@@ -156,6 +166,10 @@ def _diversity_rows(diversity: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
+
+
 def _datacard_markdown(card: dict[str, Any]) -> str:
     src, teacher, counts, filters = card["sources"], card["teacher"], card["counts"], card["filters"]
     rows = [f"# Data card: {card['name']}", "",
@@ -226,9 +240,12 @@ def _datacard_markdown(card: dict[str, Any]) -> str:
                         f"vs {w['z_raw']:.1f} in raw; in {w['share_of_label_rows']:.0%} of the "
                         f"label's synthetic rows")
         for flag in bias["length"]["flags"]:
-            rows.append(f"  - length shortcut: {flag}")
+            rows.append(f"  - length shortcut: '{flag['label']}' rows average "
+                        f"{float(flag['synthetic_mean']):.1f} words against {float(flag['others_mean']):.1f} "
+                        f"for the other labels (gap {float(flag['synthetic_gap']):.2f} of the mean; "
+                        f"raw {float(flag['raw_gap']):.2f})")
         rows.append("- text length by label (mean words, raw / synthetic): " + ", ".join(
-            f"{label} {v['raw_mean']} / {v['synthetic_mean']}"
+            f"{label} {_number(v['raw_mean'])} / {_number(v['synthetic_mean'])}"
             for label, v in bias["length"]["by_label"].items()))
     if card["students"]:
         rows += ["", "## Students (test split)"] + [

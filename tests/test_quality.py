@@ -187,3 +187,43 @@ def test_sst2_100_raw_1000_synthetic_gets_card_decontamination_diversity_and_bia
     text = (tmp_path / "out" / "datacard.md").read_text()
     for section in ("## Sources", "## Filters", "## Diversity", "## Label shortcut risks", "## PII"):
         assert section in text
+
+
+def test_rephrase_rewrites_rows_that_carry_a_planted_shortcut_word(ray_local, tmp_path):
+    import ray
+
+    from raydag.config import load_job
+    from raydag.pipeline import plan_placement, rephrase_flagged
+
+    job = load_job(ROOT / "jobs" / "quickstart.yaml", [f"output_dir={tmp_path}", "teacher.batch_size=8"])
+    raw_rows = read_jsonl(QUICK / "train.jsonl")[:60]
+    raw = pd.DataFrame([{"id": f"raw{i}", **r} for i, r in enumerate(raw_rows)])
+    # Teacher rows: every 'shipping' row says "parcelbox", a word the raw rows never use.
+    synthetic = []
+    for i, r in enumerate(raw_rows):
+        text = r["text"] + (" Sent via parcelbox." if r["label"] == "shipping" else "")
+        synthetic.append({"id": f"s{i}", "text": text, "label": r["label"], "method": "create.x",
+                          "parent_ids": [], "_status": "accepted", "_reason": "", "_stage": "",
+                          "_order": i})
+    rows = ray.data.from_pandas(pd.DataFrame(synthetic))
+    placement = plan_placement(job, ray_local)
+    merged, summary, stats = rephrase_flagged(rows, job, raw, tmp_path, placement)
+    flagged = [s for s in synthetic if "parcelbox" in s["text"]]
+    assert summary["shortcut_words"] >= 1 and summary["flagged_rows"] == len(flagged)
+    out = merged.to_pandas()
+    # Every input row is still there; each flagged one was either replaced or kept.
+    assert set(s["id"] for s in synthetic) <= set(out["id"])
+    originals = out[out["id"].isin([s["id"] for s in flagged])]
+    rewrites = out[out["parent_ids"].map(lambda p: p is not None and len(p) > 0 and str(p[0]).startswith("s"))]
+    assert len(rewrites) == len(flagged)
+    assert summary["rephrased"] + summary["kept_original"] == len(flagged)
+    replaced = originals[originals["_reason"] == "rephrased"]
+    assert len(replaced) == summary["rephrased"]
+    accepted_rewrites = rewrites[rewrites["_status"] == "accepted"]
+    assert len(accepted_rewrites) == summary["rephrased"]
+    assert not accepted_rewrites["text"].str.lower().str.contains("parcelbox").any()
+    assert (accepted_rewrites["label"] == "shipping").all()
+    (step,) = stats
+    assert step["rows_in"] == len(flagged) and step["created"] == len(flagged)
+    assert step["accepted"] + sum(step["dropped"].values()) + sum(step["quarantined"].values()) \
+        == 2 * len(flagged)

@@ -14,6 +14,7 @@ flagging every text that contains those three words.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +29,16 @@ REASON = "contaminated"
 STAGE = "decontam"
 REQUIRED_COLUMNS = ("text", "_status", "_order")
 MAX_EXAMPLES = 5
+_WORD = re.compile(r"\w+")  # punctuation separates words and is dropped: "parcel?" = "parcel"
+_KEY_COLUMNS = ["_order", "contaminated_by", "eval_split", "eval_index", "gram", "text"]
 
 
 def ngrams(text: str, n: int) -> set[str]:
     """The word n-grams of the normalised text, each the words joined by single spaces.
+
+    Words are the runs of letters and digits of
+    :func:`raydag.filters.exact.normalize_text`'s output, so case and punctuation do not count
+    ("Where is my parcel?" and "where is my parcel..." share their grams).
 
     Args:
         text: Any text; it is normalised with :func:`raydag.filters.exact.normalize_text`.
@@ -57,7 +64,7 @@ def _ngram_sequence(text: str, n: int) -> Iterator[str]:
     """The grams of :func:`ngrams` in the order they start in the text (repeats included)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    words = normalize_text(text or "").split()
+    words = _WORD.findall(normalize_text(text or ""))
     if len(words) < n:
         if words:
             yield " ".join(words)
@@ -167,6 +174,9 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
     index = NgramIndex(eval_texts, n)
     keys = rows.select_columns(list(REQUIRED_COLUMNS)).map_batches(
         _contamination_keys, fn_kwargs={"index": index}, batch_format="pandas").to_pandas()
+    keys = keys.reindex(columns=_KEY_COLUMNS)  # no accepted rows at all: no columns either
+    if keys["_order"].duplicated().any():
+        raise ValueError("decontamination: _order is not unique among accepted rows")
     hits = keys[keys["contaminated_by"].notna()].sort_values("_order", kind="stable")
     marks = hits.set_index("_order")["contaminated_by"]
     summary = {

@@ -16,6 +16,7 @@ Jaccard is (L - 5) / (L + 1): 0.71 for 20 words, 0.8 only from 29 words on.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 # datasketch's default since 2.0.0, named so that a later change of default cannot mix schemes.
 _SCHEME = "affine32"
 # The value of every slot of the signature of an empty set under that scheme.
-_EMPTY_SLOT = np.uint64((1 << 32) - 1)
+_EMPTY_SLOT = np.uint32((1 << 32) - 1)
 _RAW, _SYNTHETIC = 0, 1  # key kinds in the LSH index; raw matches win over synthetic ones
 REASON_RAW = "near_duplicate_raw"
 REASON_SYNTHETIC = "near_duplicate_synthetic"
@@ -43,13 +44,16 @@ MAX_EXAMPLES = 5
 # threshold in the benchmark, against 68% with datasketch's default (0.5, 0.5) (9 bands of 13).
 LSH_WEIGHTS = (0.05, 0.95)
 _SIGNATURE_BATCH_ROWS = 4096
+_WORD = re.compile(r"\w+")  # punctuation separates words and is dropped: "parcel?" = "parcel"
 
 
 def word_shingles(text: str, size: int) -> set[bytes]:
     """The word ``size``-grams of the normalised text, UTF-8 encoded.
 
+    Words are the runs of letters and digits of
+    :func:`raydag.filters.exact.normalize_text`'s output, so case and punctuation do not count.
     A text with fewer than ``size`` words yields one shingle of all its words, so short texts
-    can still match; an empty text yields the empty set.
+    can still match; a text without words yields the empty set.
 
     Args:
         text: Any text; it is normalised with :func:`raydag.filters.exact.normalize_text`.
@@ -69,7 +73,7 @@ def word_shingles(text: str, size: int) -> set[bytes]:
     """
     if size < 1:
         raise ValueError(f"shingle size must be at least 1, got {size}")
-    words = normalize_text(text or "").split()
+    words = _WORD.findall(normalize_text(text or ""))
     if len(words) < size:
         return {" ".join(words).encode()} if words else set()
     return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
@@ -131,7 +135,7 @@ def near_duplicate_pairs(signatures: np.ndarray, order, *, threshold: float, num
 
     Args:
         signatures: ``(n, num_perm)`` signatures of the candidate rows, from
-            :func:`minhash_signatures`.
+            :func:`minhash_signatures` (any integer dtype; the values fit in 32 bits).
         order: ``n`` generation orders (``_order``); a smaller order is earlier and wins.
         threshold: Estimated Jaccard at or above which two rows are near duplicates, in (0, 1].
         num_perm: Signature length; must match the signatures' second dimension.
@@ -144,8 +148,8 @@ def near_duplicate_pairs(signatures: np.ndarray, order, *, threshold: float, num
         ``"near_duplicate_synthetic"`` with the position of the kept candidate.
 
     Raises:
-        ValueError: If the shapes disagree with each other or with ``num_perm``, or the
-            threshold is outside (0, 1].
+        ValueError: If the shapes disagree with each other or with ``num_perm``, a value does
+            not fit in 32 bits, or the threshold is outside (0, 1].
 
     Example:
         >>> sigs = minhash_signatures(["one two three four five six seven eight nine ten",
@@ -164,18 +168,20 @@ def near_duplicate_pairs(signatures: np.ndarray, order, *, threshold: float, num
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
 
-    signatures32, reference32 = signatures.astype(np.uint32), reference.astype(np.uint32)
+    signatures32 = signatures.astype(np.uint32, copy=False)
+    reference32 = reference.astype(np.uint32, copy=False)
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
-    for index, signature in enumerate(reference):
+    for index, signature in enumerate(reference32):
         if not _is_empty(signature):
-            lsh.insert((_RAW, index), _sketch(reference32[index]), check_duplication=False)
+            lsh.insert((_RAW, index), _sketch(signature), check_duplication=False)
     drops: dict[int, tuple[str, int]] = {}
     for position in np.argsort(order, kind="stable").tolist():
-        signature = signatures[position]
+        signature = signatures32[position]
         if _is_empty(signature):
             continue
-        sketch = _sketch(signatures32[position])
-        match = _best_match(signature, lsh.query(sketch), signatures, reference, order, threshold)
+        sketch = _sketch(signature)
+        match = _best_match(signature, lsh.query(sketch), signatures32, reference32, order,
+                            threshold)
         if match is None:
             lsh.insert((_SYNTHETIC, position), sketch, check_duplication=False)
         else:
@@ -188,6 +194,8 @@ def _as_signatures(signatures, num_perm: int, name: str) -> np.ndarray:
     signatures = np.asarray(signatures)
     if signatures.ndim != 2 or signatures.shape[1] != num_perm:
         raise ValueError(f"{name} has shape {signatures.shape}, expected (rows, {num_perm})")
+    if signatures.size and (signatures.min() < 0 or signatures.max() > _EMPTY_SLOT):
+        raise ValueError(f"{name} hold values outside 32 bits: not minhash_signatures output")
     return signatures
 
 
@@ -226,7 +234,7 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     """Drop accepted rows that nearly repeat an earlier accepted row or a reference text.
 
     Signatures are computed in Ray Data tasks (in parallel); only ``_order``, ``id`` and the
-    signature of each accepted row come to the driver (``num_perm * 8`` bytes a row, ~1 KB),
+    signature of each accepted row come to the driver (``num_perm * 4`` bytes a row),
     where :func:`near_duplicate_pairs` decides and the reference signatures are computed.
     A dropped row gets ``_status="dropped"``, ``_reason`` ``near_duplicate_synthetic`` or
     ``near_duplicate_raw``, ``_stage="near_dup"`` and ``near_dup_of``, the id of the row it
@@ -312,12 +320,15 @@ def _collect_signature_keys(rows: ray.data.Dataset, settings: dict) -> dict[str,
     keys = rows.select_columns(list(REQUIRED_COLUMNS)).map_batches(
         _signature_keys, fn_kwargs=settings, batch_format="pandas",
         batch_size=_SIGNATURE_BATCH_ROWS)
-    parts = [b for b in keys.iter_batches(batch_format="numpy", batch_size=None) if len(b["_order"])]
+    parts = [b for b in keys.iter_batches(batch_format="numpy", batch_size=None)
+             if len(b.get("_order", ()))]  # a block with no accepted rows may have no columns
     if not parts:
         return {"order": np.empty(0, np.int64), "id": np.empty(0, object),
-                "signature": np.empty((0, settings["num_perm"]), np.uint64)}
-    return {"order": np.concatenate([p["_order"] for p in parts]).astype(np.int64),
-            "id": np.concatenate([p["id"] for p in parts]).astype(object),
+                "signature": np.empty((0, settings["num_perm"]), np.uint32)}
+    order = np.concatenate([p["_order"] for p in parts]).astype(np.int64)
+    if len(np.unique(order)) != len(order):
+        raise ValueError("near-duplicate filter: _order is not unique among accepted rows")
+    return {"order": order, "id": np.concatenate([p["id"] for p in parts]).astype(object),
             "signature": np.concatenate([p["_signature"] for p in parts])}
 
 
@@ -326,8 +337,10 @@ def _signature_keys(batch: pd.DataFrame, *, num_perm: int, shingle_size: int,
     accepted = batch[batch["_status"] == "accepted"]
     return {"_order": accepted["_order"].to_numpy(dtype=np.int64),
             "id": accepted["id"].astype(str).to_numpy(dtype=object),
+            # uint32 holds every value (affine32) and halves what travels to the driver
             "_signature": minhash_signatures(accepted["text"].tolist(), num_perm=num_perm,
-                                             shingle_size=shingle_size, seed=seed)}
+                                             shingle_size=shingle_size,
+                                             seed=seed).astype(np.uint32)}
 
 
 def _examples(rows: ray.data.Dataset, drops: dict[int, tuple[str, int]], orders: np.ndarray,

@@ -1,0 +1,338 @@
+"""Near-duplicate (MinHash LSH) and n-gram decontamination filters: pure parts, then Ray Data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raydag.filters.decontam import NgramIndex, mark_contaminated, ngrams
+from raydag.filters.near_dup import (
+    REASON_RAW,
+    REASON_SYNTHETIC,
+    mark_near_duplicates,
+    minhash_signatures,
+    near_duplicate_pairs,
+    word_shingles,
+)
+
+WORDS = [f"{stem}{i}" for i in range(40) for stem in ("ka", "lo", "mi", "nu", "re")]  # 200
+
+
+def sentence(start: int, length: int) -> str:
+    """``length`` distinct words from WORDS, starting at ``start`` (so no shingle repeats)."""
+    return " ".join(WORDS[start : start + length])
+
+
+def replace_word(text: str, position: int, word: str = "zzzz") -> str:
+    words = text.split()
+    words[position] = word
+    return " ".join(words)
+
+
+# ---------------------------------------------------------------- shingles and n-grams
+
+def test_word_shingles_are_normalised_word_ngrams():
+    assert word_shingles("The  CAT sat, on the mat!", 3) == {
+        b"the cat sat", b"cat sat on", b"sat on the", b"on the mat"}
+    assert word_shingles("the cat -- sat on (the) mat", 3) == word_shingles(
+        "The cat sat on the mat", 3)
+    assert word_shingles("Hello there.", 3) == {b"hello there"}  # fewer words: one shingle
+    assert word_shingles("one two three", 3) == {b"one two three"}
+    assert word_shingles("", 3) == set()
+    assert word_shingles("  ?!  ", 3) == set()  # nothing left after normalising
+    with pytest.raises(ValueError, match="at least 1"):
+        word_shingles("a b", 0)
+
+
+def test_ngrams_edge_cases():
+    assert ngrams("Where is my parcel?", 2) == {"where is", "is my", "my parcel"}
+    assert ngrams("Refund me", 13) == {"refund me"}  # short text: one gram of all its words
+    assert ngrams("a b a b a", 2) == {"a b", "b a"}
+    assert ngrams("Where, is my... parcel?!", 4) == {"where is my parcel"}  # punctuation ignored
+    assert ngrams("", 13) == set()
+    assert ngrams(" ... ", 13) == set()
+    with pytest.raises(ValueError, match="at least 1"):
+        ngrams("a b", 0)
+
+
+def test_one_middle_word_changed_in_20_words_has_jaccard_15_over_21():
+    """The arithmetic the module docstring states: 3 of 18 shingles change."""
+    a = sentence(0, 20)
+    x, y = word_shingles(a, 3), word_shingles(replace_word(a, 10), 3)
+    assert len(x & y) / len(x | y) == pytest.approx(15 / 21)
+
+
+# ---------------------------------------------------------------- signatures
+
+def test_signatures_are_datasketch_minhashes_and_deterministic():
+    from datasketch import MinHash
+
+    texts = [sentence(0, 20), sentence(5, 9), "", "Hi"]
+    sigs = minhash_signatures(texts, num_perm=64, seed=3)
+    assert sigs.shape == (4, 64) and sigs.dtype == np.uint64
+    np.testing.assert_array_equal(sigs, minhash_signatures(texts, num_perm=64, seed=3))
+    assert not np.array_equal(sigs, minhash_signatures(texts, num_perm=64, seed=4))
+    direct = MinHash(num_perm=64, seed=3)
+    direct.update_batch(word_shingles(texts[0], 3))
+    np.testing.assert_array_equal(sigs[0], direct.hashvalues.astype(np.uint64))
+    assert minhash_signatures([], num_perm=32).shape == (0, 32)
+
+
+# ---------------------------------------------------------------- near_duplicate_pairs
+
+def test_one_word_changed_is_a_near_duplicate_and_an_unrelated_text_is_not():
+    base = sentence(0, 20)
+    near = replace_word(base, 19)  # last word: 1 of 18 shingles changes, Jaccard 17/19
+    unrelated = sentence(20, 20)
+    sigs = minhash_signatures([base, near, unrelated])
+    drops = near_duplicate_pairs(sigs, [0, 1, 2], threshold=0.7, num_perm=128)
+    assert drops == {1: (REASON_SYNTHETIC, 0)}
+
+
+def test_earliest_order_wins_whatever_the_position():
+    text = sentence(3, 25)
+    sigs = minhash_signatures([text, sentence(30, 12), text + " again"])
+    drops = near_duplicate_pairs(sigs, [7, 1, 2], threshold=0.8, num_perm=128)
+    assert drops == {0: (REASON_SYNTHETIC, 2)}  # position 2 (order 2) is earlier than order 7
+
+
+def test_reference_matches_are_raw_and_name_the_reference_index():
+    text = sentence(0, 30)
+    reference = minhash_signatures([sentence(31, 10), text])
+    sigs = minhash_signatures([text, replace_word(text, 29), sentence(60, 15)])
+    drops = near_duplicate_pairs(sigs, [0, 1, 2], threshold=0.8, num_perm=128,
+                                 reference=reference)
+    assert drops == {0: (REASON_RAW, 1), 1: (REASON_RAW, 1)}
+
+
+def _random_signatures(rows: int, num_perm: int = 128, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2**31, size=(rows, num_perm), dtype=np.uint64)
+
+
+def test_a_dropped_row_is_not_indexed_so_a_chain_keeps_its_far_end():
+    a, noise = _random_signatures(2)
+    b = a.copy()
+    b[:26] = noise[:26]  # A~B: 102/128 = 0.80 equal slots
+    c = b.copy()
+    c[-26:] = noise[-26:]  # B~C: 0.80, A~C: 76/128 = 0.59
+    drops = near_duplicate_pairs(np.stack([a, b, c]), [0, 1, 2], threshold=0.7, num_perm=128)
+    assert drops == {1: (REASON_SYNTHETIC, 0)}
+
+
+def test_a_raw_match_beats_an_equally_close_earlier_synthetic_one():
+    raw, x, noise = _random_signatures(3)
+    x = raw.copy()
+    x[:40] = noise[:40]  # X~R: 88/128 = 0.69, kept
+    y = raw.copy()
+    y[:20] = x[:20]  # Y~R: 108/128 = 0.84 and Y~X: 108/128 = 0.84
+    drops = near_duplicate_pairs(np.stack([x, y]), [0, 1], threshold=0.75, num_perm=128,
+                                 reference=raw[None, :])
+    assert drops == {1: (REASON_RAW, 0)}
+
+
+def test_lsh_candidates_below_the_threshold_are_not_dropped():
+    a, b = _random_signatures(2)
+    b[:64] = a[:64]  # every band in the first half collides, but only half the slots agree
+    assert near_duplicate_pairs(np.stack([a, b]), [0, 1], threshold=0.8, num_perm=128) == {}
+    assert near_duplicate_pairs(np.stack([a, b]), [0, 1], threshold=0.5, num_perm=128) == {
+        1: (REASON_SYNTHETIC, 0)}
+
+
+def test_empty_texts_are_neither_dropped_nor_matched():
+    sigs = minhash_signatures(["", "", "  !  "])
+    assert near_duplicate_pairs(sigs, [0, 1, 2], threshold=0.8, num_perm=128) == {}
+
+
+def test_shapes_are_checked():
+    sigs = minhash_signatures(["a b c d"], num_perm=64)
+    with pytest.raises(ValueError, match="expected"):
+        near_duplicate_pairs(sigs, [0], threshold=0.8, num_perm=128)
+    with pytest.raises(ValueError, match="order"):
+        near_duplicate_pairs(sigs, [0, 1], threshold=0.8, num_perm=64)
+    with pytest.raises(ValueError, match="reference"):
+        near_duplicate_pairs(sigs, [0], threshold=0.8, num_perm=64, reference=np.zeros((1, 8)))
+    with pytest.raises(ValueError, match="32 bits"):
+        near_duplicate_pairs(sigs + np.uint64(2**32), [0], threshold=0.8, num_perm=64)
+    with pytest.raises(ValueError, match="threshold"):
+        near_duplicate_pairs(sigs, [0], threshold=0.0, num_perm=64)
+
+
+# ---------------------------------------------------------------- n-gram index
+
+EVAL_LONG = sentence(0, 20)
+EVAL_SHORT = "Is my refund on its way?"
+
+
+def test_a_13_gram_copy_inside_a_longer_text_is_caught():
+    index = NgramIndex({"test": [sentence(25, 15), EVAL_LONG]}, n=13)
+    copied = " ".join(EVAL_LONG.split()[3:16])  # 13 consecutive words
+    text = f"Dear team, {copied.upper()} - thanks a lot for your help"
+    assert index.match(text) == ("test", 1, copied)
+
+
+def test_a_whole_short_eval_sentence_copied_is_caught():
+    index = NgramIndex({"test": [EVAL_LONG], "validation": ["other words", EVAL_SHORT]}, n=13)
+    assert index.match("is my REFUND on its way") == ("validation", 1, "is my refund on its way")
+    assert index.match("Is my refund on its way yet?") is None  # not the whole sentence
+
+
+def test_twelve_shared_words_are_not_a_13_gram_but_are_an_8_gram():
+    shared = EVAL_LONG.split()[4:16]  # 12 consecutive words of the eval text
+    text = "please note " + " ".join(shared) + " kind regards from us"
+    assert NgramIndex({"test": [EVAL_LONG]}, n=13).match(text) is None
+    split, index, gram = NgramIndex({"test": [EVAL_LONG]}, n=8).match(text)
+    assert (split, index, gram) == ("test", 0, " ".join(shared[:8]))  # the first shared gram
+
+
+def test_index_stores_digests_and_reports_the_first_eval_text():
+    index = NgramIndex({"a": [sentence(0, 5)], "b": [sentence(0, 5), sentence(2, 5)]}, n=3)
+    assert len(index) == 5  # a: 3 grams; b[0]: the same 3; b[1]: 1 of those and 2 new
+    assert index.match(sentence(2, 3)) == ("a", 0, sentence(2, 3))
+    assert index.match(sentence(4, 3)) == ("b", 1, sentence(4, 3))
+    assert index.split_sizes == {"a": 1, "b": 2}
+    assert all(isinstance(k, bytes) and len(k) == 8 for k in index._grams)
+
+
+# ---------------------------------------------------------------- Ray Data glue
+
+@pytest.fixture(scope="module")
+def ray_up():
+    from raydag.pipeline import init_ray
+
+    return init_ray()
+
+
+def _dataset(rows: list[dict], blocks: int = 3):
+    import ray
+
+    frame = pd.DataFrame([{"_reason": None, "_stage": "create", **row} for row in rows])
+    size = -(-len(frame) // blocks)
+    return ray.data.from_pandas([frame.iloc[i : i + size] for i in range(0, len(frame), size)])
+
+
+def _by_id(dataset) -> pd.DataFrame:
+    return dataset.to_pandas().set_index("id").sort_index()
+
+
+@pytest.mark.slow
+def test_mark_near_duplicates_marks_copies_and_keeps_every_row(ray_up):
+    a, b, c, d = sentence(0, 25), sentence(25, 10), sentence(40, 30), sentence(80, 22)
+    raw = ["nothing like the others here", c]
+    rows = [
+        {"id": "a", "text": a, "_order": 0, "_status": "accepted"},
+        {"id": "b", "text": b, "_order": 1, "_status": "accepted"},
+        {"id": "a2", "text": replace_word(a, 24), "_order": 2, "_status": "accepted"},
+        {"id": "c2", "text": c + " thanks", "_order": 3, "_status": "accepted"},
+        {"id": "a3", "text": a, "_order": 4, "_status": "dropped", "_reason": "too_short",
+         "_stage": "create"},
+        {"id": "a4", "text": a, "_order": 5, "_status": "quarantined",
+         "_reason": "judge_unsure", "_stage": "judge"},
+        {"id": "d_late", "text": d.upper(), "_order": 9, "_status": "accepted"},
+        {"id": "d", "text": d, "_order": 6, "_status": "accepted"},
+        {"id": "e", "text": "", "_order": 7, "_status": "accepted"},
+    ]
+    marked, summary = mark_near_duplicates(_dataset(rows), reference_texts=raw,
+                                           reference_ids=["raw-1", "raw-2"], threshold=0.8,
+                                           num_perm=128, shingle_size=3, seed=1)
+    out = _by_id(marked)
+
+    assert sorted(out.index) == sorted(r["id"] for r in rows)  # rows in == rows out
+    dropped = out[out["_stage"] == "near_dup"]
+    assert dict(zip(dropped.index, dropped["_reason"])) == {
+        "a2": REASON_SYNTHETIC, "c2": REASON_RAW, "d_late": REASON_SYNTHETIC}
+    assert (dropped["_status"] == "dropped").all()
+    assert dict(zip(dropped.index, dropped["near_dup_of"])) == {
+        "a2": "a", "c2": "raw-2", "d_late": "d"}
+    others = out.drop(index=dropped.index)
+    assert others["near_dup_of"].isna().all()
+    assert out.loc["a3", ["_status", "_reason", "_stage"]].tolist() == [
+        "dropped", "too_short", "create"]
+    assert out.loc["a4", ["_status", "_reason", "_stage"]].tolist() == [
+        "quarantined", "judge_unsure", "judge"]
+    assert (out.loc[["a", "b", "d", "e"], "_status"] == "accepted").all()
+
+    assert {k: summary[k] for k in ("checked", REASON_SYNTHETIC, REASON_RAW, "threshold",
+                                     "num_perm", "shingle_size")} == {
+        "checked": 7, REASON_SYNTHETIC: 2, REASON_RAW: 1, "threshold": 0.8, "num_perm": 128,
+        "shingle_size": 3}
+    assert summary["examples"] == [  # earliest dropped rows first
+        {"text": replace_word(a, 24), "matched_text": a, "reason": REASON_SYNTHETIC},
+        {"text": c + " thanks", "matched_text": c, "reason": REASON_RAW},
+        {"text": d.upper(), "matched_text": d, "reason": REASON_SYNTHETIC},
+    ]
+
+
+@pytest.mark.slow
+def test_mark_near_duplicates_without_reference_names_raw_rows_by_index(ray_up):
+    text = sentence(0, 20)
+    rows = [{"id": "x", "text": text + " ok", "_order": 0, "_status": "accepted"},
+            {"id": "y", "text": sentence(20, 20), "_order": 1, "_status": "accepted"},
+            {"id": "z", "text": text, "_order": 2, "_status": "dropped"}]  # a block of its own
+    marked, summary = mark_near_duplicates(_dataset(rows, blocks=2), reference_texts=[text])
+    out = _by_id(marked)
+    assert out.loc["x", "near_dup_of"] == "raw:0" and pd.isna(out.loc["y", "near_dup_of"])
+    assert (summary[REASON_RAW], summary[REASON_SYNTHETIC], summary["checked"]) == (1, 0, 2)
+
+    nothing_accepted = _dataset([rows[2]], blocks=1)
+    marked, summary = mark_near_duplicates(nothing_accepted, reference_texts=[text])
+    assert len(_by_id(marked)) == 1 and summary["checked"] == 0 and summary["examples"] == []
+    with pytest.raises(ValueError, match="reference_ids"):
+        mark_near_duplicates(_dataset(rows, blocks=1), reference_texts=[text],
+                             reference_ids=["a", "b"])
+
+
+@pytest.mark.slow
+def test_mark_contaminated_drops_rows_sharing_a_gram_and_keeps_every_row(ray_up):
+    eval_texts = {"test": [sentence(30, 8), EVAL_LONG], "validation": [EVAL_SHORT]}
+    embedded = "Hello! " + " ".join(EVAL_LONG.split()[2:15]) + " and so on and so forth"
+    rows = [
+        {"id": "clean", "text": sentence(20, 18), "_order": 0, "_status": "accepted"},
+        {"id": "embedded", "text": embedded, "_order": 1, "_status": "accepted"},
+        {"id": "short", "text": "is my refund on its way", "_order": 2, "_status": "accepted"},
+        {"id": "twelve", "text": "so " + " ".join(EVAL_LONG.split()[:12]) + " right",
+         "_order": 3, "_status": "accepted"},
+        {"id": "was_dropped", "text": EVAL_LONG, "_order": 4, "_status": "dropped",
+         "_reason": "too_long", "_stage": "create"},
+        {"id": "exact", "text": EVAL_LONG, "_order": 5, "_status": "accepted"},
+    ]
+    marked, summary = mark_contaminated(_dataset(rows), eval_texts=eval_texts, n=13)
+    out = _by_id(marked)
+
+    assert sorted(out.index) == sorted(r["id"] for r in rows)
+    hit = out[out["_stage"] == "decontam"]
+    assert dict(zip(hit.index, hit["contaminated_by"])) == {
+        "embedded": "test:1", "short": "validation:0", "exact": "test:1"}
+    assert (hit["_status"] == "dropped").all() and (hit["_reason"] == "contaminated").all()
+    assert out.drop(index=hit.index)["contaminated_by"].isna().all()
+    assert out.loc["was_dropped", ["_status", "_reason"]].tolist() == ["dropped", "too_long"]
+    assert (out.loc[["clean", "twelve"], "_status"] == "accepted").all()
+
+    assert {k: v for k, v in summary.items() if k != "examples"} == {
+        "method": "ngram", "n": 13, "splits": {"test": 2, "validation": 1}, "checked": 5,
+        "matched": 3, "by_split": {"test": 2, "validation": 1}}
+    assert summary["examples"] == [
+        {"text": embedded, "eval_split": "test", "eval_text": EVAL_LONG,
+         "gram": " ".join(EVAL_LONG.split()[2:15])},
+        {"text": "is my refund on its way", "eval_split": "validation",
+         "eval_text": EVAL_SHORT, "gram": "is my refund on its way"},
+        {"text": EVAL_LONG, "eval_split": "test", "eval_text": EVAL_LONG,
+         "gram": " ".join(EVAL_LONG.split()[:13])},
+    ]
+
+    marked, summary = mark_contaminated(_dataset([rows[4]], blocks=1), eval_texts=eval_texts)
+    assert len(_by_id(marked)) == 1
+    assert (summary["checked"], summary["matched"], summary["examples"]) == (0, 0, [])
+
+
+@pytest.mark.slow
+def test_missing_columns_fail_before_any_work(ray_up):
+    import ray
+
+    from raydag.errors import ColumnContractError
+
+    rows = ray.data.from_pandas(pd.DataFrame({"text": ["a b c"], "_status": ["accepted"]}))
+    with pytest.raises(ColumnContractError, match=r"near_dup.*\['id', '_order'\]"):
+        mark_near_duplicates(rows)
+    with pytest.raises(ColumnContractError, match=r"decontam.*\['_order'\]"):
+        mark_contaminated(rows, eval_texts={"test": ["a b c"]})
