@@ -54,6 +54,7 @@ test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: install
+	$(PY) -m raydag.bench minhash
 	$(PY) -m raydag.bench teacher
 
 clean:

@@ -1,5 +1,8 @@
 """Benchmarks that compare side by side in one run; ``make bench`` runs them.
 
+``python -m raydag.bench minhash`` times the near-duplicate pass (MinHash signatures in Ray
+Data, LSH on the driver, marking) on 100,000 rows and prints ``minhash_rows_per_s=<number>``.
+
 ``python -m raydag.bench teacher`` measures the teacher stage (Ray Data -> ChainRunner actor
 -> vLLM, exactly as ``raydag run`` builds it) against plain ``vllm.LLM.generate`` on the same model, the same prompts and the same
 sampling settings, and prints ``teacher_vs_vllm_ratio=<ours / plain output tokens per second>``.
@@ -179,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m raydag.bench teacher [--requests N] [--batch-size B]``."""
     parser = argparse.ArgumentParser(prog="python -m raydag.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["teacher"], help="benchmark to run")
+    parser.add_argument("which", choices=["teacher", "minhash"],
+                        help="teacher: the teacher stage against plain vLLM; minhash: MinHash "
+                        "near-duplicate marking throughput (see raydag.bench_minhash)")
+    parser.add_argument("--rows", type=int, default=100_000, help="minhash: rows (100000)")
     parser.add_argument("--requests", type=int, default=384, help="requests per side (384)")
     parser.add_argument("--batch-size", type=int, default=64, help="requests per batch (64)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -188,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the requests through ray.data.llm and compare wall times")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the plain side's engine logs here
+    if args.which == "minhash":
+        from raydag.bench_minhash import bench_minhash
+
+        bench_minhash(args.rows)
+        return 0
     bench_teacher(args.requests, args.batch_size, args.rounds, args.with_ray_data_llm)
     return 0
 
