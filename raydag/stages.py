@@ -34,6 +34,14 @@ def check_columns(stage: str, required: Iterable[str], available: Iterable[str])
         )
 
 
+def check_dataset_columns(stage: str, required: Iterable[str], rows: Any) -> None:
+    """:func:`check_columns` for a Ray Data dataset; skipped when its schema is not known
+    without executing it."""
+    schema = rows.schema(fetch_if_missing=False)
+    if schema is not None:
+        check_columns(stage, required, schema.names)
+
+
 def check_chain(columns: Iterable[str], stages: list[tuple[str, Iterable[str], Iterable[str]]]) -> None:
     """Check a chain of ``(name, requires, adds)`` stages against the first stage's input columns.
 

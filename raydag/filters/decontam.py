@@ -170,7 +170,9 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
         >>> summary["matched"], marked.take(1)[0]["contaminated_by"]
         (1, 'test:0')
     """
-    _check_input_columns(rows)
+    from raydag.stages import check_dataset_columns  # here: raydag.stages imports this package
+
+    check_dataset_columns(STAGE, REQUIRED_COLUMNS, rows)
     index = NgramIndex(eval_texts, n)
     keys = rows.select_columns(list(REQUIRED_COLUMNS)).map_batches(
         _contamination_keys, fn_kwargs={"index": index}, batch_format="pandas").to_pandas()
@@ -194,16 +196,6 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
     marked = rows.map_batches(_mark_contaminated, fn_kwargs={"marks": marks},
                               batch_format="pandas")
     return marked, summary
-
-
-def _check_input_columns(rows: ray.data.Dataset) -> None:
-    """Fail before any work runs when a required column is missing; the check is skipped when
-    the schema is not known without executing ``rows``."""
-    from raydag.stages import check_columns  # here: raydag.stages may import this module
-
-    schema = rows.schema(fetch_if_missing=False)
-    if schema is not None:
-        check_columns(STAGE, REQUIRED_COLUMNS, schema.names)
 
 
 def _contamination_keys(batch: pd.DataFrame, index: NgramIndex) -> pd.DataFrame:

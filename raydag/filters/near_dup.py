@@ -275,7 +275,9 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
         >>> summary["near_duplicate_synthetic"], marked.take(2)[1]["near_dup_of"]
         (1, 'a')
     """
-    _check_input_columns(rows)
+    from raydag.stages import check_dataset_columns  # here: raydag.stages imports this package
+
+    check_dataset_columns(STAGE, REQUIRED_COLUMNS, rows)
     reference_texts = list(reference_texts or [])
     if reference_ids is None:
         reference_ids = [f"raw:{i}" for i in range(len(reference_texts))]
@@ -303,16 +305,6 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     marked = rows.map_batches(_mark_near_duplicates, fn_kwargs={"marks": marks},
                               batch_format="pandas")
     return marked, summary
-
-
-def _check_input_columns(rows: ray.data.Dataset) -> None:
-    """Fail before any work runs when a required column is missing; the check is skipped when
-    the schema is not known without executing ``rows``."""
-    from raydag.stages import check_columns  # here: raydag.stages may import this module
-
-    schema = rows.schema(fetch_if_missing=False)
-    if schema is not None:
-        check_columns(STAGE, REQUIRED_COLUMNS, schema.names)
 
 
 def _collect_signature_keys(rows: ray.data.Dataset, settings: dict) -> dict[str, np.ndarray]:
