@@ -427,6 +427,9 @@ class JobConfig(StrictModel):
             unknown = set(first.label_distribution) - set(self.data.labels)
             if unknown:
                 raise ValueError(f"stages.0.label_distribution names unknown labels {sorted(unknown)}")
+        if self.quality.consistency.pvi_threshold is not None and "raw" not in self.student.train_sets:
+            raise ValueError("quality.consistency.pvi_threshold scores rows with the raw student: "
+                             "add 'raw' to student.train_sets")
         if self.data is None and self.student.train_sets:
             raise ValueError("a job without a data section trains no students: set "
                              "student.train_sets to []")

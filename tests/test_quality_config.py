@@ -32,6 +32,12 @@ def test_coannotation_thresholds_must_be_ordered():
         load_job(QUICKSTART, ["quality.near_dup.threshold=1.5"])
 
 
+def test_pvi_needs_the_raw_student():
+    with pytest.raises(ConfigError, match="add 'raw' to student.train_sets"):
+        load_job(QUICKSTART, ["quality.consistency.pvi_threshold=0.0", "student.train_sets=[mixed]"])
+    assert load_job(QUICKSTART, ["quality.consistency.pvi_threshold=0.0"]).quality.consistency.pvi_threshold == 0.0
+
+
 def test_only_pii_settings_change_the_run_signature():
     base = run_signature(load_job(QUICKSTART), {})[0]
     passes = run_signature(load_job(QUICKSTART, [
