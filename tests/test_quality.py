@@ -173,8 +173,8 @@ def test_sst2_100_raw_1000_synthetic_gets_card_decontamination_diversity_and_bia
     assert quality["decontam"]["splits"] == {"test": 1821, "dev": 872}
     assert quality["decontam"]["checked"] > 0
     diversity = quality["diversity"]
-    assert set(diversity["by_method"]) >= {"few_shot"}
-    few = diversity["by_method"]["few_shot"]
+    assert set(diversity["by_method"]) == {"create.few_shot_3"}
+    few = diversity["by_method"]["create.few_shot_3"]
     assert 0 < few["distinct_1"] <= 1 and 0 < few["distinct_2"] <= 1 and 0 <= few["self_bleu"] <= 1
     assert few["embedding_cosine_distance"] is not None
     assert set(few["label_distribution"]) <= {"negative", "positive"}
