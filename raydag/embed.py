@@ -67,17 +67,12 @@ def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
     Returns:
         A float32 array of shape (len(texts), dim), rows L2-normalised.
     """
-    import ray
+    from raydag.stages import map_in_one_actor
 
     if not texts:
         return np.zeros((0, 0), dtype=np.float32)
-    threads = threads or len(os.sched_getaffinity(0))
-    frame = pd.DataFrame({"_position": range(len(texts)), "text": [str(t) for t in texts]})
-    out = ray.data.from_pandas(frame).map_batches(
-        TextEncoder, fn_constructor_kwargs={"model": model}, batch_size=batch_size,
-        batch_format="pandas", concurrency=1, num_cpus=1,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
-    ).to_pandas().sort_values("_position")
+    out = map_in_one_actor(pd.DataFrame({"text": [str(t) for t in texts]}), TextEncoder,
+                           {"model": model}, batch_size=batch_size, threads=threads)
     return np.stack(out["_embedding"].to_numpy()).astype(np.float32)
 
 

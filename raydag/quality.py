@@ -126,11 +126,17 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
     embed_decontam = decontam and quality.decontam.embedding_threshold is not None
     if embed_dups or embed_decontam:
         accepted = _accepted(rows, ["id", "text", "_order"])
-        vectors = encode_texts(accepted["text"].tolist(), job.student.model)
+        names = ([(name, i) for name, texts in evals.items() for i in range(len(texts))]
+                 if embed_decontam else [])
+        references = raw_texts if embed_dups and quality.near_dup.against_raw else []
+        # One encoder actor for the rows, the evaluation texts and the raw texts.
+        everything = encode_texts(accepted["text"].tolist() + [evals[n][i] for n, i in names]
+                                  + references, job.student.model)
+        vectors = everything[:len(accepted)]
+        eval_vectors = everything[len(accepted):len(accepted) + len(names)]
+        reference = everything[len(accepted) + len(names):] if references else None
         marks: dict[int, dict] = {}
         if embed_decontam:
-            names = [(name, i) for name, texts in evals.items() for i in range(len(texts))]
-            eval_vectors = encode_texts([evals[n][i] for n, i in names], job.student.model)
             best, where = max_similarity(vectors, eval_vectors)
             hits = np.flatnonzero(best >= quality.decontam.embedding_threshold)
             examples = []
@@ -145,8 +151,6 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
             summary["decontam"].update(embedding_matched=len(hits), embedding_examples=examples)
         if embed_dups:
             keep = [i for i in range(len(accepted)) if int(accepted["_order"][i]) not in marks]
-            reference = (encode_texts(raw_texts, job.student.model)
-                         if quality.near_dup.against_raw and raw_texts else None)
             found = embedding_near_duplicates(vectors[keep], reference=reference,
                                               threshold=quality.near_dup.embedding_threshold)
             counts: dict[str, int] = {}

@@ -285,6 +285,22 @@ class ChainRunner:
         return pd.DataFrame(summaries)
 
 
+def map_in_one_actor(frame: pd.DataFrame, actor: type, constructor_kwargs: dict, *,
+                     batch_size: int = 64, threads: int | None = None) -> pd.DataFrame:
+    """Run a Ray Data actor class (a model: the encoder, a student) over a frame in one actor
+    with ``threads`` torch threads (default: this machine's cores); rows come back in order."""
+    import ray
+
+    threads = threads or len(os.sched_getaffinity(0))
+    frame = frame.assign(_position=range(len(frame)))
+    out = ray.data.from_pandas(frame).map_batches(
+        actor, fn_constructor_kwargs=constructor_kwargs, batch_size=batch_size,
+        batch_format="pandas", concurrency=1, num_cpus=1,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+    ).to_pandas()
+    return out.sort_values("_position").drop(columns="_position").reset_index(drop=True)
+
+
 def deduplicate(rows):
     """Exact deduplication of accepted texts across all shards: the earliest row (by
     ``_order``) is kept, later copies are dropped as ``synthetic_duplicate``.

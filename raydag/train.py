@@ -239,17 +239,13 @@ def student_log2_probs(texts: list[str], labels: list[str], checkpoint: str, *,
                        threads: int | None = None) -> np.ndarray:
     """log2 p(label | text) under a trained student, scored in one Ray Data actor."""
     import pandas as pd
-    import ray
+
+    from raydag.stages import map_in_one_actor
 
     if not texts:
         return np.zeros(0)
-    threads = threads or len(os.sched_getaffinity(0))
-    frame = pd.DataFrame({"_position": range(len(texts)), "text": texts, "label": labels})
-    out = ray.data.from_pandas(frame).map_batches(
-        StudentScorer, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=64,
-        batch_format="pandas", concurrency=1, num_cpus=1,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
-    ).to_pandas().sort_values("_position")
+    out = map_in_one_actor(pd.DataFrame({"text": texts, "label": labels}), StudentScorer,
+                           {"checkpoint": checkpoint}, threads=threads)
     return out["log2_p_label"].to_numpy(dtype=float)
 
 
