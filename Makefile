@@ -24,7 +24,7 @@ export TORCH_EXTENSIONS_DIR ?= $(RAYDAG_CACHE)/torch_extensions
 export VLLM_LOGGING_LEVEL ?= WARNING
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-serve clean
 
 install: $(STAMP)
 
@@ -56,6 +56,13 @@ test: install
 bench: install
 	$(PY) -m raydag.bench minhash
 	$(PY) -m raydag.bench teacher
+
+# The scoring endpoint on 127.0.0.1 under CLIENTS concurrent clients for SECONDS, beside the
+# offline rate of the same engine; last line: serve_rps= p50_ms= p99_ms= errors= serve_vs_offline_ratio=
+CLIENTS ?= 32
+SECONDS ?= 60
+bench-serve: install
+	$(PY) -m raydag.bench serve --clients $(CLIENTS) --seconds $(SECONDS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,5 +1,9 @@
 """Benchmarks that compare side by side in one run; ``make bench`` runs them.
 
+``python -m raydag.bench serve`` (``make bench-serve``) loads the scoring endpoint with
+concurrent clients and compares it with offline scoring by the same engine (see
+:mod:`raydag.bench_serve`).
+
 ``python -m raydag.bench minhash`` times the near-duplicate pass (MinHash signatures in Ray
 Data, LSH on the driver, marking) on 100,000 rows and prints ``minhash_rows_per_s=<number>``.
 
@@ -182,9 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m raydag.bench teacher [--requests N] [--batch-size B]``."""
     parser = argparse.ArgumentParser(prog="python -m raydag.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["teacher", "minhash"],
+    parser.add_argument("which", choices=["teacher", "minhash", "serve"],
                         help="teacher: the teacher stage against plain vLLM; minhash: MinHash "
-                        "near-duplicate marking throughput (see raydag.bench_minhash)")
+                        "near-duplicate marking throughput (see raydag.bench_minhash); serve: "
+                        "the scoring endpoint under load against offline scoring (see "
+                        "raydag.bench_serve)")
+    parser.add_argument("--clients", type=int, default=32, help="serve: concurrent clients (32)")
+    parser.add_argument("--seconds", type=float, default=60, help="serve: load duration (60)")
+    parser.add_argument("--items-per-request", type=int, default=1,
+                        help="serve: items per request (1)")
     parser.add_argument("--rows", type=int, default=100_000, help="minhash: rows (100000)")
     parser.add_argument("--requests", type=int, default=384, help="requests per side (384)")
     parser.add_argument("--batch-size", type=int, default=64, help="requests per batch (64)")
@@ -198,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         from raydag.bench_minhash import bench_minhash
 
         bench_minhash(args.rows)
+        return 0
+    if args.which == "serve":
+        from raydag.bench_serve import bench_serve
+
+        bench_serve(args.clients, args.seconds, args.items_per_request)
         return 0
     bench_teacher(args.requests, args.batch_size, args.rounds, args.with_ray_data_llm)
     return 0

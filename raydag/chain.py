@@ -29,12 +29,12 @@ from raydag.stages import RUNNER_ADDS, STATUS_COLUMNS, Step, check_chain, with_s
 
 # Job fields that do not change what a run produces: they stay out of the signature.
 _RESOURCE_FIELDS = {
-    "name": None, "output_dir": None, "student": None, "resource_timeout_s": None, "cost": None,
+    "name": None, "output_dir": None, "student": None, "serve": None, "resource_timeout_s": None, "cost": None,
     "budget": {"max_tokens"},  # a token cap stops a run early; a rerun with more goes on
     # Quality passes run over the finished shards on every run; only PII redaction is applied
     # as the shards are written.
     "quality": {"near_dup", "decontam", "consistency", "diversity", "bias", "coannotation"},
-    "teacher": {"concurrency", "num_gpus", "tensor_parallel_size", "cpu_kv_cache_gib",
+    "teacher": {"concurrency", "resources", "num_gpus", "tensor_parallel_size", "cpu_kv_cache_gib",
                 "gpu_memory_utilization", "cpu_threads", "max_concurrency", "request_timeout_s",
                 "max_retries", "api_key_env"},
 }

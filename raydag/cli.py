@@ -13,12 +13,15 @@ EPILOG = """examples:
   raydag run jobs/multistage.yaml budget.max_tokens=200000
   raydag validate jobs/label_unlabelled.yaml
   raydag import-labels jobs/coannotate.yaml label_studio_export.json
+  raydag serve jobs/judge.yaml                       # scoring endpoint on 127.0.0.1:8000
+  raydag submit jobs/quickstart.yaml --address http://HEAD:8265
+  raydag status|logs|stop JOB_ID --address http://HEAD:8265
 
 Overrides are dotted keys of the job YAML (list items by index: stages.0.method=one_shot);
 values are parsed as YAML (numbers, lists, true). Rerunning a job with the same result settings
 resumes it: finished shards under output_dir/runs/<signature>/ are skipped.
 
-Set RAY_ADDRESS to run on an existing Ray cluster instead of a local one."""
+Set RAY_ADDRESS to run (or serve) on an existing Ray cluster instead of a local one."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,17 +56,111 @@ def build_parser() -> argparse.ArgumentParser:
     )
     labels.add_argument("job", help="the job YAML the run came from")
     labels.add_argument("export", help="Label Studio export (JSON)")
-    for p in (run, validate, labels):
+    served = sub.add_parser(
+        "serve", help="serve the job's judge stage as an HTTP scoring endpoint on Ray Serve",
+        description="Deploy the job's judge stage (serve.stage, else the first judge stage) on "
+        "Ray Serve: POST /v1/score, GET /healthz, GET /metrics. Binds serve.host (127.0.0.1 "
+        "unless configured) and serve.port; batching, limits, token and replica autoscaling "
+        "come from the job's serve section. Runs until Ctrl-C, then removes the endpoint.")
+    served.add_argument("--host", help="bind this address instead of serve.host")
+    served.add_argument("--port", type=int, help="listen on this port instead of serve.port")
+    served.add_argument("--detach", action="store_true",
+                        help="deploy and exit, leaving the endpoint on the cluster (with RAY_ADDRESS)")
+    submit = sub.add_parser(
+        "submit", help="submit a job to a Ray cluster through the Ray Jobs API",
+        description="Check the job file, upload the working directory as the job's runtime "
+        "environment (with --pip requirements) and run `python -m raydag.cli run JOB` on the "
+        "cluster. Prints the job id on stdout; follow it with `raydag logs ID --follow`. A "
+        "relative output_dir lands in the job's working directory on the cluster: give an "
+        "absolute path on shared storage to keep the results.")
+    submit.add_argument("--working-dir", default=".",
+                        help="folder uploaded to the cluster (default: .); must contain the job file")
+    submit.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                        help="pip requirement installed for the job (repeatable)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the job (repeatable)")
+    for p in (run, validate, labels, served, submit):
         if p is not labels:
             p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override a job field, e.g. stages.0.num_examples=50")
+    for name, text in (("status", "show a submitted job's status"),
+                       ("logs", "print a submitted job's logs"),
+                       ("stop", "stop a submitted job")):
+        p = sub.add_parser(name, help=text, description=text + " (Ray Jobs API).")
+        p.add_argument("job_id", help="the id `raydag submit` printed")
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    for p in (submit, *(sub.choices[n] for n in ("status", "logs", "stop"))):
+        p.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS "
+                       "if it is a URL, else http://127.0.0.1:8265)")
     return parser
+
+
+def _jobs_command(args: argparse.Namespace) -> int:
+    """``submit``, ``status``, ``logs``, ``stop``: the Ray Jobs API (no local Ray started)."""
+    from raydag import submit as jobs
+
+    if args.command == "submit":
+        env = {}
+        for pair in args.env:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise RaydagError(f"--env expects KEY=VALUE, got {pair!r}")
+            env[key] = value
+        job_id = jobs.submit(args.job, args.overrides, args.address, args.working_dir,
+                             args.pip, env)
+        print(f"raydag: submitted {args.job} to {jobs.job_address(args.address)}; follow it "
+              f"with `raydag logs {job_id} --follow`", file=sys.stderr)
+        print(job_id)
+        return 0
+    if args.command == "status":
+        info = jobs.status(args.job_id, args.address)
+        print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        return 0
+    if args.command == "logs":
+        text = jobs.logs(args.job_id, args.address, follow=args.follow, out=sys.stdout)
+        if text is not None:
+            sys.stdout.write(text)
+        return 0
+    stopped = jobs.stop(args.job_id, args.address)
+    print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
+    return 0
+
+
+def _serve(args: argparse.Namespace, job) -> int:
+    """``raydag serve``: deploy, print the URL, wait for Ctrl-C, remove the endpoint."""
+    import time
+
+    from ray import serve
+
+    from raydag.pipeline import init_ray
+    from raydag.serve import APP_NAME, start
+
+    init_ray()
+    url = start(job, host=args.host, port=args.port)
+    print(f"raydag: judge of '{job.name}' serving at {url}/v1/score (health: {url}/healthz, "
+          f"metrics: {url}/metrics)", flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("raydag: stopping the endpoint", file=sys.stderr)
+        serve.delete(APP_NAME)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``raydag`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command in ("submit", "status", "logs", "stop"):
+        try:
+            return _jobs_command(args)
+        except RaydagError as err:
+            print(f"raydag: error: {err}", file=sys.stderr)
+            return 2
     import ray
 
     from raydag.config import load_job
@@ -79,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.job}: ok (job '{job.name}', pool {counts['pool']} rows, "
                   f"test {counts['test']} rows)")
             return 0
+        if args.command == "serve":
+            return _serve(args, job)
         if args.command == "import-labels":
             from pathlib import Path
 

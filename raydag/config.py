@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raydag.errors import ConfigError
 
@@ -107,7 +107,14 @@ class TeacherConfig(StrictModel):
     batch_size: int = Field(
         default=64, ge=1, description="Rows per shard: the unit an engine actor takes as one "
         "batch, writes as one file, and a rerun of an interrupted job skips when done.")
-    concurrency: int = Field(default=1, ge=1, description="Engine actors in the pool.")
+    concurrency: int | tuple[int, int] = Field(
+        default=1, description="Engine actors in the pool: a number, or [min, max] for a pool "
+        "that Ray Data grows while shards wait and shrinks when actors idle (on an autoscaling "
+        "cluster the GPU nodes follow the pool).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each engine actor asks for, "
+        "besides CPUs and GPUs: e.g. {'accelerator_type:A100': 0.001} to land on A100 nodes, "
+        "or a resource that only the teacher's node type advertises.")
     num_gpus: float | None = Field(
         default=None, ge=0, description="GPUs per engine actor; None: 1 when the cluster has GPUs, else 0."
     )
@@ -118,11 +125,30 @@ class TeacherConfig(StrictModel):
         description="Share of each GPU's memory one engine may take; None: 0.9, scaled down "
         "when engines share a GPU (num_gpus < 1).",
     )
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _range_from_list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # YAML gives [min, max]
+
     @model_validator(mode="after")
     def _engine_fits(self) -> "TeacherConfig":
         if self.engine == "openai" and not self.base_url:
             raise ValueError("teacher.engine 'openai' needs teacher.base_url")
+        low, high = self.pool_size
+        if low < 1 or high < low:
+            raise ValueError(f"teacher.concurrency must be a number >= 1 or [min, max] with "
+                             f"1 <= min <= max, got {self.concurrency}")
+        if any(value <= 0 for value in self.resources.values()) or {"CPU", "GPU"} & set(self.resources):
+            raise ValueError("teacher.resources: custom resources with amounts > 0 (CPUs and "
+                             "GPUs go in teacher.num_gpus and tensor_parallel_size)")
         return self
+
+    @property
+    def pool_size(self) -> tuple[int, int]:
+        """The teacher pool's (min, max) engine actors."""
+        if isinstance(self.concurrency, int):
+            return self.concurrency, self.concurrency
+        return self.concurrency
 
     cpu_threads: int | None = Field(
         default=None, ge=1,
@@ -386,6 +412,51 @@ class StudentConfig(StrictModel):
     )
 
 
+class ServeAutoscalingConfig(StrictModel):
+    """Replicas of the judge on Ray Serve (each replica owns one engine)."""
+
+    min_replicas: int = Field(default=1, ge=1, description="Replicas kept running.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas under load.")
+    target_ongoing_requests: float = Field(
+        default=32, gt=0, description="Requests in flight per replica that Serve scales towards "
+        "(an item counts as a request inside a replica: see serve.max_batch_size).")
+    upscale_delay_s: float = Field(default=10, ge=0, description="Load must last this long before a replica is added.")
+    downscale_delay_s: float = Field(default=120, ge=0, description="Idle time before a replica is removed.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "ServeAutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"serve.autoscaling.max_replicas ({self.max_replicas}) < min_replicas "
+                             f"({self.min_replicas})")
+        return self
+
+
+class ServeConfig(StrictModel):
+    """The scoring endpoint (``raydag serve``): the job's judge stage on Ray Serve."""
+
+    stage: int | None = Field(
+        default=None, ge=0, description="Index of the judge stage to serve; None: the first judge stage.")
+    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy binds; 0.0.0.0 "
+                      "exposes it to the network (put a token on it).")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    route_prefix: str = Field(default="/", pattern=r"^/", description="URL prefix of the endpoint's routes.")
+    token_env: str | None = Field(
+        default=None, description="Environment variable holding a bearer token; when set, "
+        "requests without 'Authorization: Bearer <token>' get 401 (/healthz stays open).")
+    max_body_bytes: int = Field(default=1_000_000, ge=1, description="Largest request body (413 beyond).")
+    max_items: int = Field(default=64, ge=1, description="Most items per request (413 beyond).")
+    max_text_chars: int = Field(default=4000, ge=1, description="Longest text or target of an item (413 beyond).")
+    max_batch_size: int = Field(
+        default=32, ge=1, description="Dynamic batching: most items, from any requests, scored "
+        "in one engine call.")
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, description="Dynamic batching: longest wait for a batch to fill.")
+    max_ongoing_requests: int = Field(
+        default=256, ge=1, description="Requests one replica accepts at once; more wait in the proxy.")
+    autoscaling: ServeAutoscalingConfig = Field(
+        default_factory=ServeAutoscalingConfig, description="Replica autoscaling.")
+
+
 class JobConfig(StrictModel):
     """One augmentation job: sample raw rows, generate, filter, write, train, evaluate, report."""
 
@@ -405,6 +476,7 @@ class JobConfig(StrictModel):
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Filters.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Data-quality passes and measures.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Students.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The scoring endpoint (raydag serve).")
     resource_timeout_s: float = Field(
         default=600, gt=0, description="On a cluster that may autoscale, fail when the resources a stage needs have "
         "not appeared after this many seconds (a local cluster fails at once)."
@@ -430,6 +502,9 @@ class JobConfig(StrictModel):
         if self.quality.consistency.pvi_threshold is not None and "raw" not in self.student.train_sets:
             raise ValueError("quality.consistency.pvi_threshold scores rows with the raw student: "
                              "add 'raw' to student.train_sets")
+        if self.serve.stage is not None and (self.serve.stage >= len(self.stages)
+                                             or self.stages[self.serve.stage].type != "judge"):
+            raise ValueError(f"serve.stage={self.serve.stage} is not a judge stage of this job")
         if self.data is None and self.student.train_sets:
             raise ValueError("a job without a data section trains no students: set "
                              "student.train_sets to []")

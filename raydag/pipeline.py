@@ -29,6 +29,7 @@ from raydag.filters.pii import redact
 from raydag.quality import eval_splits, measure
 from raydag.report import StageTimer, students_table, write_datacard, write_report
 from raydag.resources import (
+    actor_pool,
     bundle,
     release_resource_requests,
     student_workers,
@@ -137,7 +138,8 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
     if teacher.engine == "openai":  # the model runs elsewhere: an actor is an HTTP client
         per_actor = {"num_cpus": 1.0, "num_gpus": 0.0}
     else:
-        per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size, gpus)
+        per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size, gpus,
+                                            teacher.resources)
     workers, use_gpu = student_workers(student.num_workers, student.use_gpu, gpus)
     if workers != student.num_workers:
         print(f"raydag: the cluster has {gpus:g} GPU(s): training students on {workers} GPU "
@@ -145,8 +147,8 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
     if student.precision == "fp16" and not use_gpu:
         raise RaydagError("student.precision=fp16 needs GPUs; use bf16 or fp32 on CPU hosts")
     fixed = not may_autoscale()
-    wait_for_resources(bundle(per_actor), teacher.concurrency,
-                       f"the teacher pool ({teacher.concurrency} engine actor(s))",
+    low = teacher.pool_size[0]  # a pool that may grow needs its minimum to start
+    wait_for_resources(bundle(per_actor), low, f"the teacher pool ({low} engine actor(s))",
                        fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
     wait_for_resources(bundle({"num_cpus": 1.0, "num_gpus": 1.0 if use_gpu else 0.0}), workers,
                        f"the students ({workers} Ray Train worker(s))",
@@ -199,7 +201,7 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
                                "pii_types": job.quality.pii.types if job.quality.pii.enabled else []},
         batch_size=1,
         batch_format="pandas",
-        concurrency=job.teacher.concurrency,
+        concurrency=actor_pool(job.teacher.pool_size),
         runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
         **placement["teacher_actor"],
     )
@@ -645,7 +647,8 @@ def cost_report(job: JobConfig, totals: dict, accepted: int, placement: dict[str
     """Cost of the teacher from the job's prices: GPU-hours (the whole actor pool for the
     stage's wall time) and tokens; and per accepted example. Unpriced parts are left out."""
     prices = job.cost
-    gpus = placement["teacher_actor"]["num_gpus"] * job.teacher.concurrency
+    # A pool that autoscales is priced at its largest size: an upper bound.
+    gpus = placement["teacher_actor"]["num_gpus"] * job.teacher.pool_size[1]
     gpu_hours = gpus * teacher_seconds / 3600
     parts = {}
     if prices.usd_per_gpu_hour is not None:

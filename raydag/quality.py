@@ -150,7 +150,9 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
                                      "similarity": round(float(best[i]), 4)})
             summary["decontam"].update(embedding_matched=len(hits), embedding_examples=examples)
         if embed_dups:
-            keep = [i for i in range(len(accepted)) if int(accepted["_order"][i]) not in marks]
+            own = set(raw_ids)  # raw rows a stage passed on are the references themselves
+            keep = [i for i in range(len(accepted)) if int(accepted["_order"][i]) not in marks
+                    and accepted["id"][i] not in own]
             found = embedding_near_duplicates(vectors[keep], reference=reference,
                                               threshold=quality.near_dup.embedding_threshold)
             counts: dict[str, int] = {}

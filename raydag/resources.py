@@ -12,18 +12,22 @@ _FULL_GPU_MEMORY_SHARE = 0.9
 
 
 def teacher_actor_resources(
-    num_gpus: float | None, tensor_parallel_size: int, cluster_gpus: float
-) -> dict[str, float]:
-    """Resources one teacher engine actor asks Ray for.
+    num_gpus: float | None, tensor_parallel_size: int, cluster_gpus: float,
+    custom: dict[str, float] | None = None,
+) -> dict:
+    """Resources one teacher engine actor (or one judge replica) asks Ray for.
 
     Args:
         num_gpus: GPUs per actor from the job; None picks ``tensor_parallel_size`` GPUs on GPU
             clusters and none on CPU hosts.
-        tensor_parallel_size: vLLM tensor parallelism; an actor needs at least that many GPUs.
+        tensor_parallel_size: vLLM tensor parallelism; an actor needs at least that many GPUs,
+            all on one node (one actor is one process).
         cluster_gpus: GPUs the cluster has now.
+        custom: Custom Ray resources per actor (``teacher.resources``).
 
     Returns:
-        ``{"num_cpus": ..., "num_gpus": ...}`` for ``map_batches``.
+        ``{"num_cpus": ..., "num_gpus": ...}`` plus ``"resources"`` when custom ones are asked
+        for: keyword arguments of ``map_batches`` and Ray actor options alike.
     """
     if num_gpus is None:
         num_gpus = float(tensor_parallel_size) if cluster_gpus > 0 else 0.0
@@ -32,7 +36,27 @@ def teacher_actor_resources(
             f"teacher.tensor_parallel_size={tensor_parallel_size} needs "
             f"teacher.num_gpus >= {tensor_parallel_size}, got {num_gpus}"
         )
-    return {"num_cpus": 1.0, "num_gpus": float(num_gpus)}
+    out: dict = {"num_cpus": 1.0, "num_gpus": float(num_gpus)}
+    if custom:
+        out["resources"] = {key: float(value) for key, value in custom.items()}
+    return out
+
+
+def actor_pool(pool_size: tuple[int, int]) -> int | tuple[int, int]:
+    """Ray Data's ``concurrency`` for an actor pool: a fixed size, or ``(min, max)`` for a pool
+    that grows while inputs wait and shrinks when actors idle."""
+    low, high = pool_size
+    return low if low == high else (low, high)
+
+
+def judge_replica_options(per_actor: dict, cpu_threads: int | None) -> dict:
+    """Ray actor options of one judge replica on Ray Serve: the teacher actor's resources and
+    environment (see :func:`teacher_actor_resources`, :func:`teacher_runtime_env`)."""
+    options = {key: value for key, value in per_actor.items()}
+    env = teacher_runtime_env(cpu_threads)
+    if env:
+        options["runtime_env"] = env
+    return options
 
 
 def teacher_gpu_memory_share(num_gpus: float, configured: float | None) -> float:
@@ -76,9 +100,10 @@ def student_workers(num_workers: int, use_gpu: bool | None, cluster_gpus: float)
     return num_workers, use_gpu
 
 
-def bundle(resources: dict[str, float]) -> dict[str, float]:
-    """``{"num_cpus", "num_gpus"}`` as a Ray resource bundle (``{"CPU", "GPU"}``)."""
-    out = {"CPU": resources.get("num_cpus", 0.0), "GPU": resources.get("num_gpus", 0.0)}
+def bundle(resources: dict) -> dict[str, float]:
+    """``{"num_cpus", "num_gpus", "resources"}`` as a Ray resource bundle (``{"CPU", "GPU", ...}``)."""
+    out = {"CPU": resources.get("num_cpus", 0.0), "GPU": resources.get("num_gpus", 0.0),
+           **resources.get("resources", {})}
     return {key: value for key, value in out.items() if value > 0}
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# Ray's servers bind the loopback address only (nothing in the tests listens on the network);
+# read when ray is first imported, so it is set before any test imports it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"

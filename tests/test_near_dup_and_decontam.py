@@ -283,6 +283,20 @@ def test_mark_near_duplicates_without_reference_names_raw_rows_by_index(ray_up):
 
 
 @pytest.mark.slow
+def test_a_raw_row_passed_on_by_a_stage_is_not_its_own_near_duplicate(ray_up):
+    # A judge or label stage over raw rows keeps their ids: they are the references.
+    text = sentence(0, 20)
+    rows = [{"id": "raw-7", "text": text, "_order": 0, "_status": "accepted"},
+            {"id": "copy", "text": text + " ok", "_order": 1, "_status": "accepted"}]
+    marked, summary = mark_near_duplicates(_dataset(rows, blocks=1), reference_texts=[text],
+                                           reference_ids=["raw-7"])
+    out = _by_id(marked)
+    assert out.loc["raw-7", "_status"] == "accepted" and pd.isna(out.loc["raw-7", "near_dup_of"])
+    assert out.loc["copy", "_reason"] == REASON_RAW and out.loc["copy", "near_dup_of"] == "raw-7"
+    assert summary["checked"] == 1
+
+
+@pytest.mark.slow
 def test_mark_contaminated_drops_rows_sharing_a_gram_and_keeps_every_row(ray_up):
     eval_texts = {"test": [sentence(30, 8), EVAL_LONG], "validation": [EVAL_SHORT]}
     embedded = "Hello! " + " ".join(EVAL_LONG.split()[2:15]) + " and so on and so forth"

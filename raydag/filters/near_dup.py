@@ -233,6 +233,8 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
                          seed: int = 1) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """Drop accepted rows that nearly repeat an earlier accepted row or a reference text.
 
+    Rows whose ``id`` is a reference id are the references themselves and are left alone.
+
     Signatures are computed in Ray Data tasks (in parallel); only ``_order``, ``id`` and the
     signature of each accepted row come to the driver (``num_perm * 4`` bytes a row),
     where :func:`near_duplicate_pairs` decides and the reference signatures are computed.
@@ -286,6 +288,11 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
                          f"{len(reference_texts)} reference texts")
     settings = {"num_perm": num_perm, "shingle_size": shingle_size, "seed": seed}
     keys = _collect_signature_keys(rows, settings)
+    # A row that is a reference itself (a raw example a label or judge stage passed on) is
+    # not a candidate: it would match its own reference.
+    own = np.isin(keys["id"], np.asarray(reference_ids, dtype=object))
+    if own.any():
+        keys = {name: values[~own] for name, values in keys.items()}
     reference = minhash_signatures(reference_texts, **settings)
     drops = near_duplicate_pairs(keys["signature"], keys["order"], threshold=threshold,
                                  num_perm=num_perm, reference=reference)
