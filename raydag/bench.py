@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60, help="serve: load duration (60)")
     parser.add_argument("--items-per-request", type=int, default=1,
                         help="serve: items per request (1)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="serve: overrides of jobs/judge.yaml, e.g. serve.max_batch_size=64")
     parser.add_argument("--rows", type=int, default=100_000, help="minhash: rows (100000)")
     parser.add_argument("--requests", type=int, default=384, help="requests per side (384)")
     parser.add_argument("--batch-size", type=int, default=64, help="requests per batch (64)")
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="paired rounds the requests are split into (3)")
     parser.add_argument("--with-ray-data-llm", action="store_true",
                         help="also run the requests through ray.data.llm and compare wall times")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the plain side's engine logs here
     if args.which == "minhash":
         from raydag.bench_minhash import bench_minhash
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "serve":
         from raydag.bench_serve import bench_serve
 
-        bench_serve(args.clients, args.seconds, args.items_per_request)
+        bench_serve(args.clients, args.seconds, args.items_per_request, overrides=args.overrides)
         return 0
     bench_teacher(args.requests, args.batch_size, args.rounds, args.with_ray_data_llm)
     return 0

@@ -450,7 +450,10 @@ class ServeConfig(StrictModel):
         default=32, ge=1, description="Dynamic batching: most items, from any requests, scored "
         "in one engine call.")
     batch_wait_timeout_s: float = Field(
-        default=0.01, ge=0, description="Dynamic batching: longest wait for a batch to fill.")
+        default=0.1, ge=0, description="Dynamic batching: longest wait for a batch to fill. "
+        "0.1 s suits engine calls of seconds (CPU hosts: measured 0.9 of the offline rate at "
+        "32 clients, 0.63 with 0.01 s, as clients answered in one call come back just after "
+        "the next call started); on GPUs, where a call takes tens of ms, use ~0.01.")
     max_ongoing_requests: int = Field(
         default=256, ge=1, description="Requests one replica accepts at once; more wait in the proxy.")
     autoscaling: ServeAutoscalingConfig = Field(

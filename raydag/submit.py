@@ -30,9 +30,15 @@ def job_address(address: str | None) -> str:
 
 def client(address: str | None):
     """A Jobs API client; a clear error when no head answers at the address."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
     from ray.job_submission import JobSubmissionClient
 
     url = job_address(address)
+    # As `ray job submit` does: a Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    # ~/.ray/auth_token) is sent to clusters that use token authentication.
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
         return JobSubmissionClient(url)
     except ConnectionError as err:
@@ -71,6 +77,7 @@ def submission(job_path: str, overrides: list[str], working_dir: str | None,
 def submit(job_path: str, overrides: list[str], address: str | None, working_dir: str | None,
            pip: list[str] | None = None, env: dict[str, str] | None = None) -> str:
     """Submit the job; return the Ray job id (submission id)."""
+    job_address(address)  # a malformed address fails before the job is even read
     spec = submission(job_path, overrides, working_dir, pip, env)
     jobs = client(address)
     try:
