@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from raydag.errors import RaydagError
@@ -155,6 +156,10 @@ def _serve(args: argparse.Namespace, job) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``raydag`` console script."""
     args = build_parser().parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS"):
+        # The in-process Ray this command starts serves this machine only: its servers bind
+        # 127.0.0.1 (read when ray is first imported, hence here).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if args.command in ("submit", "status", "logs", "stop"):
         try:
             return _jobs_command(args)

@@ -5,7 +5,9 @@ import pytest
 
 from raydag.errors import RaydagError
 from raydag.resources import (
+    actor_pool,
     bundle,
+    judge_replica_options,
     student_workers,
     teacher_actor_resources,
     teacher_cpu_threads,
@@ -66,3 +68,34 @@ def test_a_cluster_that_may_autoscale_gets_the_timeout(ray_local):
                            poll_s=0.2)
     release_resource_requests()
     assert time.monotonic() - started >= 1
+
+
+def test_pool_ranges_custom_resources_and_judge_replicas():
+    # CPU-only, 1 GPU and tensor-parallel actors with a custom resource, as bundles
+    cpu = teacher_actor_resources(None, 1, cluster_gpus=0, custom={"fake_gpu": 1})
+    assert cpu == {"num_cpus": 1.0, "num_gpus": 0.0, "resources": {"fake_gpu": 1.0}}
+    assert bundle(cpu) == {"CPU": 1.0, "fake_gpu": 1.0}
+    one = teacher_actor_resources(None, 1, cluster_gpus=4)
+    assert bundle(one) == {"CPU": 1.0, "GPU": 1.0} and "resources" not in one
+    tp = teacher_actor_resources(None, 8, cluster_gpus=8, custom={"accelerator_type:A100": 0.001})
+    assert bundle(tp) == {"CPU": 1.0, "GPU": 8.0, "accelerator_type:A100": 0.001}
+    assert actor_pool((2, 2)) == 2 and actor_pool((1, 4)) == (1, 4)
+    # a judge replica asks for what a teacher actor asks for, with the CPU engine's threads
+    assert judge_replica_options(cpu, 2) == {**cpu, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
+    assert judge_replica_options(tp, None) == tp
+
+
+def test_teacher_pool_range_in_the_job():
+    from conftest import QUICKSTART
+
+    from raydag.config import load_job
+
+    job = load_job(QUICKSTART, ["teacher.concurrency=[1, 4]", "teacher.resources={fake_gpu: 1}"])
+    assert job.teacher.pool_size == (1, 4) and job.teacher.resources == {"fake_gpu": 1.0}
+    assert load_job(QUICKSTART, ["teacher.concurrency=3"]).teacher.pool_size == (3, 3)
+    for bad, message in ((["teacher.concurrency=[4, 1]"], "1 <= min <= max"),
+                         (["teacher.concurrency=[0, 2]"], "1 <= min <= max"),
+                         (["teacher.resources={GPU: 1}"], "teacher.num_gpus"),
+                         (["teacher.resources={fake_gpu: 0}"], "amounts > 0")):
+        with pytest.raises(RaydagError, match=message.replace("[", r"\[")):
+            load_job(QUICKSTART, bad)
