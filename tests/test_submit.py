@@ -45,7 +45,15 @@ def _listening() -> set[tuple[str, int, int]]:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head` bound to loopback; its dashboard URL. Stopped afterwards."""
+    """`ray start --head` bound to loopback; its dashboard URL. Stopped afterwards.
+
+    One Ray per machine: this process's own Ray (from earlier tests) is shut down first, since
+    the head and `ray stop --force` afterwards must not share the machine with it (a driver
+    whose raylet is killed exits at once). Later tests that need Ray start a fresh one."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
     before = _listening()
     temp = tmp_path_factory.mktemp("head")
     port, dashboard = _free_port(), _free_port()
