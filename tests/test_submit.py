@@ -115,7 +115,9 @@ def test_submit_status_logs_and_stop_on_a_real_head(head, tiny_job_files, capsys
     code = main(["submit", str(tiny_job_files / "job.yaml"), "stages.0.num_examples=8",
                  "teacher.batch_size=8", "student.train_sets=[]", f"output_dir={out}",
                  "--working-dir", str(tiny_job_files), "--env", "RAYDAG_MARK=1",
-                 "--address", url])
+                 # installed already: Ray's pip environment (a virtualenv over this one's
+                 # packages) is built and checked without downloading anything
+                 "--pip", "datasketch>=1.6", "--address", url])
     assert code == 0
     captured = capsys.readouterr()
     job_id = captured.out.strip().splitlines()[-1]
@@ -126,6 +128,11 @@ def test_submit_status_logs_and_stop_on_a_real_head(head, tiny_job_files, capsys
     assert main(["logs", job_id, "--address", url]) == 0
     logs = capsys.readouterr().out
     assert logs.strip().endswith(str(out / "report.json"))  # `raydag run` prints it last
+    from raydag.submit import client
+
+    env = client(url).get_job_info(job_id).runtime_env
+    assert env["pip"]["packages"] == ["datasketch>=1.6"] and env["env_vars"] == {"RAYDAG_MARK": "1"}
+    # (a pip environment that fails to build fails the job: it SUCCEEDED inside one)
     (accepted,) = out.glob("runs/*/synthetic")
     assert len(pd.read_parquet(accepted)) >= 1  # the job ran on the head and wrote its rows
 
