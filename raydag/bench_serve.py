@@ -88,11 +88,6 @@ def _load(url: str, items: list[str], clients: int, seconds: float, per_request:
             "p99_ms": pct(0.99)}
 
 
-def _sample(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def bench_serve(clients: int = 32, seconds: float = 60.0, per_request: int = 1,
                 offline_items: int = 256, overrides: list[str] | None = None) -> float:
     """Run the benchmark; print the figures; return ``serve_vs_offline_ratio``."""
@@ -119,13 +114,13 @@ def bench_serve(clients: int = 32, seconds: float = 60.0, per_request: int = 1,
               f"({offline_items} items, one engine call)", flush=True)
         load = _load(url, items, clients, seconds, per_request)
         after = _offline(handle, items[:offline_items])
-        from raydag.client import JudgeClient
+        from raydag.client import JudgeClient, metric_total
 
         with JudgeClient(url) as client:  # one replica: its metrics are the whole endpoint's
             metrics = client.metrics()
-        batches = _sample(metrics, "raydag_judge_batch_items_count")
+        batches = metric_total(metrics, "raydag_judge_batch_items_count")
         print(f"raydag: [bench-serve] engine calls: {batches:.0f}, mean "
-              f"{_sample(metrics, 'raydag_judge_batch_items_sum') / max(batches, 1):.1f} items "
+              f"{metric_total(metrics, 'raydag_judge_batch_items_sum') / max(batches, 1):.1f} items "
               f"per call (max_batch_size={job.serve.max_batch_size}, batch_wait_timeout_s="
               f"{job.serve.batch_wait_timeout_s})", flush=True)
         offline = (before + after) / 2

@@ -16,6 +16,12 @@ import json
 from urllib.parse import urlsplit
 
 
+def metric_total(text: str, name: str) -> float:
+    """Sum of a metric's samples over its label sets, from Prometheus text (``/metrics``)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
 class EndpointError(RuntimeError):
     """The endpoint answered with an error status.
 

@@ -4,19 +4,18 @@ real vLLM engine; scores compared with the batch judge stage on the same items."
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from raydag.client import EndpointError, JudgeClient
+from raydag.client import EndpointError, JudgeClient, metric_total
 from raydag.config import load_job
 from raydag.errors import RaydagError
 from raydag.serve import _Rejected, judge_stage, parse_items
 
-from conftest import write_jsonl
+from conftest import free_port, write_jsonl
 
 TOKEN = "s3cret-test-token"
 TEXTS = [
@@ -34,12 +33,6 @@ TEXTS = [
     "Your website logs me out every time I open the basket.",
 ]
 LIMITS = {"max_body_bytes": 4000, "max_items": 8, "max_text_chars": 300}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_parse_items_names_each_limit_and_malformed_input():
@@ -73,7 +66,7 @@ def judge_job(tmp_path_factory):
     labels = ["billing", "shipping", "technical"]
     write_jsonl(folder / "train.jsonl", [{"text": t, "label": labels[i % 3]} for i, t in enumerate(TEXTS)])
     write_jsonl(folder / "test.jsonl", [{"text": "test message", "label": "billing"}] * 3)
-    port = _free_port()
+    port = free_port()
     (folder / "judge.yaml").write_text(f"""
 name: serve-test
 output_dir: out
@@ -195,24 +188,18 @@ def test_concurrent_requests_are_batched_and_counted_in_metrics(endpoint):
             return client.score([text])[0]["score"]
 
     with JudgeClient(endpoint, token=TOKEN) as client:
-        before = _metric(client.metrics(), "raydag_judge_batch_items_count")
-        items_before = _metric(client.metrics(), "raydag_judge_items_total")
+        before = metric_total(client.metrics(), "raydag_judge_batch_items_count")
+        items_before = metric_total(client.metrics(), "raydag_judge_items_total")
     with ThreadPoolExecutor(16) as pool:
         scores = list(pool.map(one, TEXTS + TEXTS[:4]))
     assert len(scores) == 16 and all(1.0 <= s <= 5.0 for s in scores)
     with JudgeClient(endpoint, token=TOKEN) as client:
         text = client.metrics()
-    engine_calls = _metric(text, "raydag_judge_batch_items_count") - before
-    assert _metric(text, "raydag_judge_items_total") - items_before == 16
+    engine_calls = metric_total(text, "raydag_judge_batch_items_count") - before
+    assert metric_total(text, "raydag_judge_items_total") - items_before == 16
     assert 1 <= engine_calls < 16  # items of concurrent requests shared engine calls
     assert 'raydag_judge_requests_total{code="401"' in text  # from the token test
     assert "raydag_judge_request_seconds_bucket" in text
-
-
-def _metric(text: str, name: str) -> float:
-    """Sum of a metric's samples in Prometheus text (over label sets)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ the test starts on 127.0.0.1 (its dashboard on loopback), running the real teach
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import free_port
+
 from raydag.cli import main
 from raydag.submit import submission
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _loopback(address: str) -> bool:
@@ -56,7 +51,7 @@ def head(tmp_path_factory):
         ray.shutdown()
     before = _listening()
     temp = tmp_path_factory.mktemp("head")
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's servers bind 127.0.0.1 only
     env.pop("RAY_ADDRESS", None)
