@@ -40,6 +40,15 @@ _RESOURCE_FIELDS = {
 }
 
 
+def judge_op_kwargs(stage) -> dict:
+    """:class:`JudgeOp` arguments of a judge stage: the batch stage and the scoring endpoint
+    (:mod:`raydag.serve`) build the same operator from them."""
+    return {"rubric": stage.rubric, "text_column": stage.text_column,
+            "target_column": stage.target_column, "score_column": stage.score_column,
+            "rationale": stage.rationale, "temperature": stage.temperature,
+            "scale": stage.scale, "min_score": stage.min_score}
+
+
 def run_signature(job: JobConfig, input_digests: dict[str, str]) -> tuple[str, dict]:
     """The signature of the settings that change a run's rows, and those settings.
 
@@ -137,10 +146,7 @@ def build_steps(job: JobConfig, text_filters: dict | None, topics: list[str] | N
                         expect_column="target_label", reject_reason="counterfactual_not_flipped",
                         applies_to_method=edit.name, name="label.verify_counterfactual"))
         elif stage.type == "judge":
-            add(JudgeOp(rubric=stage.rubric, text_column=stage.text_column,
-                        target_column=stage.target_column, score_column=stage.score_column,
-                        rationale=stage.rationale, temperature=stage.temperature,
-                        scale=stage.scale, min_score=stage.min_score))
+            add(JudgeOp(**judge_op_kwargs(stage)))
         elif stage.type == "self_instruct":
             add(_self_instruct_op(stage), text_filters)
         elif stage.type == "preference":

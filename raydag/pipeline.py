@@ -135,11 +135,8 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
     """
     teacher, student = job.teacher, job.student
     gpus = cluster.get("GPU", 0.0)
-    if teacher.engine == "openai":  # the model runs elsewhere: an actor is an HTTP client
-        per_actor = {"num_cpus": 1.0, "num_gpus": 0.0}
-    else:
-        per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size, gpus,
-                                            teacher.resources)
+    engine = teacher_placement(teacher, gpus)
+    per_actor = engine["teacher_actor"]
     workers, use_gpu = student_workers(student.num_workers, student.use_gpu, gpus)
     if workers != student.num_workers:
         print(f"raydag: the cluster has {gpus:g} GPU(s): training students on {workers} GPU "
@@ -153,12 +150,23 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
     wait_for_resources(bundle({"num_cpus": 1.0, "num_gpus": 1.0 if use_gpu else 0.0}), workers,
                        f"the students ({workers} Ray Train worker(s))",
                        fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
+    return {**engine,
+            "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu})}
+
+
+def teacher_placement(teacher, cluster_gpus: float) -> dict[str, Any]:
+    """One engine actor's resources, CPU threads and GPU memory share (the batch stage's
+    actors and the scoring endpoint's replicas alike)."""
+    if teacher.engine == "openai":  # the model runs elsewhere: an actor is an HTTP client
+        per_actor = {"num_cpus": 1.0, "num_gpus": 0.0}
+    else:
+        per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
+                                            cluster_gpus, teacher.resources)
     return {"teacher_actor": per_actor,
             "teacher_cpu_threads": (None if teacher.engine == "openai"
                                     else teacher_cpu_threads(per_actor, teacher.cpu_threads)),
             "teacher_gpu_memory": teacher_gpu_memory_share(per_actor["num_gpus"],
-                                                           teacher.gpu_memory_utilization),
-            "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu})}
+                                                           teacher.gpu_memory_utilization)}
 
 
 def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:

@@ -51,13 +51,6 @@ def judge_stage(job: JobConfig) -> JudgeStage:
                       "type: judge (see jobs/judge.yaml)")
 
 
-def judge_op(stage: JudgeStage) -> JudgeOp:
-    """The batch stage's operator, minus what only the batch stage does (the rationale)."""
-    return JudgeOp(rubric=stage.rubric, text_column=stage.text_column,
-                   target_column=stage.target_column, score_column=stage.score_column,
-                   temperature=stage.temperature, scale=stage.scale, min_score=stage.min_score)
-
-
 def token_digest(job: JobConfig) -> str | None:
     """SHA-256 of the bearer token named by ``serve.token_env`` (the token itself never
     leaves this process); None when no token is configured."""
@@ -153,7 +146,7 @@ class JudgeServer:
     """One replica: the judge operator, one engine, dynamic batching, limits and a token.
 
     Args:
-        op_kwargs: :class:`JudgeOp` arguments (see :func:`judge_op`).
+        op_kwargs: :class:`JudgeOp` arguments (see :func:`raydag.chain.judge_op_kwargs`).
         engine_spec: :func:`raydag.engines.make_engine` arguments.
         limits: ``max_body_bytes``, ``max_items``, ``max_text_chars``, ``max_batch_size``,
             ``batch_wait_timeout_s``.
@@ -261,33 +254,22 @@ class JudgeServer:
 def judge_deployment(job: JobConfig, cluster: dict[str, float]):
     """The bound Serve application for ``job``'s judge: replica resources, autoscaling and
     batching from the job (see :mod:`raydag.resources` for the placement math)."""
-    from raydag.pipeline import engine_spec
-    from raydag.resources import (
-        judge_replica_options,
-        teacher_actor_resources,
-        teacher_cpu_threads,
-        teacher_gpu_memory_share,
-    )
+    from raydag.chain import judge_op_kwargs
+    from raydag.pipeline import engine_spec, teacher_placement
+    from raydag.resources import judge_replica_options
 
     if job.teacher.engine != "vllm":
         raise RaydagError("raydag serve runs the judge on a vLLM engine (teacher.engine: vllm)")
-    stage = judge_stage(job)
-    teacher, cfg = job.teacher, job.serve
-    per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
-                                        cluster.get("GPU", 0.0), teacher.resources)
-    threads = teacher_cpu_threads(per_actor, teacher.cpu_threads)
-    placement = {"teacher_cpu_threads": threads,
-                 "teacher_gpu_memory": teacher_gpu_memory_share(per_actor["num_gpus"],
-                                                                teacher.gpu_memory_utilization)}
+    cfg = job.serve
+    placement = teacher_placement(job.teacher, cluster.get("GPU", 0.0))
     limits = {key: getattr(cfg, key) for key in ("max_body_bytes", "max_items", "max_text_chars",
                                                  "max_batch_size", "batch_wait_timeout_s")}
-    op = judge_op(stage)
-    op_kwargs = {"rubric": op.rubric, "text_column": op.text_column,
-                 "target_column": op.target_column, "score_column": op.score_column,
-                 "temperature": op.temperature, "scale": op.scale, "min_score": op.min_score}
+    # The batch stage's operator, minus what only the batch stage does (the rationale).
+    op_kwargs = {**judge_op_kwargs(judge_stage(job)), "rationale": False}
     scaling = cfg.autoscaling
     return JudgeServer.options(
-        ray_actor_options=judge_replica_options(per_actor, threads),
+        ray_actor_options=judge_replica_options(placement["teacher_actor"],
+                                                placement["teacher_cpu_threads"]),
         max_ongoing_requests=cfg.max_ongoing_requests,
         autoscaling_config={
             "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
