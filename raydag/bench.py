@@ -26,6 +26,9 @@ import os
 import time
 from pathlib import Path
 
+from raydag.engines.vllm import CPU_BLOCK_SIZE
+from raydag.resources import teacher_dtype
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
 
@@ -117,9 +120,10 @@ def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
         })
     config = vLLMEngineProcessorConfig(
         model_source=path,
-        engine_kwargs={"dtype": job.teacher.dtype, "max_model_len": job.teacher.max_model_len,
+        engine_kwargs={"dtype": teacher_dtype(job.teacher.dtype, on_gpu=False)[0], "max_model_len": job.teacher.max_model_len,
                        "enforce_eager": True, "enable_chunked_prefill": False,
-                       "max_num_batched_tokens": 8192, "seed": job.seed},
+                       "max_num_batched_tokens": 8192, "seed": job.seed,
+                       "enable_prefix_caching": True, "block_size": CPU_BLOCK_SIZE},
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(job.teacher.cpu_kv_cache_gib)}},
         # Without a CPU bundle it asks for a GPU and waits forever on a CPU host.
         placement_group_config={"bundles": [{"CPU": 1}]},

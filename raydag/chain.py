@@ -49,14 +49,19 @@ def judge_op_kwargs(stage) -> dict:
             "scale": stage.scale, "min_score": stage.min_score}
 
 
-def run_signature(job: JobConfig, input_digests: dict[str, str]) -> tuple[str, dict]:
+def run_signature(job: JobConfig, input_digests: dict[str, str],
+                  teacher_dtype: str | None = None) -> tuple[str, dict]:
     """The signature of the settings that change a run's rows, and those settings.
 
     Resource settings (actors, GPUs, threads, timeouts), the students and prices are left out,
     so a rerun on another cluster shape reuses finished shards. The input files count by
-    content (``input_digests``), not by name.
+    content (``input_digests``), not by name. ``teacher_dtype`` is the dtype ``auto`` chose
+    on this host (see :func:`raydag.resources.teacher_dtype`): bf16 and float32 runs write
+    different rows, so they never share shards.
     """
     settings = json.loads(job.model_dump_json())
+    if teacher_dtype:
+        settings["teacher"]["dtype"] = teacher_dtype
     for key, fields in _RESOURCE_FIELDS.items():
         if fields is None:
             settings.pop(key, None)
@@ -108,7 +113,8 @@ def create_op(job: JobConfig, topics: list[str] | None = None) -> CreateOp:
     stage = job.stages[0]
     return CreateOp(task=job.data.task, labels=job.data.labels, method=stage.method,
                     shots=stage.shots, sampling=stage.sampling,
-                    label_distribution=stage.label_distribution, topics=topics)
+                    label_distribution=stage.label_distribution, topics=topics,
+                    examples_per_request=stage.examples_per_request)
 
 
 def _self_instruct_op(stage):

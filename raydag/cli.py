@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pip requirement installed for the job (repeatable)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the job (repeatable)")
+    for p in (run, validate):
+        p.add_argument("--verbose", "-v", action="store_true",
+                       help="also show Ray's, vLLM's, DeepSpeed's and transformers' output live "
+                       "(it always goes to output_dir/logs/)")
     for p in (run, validate, labels, served, submit):
         if p is not labels:
             p.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
@@ -174,40 +178,73 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         job = load_job(args.job, args.overrides)
-        if args.command == "validate":
-            from raydag.pipeline import validate_job
-
-            counts = validate_job(job)
-            print(f"{args.job}: ok (job '{job.name}', pool {counts['pool']} rows, "
-                  f"test {counts['test']} rows)")
-            return 0
         if args.command == "serve":
             return _serve(args, job)
         if args.command == "import-labels":
             from pathlib import Path
 
-            from raydag.chain import run_signature
-            from raydag.pipeline import input_digests
+            from raydag.pipeline import existing_run_dir
             from raydag.quality import import_labels
 
-            signature, _ = run_signature(job, input_digests(job))
-            run_dir = Path(job.output_dir) / "runs" / signature
+            run_dir = existing_run_dir(job)
             counts = import_labels(run_dir, Path(args.export), job.data.labels)
             print(f"{args.export}: {counts['labelled']} label(s) from {counts['tasks']} task(s) "
                   f"({counts['skipped_unannotated']} unannotated, {counts['cancelled']} cancelled); "
                   f"{counts['stored']} human label(s) stored in {run_dir}. Run `raydag run "
                   f"{args.job}` with the same overrides to apply them.")
             return 0
-        from raydag.pipeline import run_job
-
-        path = run_job(job)
-        if owns_ray:
-            ray.shutdown()  # so no late log line of Ray's workers follows the report path
-        print(path)
-        return 0
+        if args.command in ("run", "validate"):
+            return _run_or_validate(args, job, owns_ray)
+        raise RaydagError(f"unknown command {args.command}")  # pragma: no cover - argparse
     except RaydagError as err:
         print(f"raydag: error: {err}", file=sys.stderr)
         return 2
+
+
+def _run_or_validate(args: argparse.Namespace, job, owns_ray: bool) -> int:
+    """``raydag run`` and ``raydag validate``: raydag's lines on the terminal, everything the
+    libraries print in ``output_dir/logs/<command>-<time>.log`` (live too with --verbose)."""
+    import time
+    import traceback
+
+    import ray
+
+    from raydag import console
+    from raydag.pipeline import claim_output_dir, run_job, validate_job
+
+    out = claim_output_dir(job.output_dir)
+    log = out / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    with console.capture(log, verbose=args.verbose):
+        console.say(f"{args.command} {args.job}: library output goes to {log}"
+                    + (" (shown live: --verbose)" if args.verbose else " (--verbose shows it)"))
+        try:
+            if args.command == "validate":
+                counts = validate_job(job)
+                console.show(f"{args.job}: ok (job '{job.name}', pool {counts.get('pool', 0)} rows, "
+                             f"test {counts.get('test', 0)} rows"
+                             + (f", {counts['bad_rows']} bad row(s) data.on_bad_rows=skip would "
+                                "leave out" if counts.get("bad_rows") else "") + ")")
+                return 0
+            path = run_job(job)
+            if owns_ray:
+                ray.shutdown()  # so no late log line of Ray's workers follows the report path
+        except RaydagError as err:
+            lines = str(err).splitlines() or [type(err).__name__]
+            console.error("\n".join([f"raydag: error: {lines[0]}", *lines[1:15]]))
+            console.error(f"raydag: the full log is {log}")
+            return 2
+        except KeyboardInterrupt:
+            console.error(f"raydag: interrupted; finished shards are kept (rerun to resume). "
+                          f"Log: {log}")
+            return 130
+        except Exception as err:  # an unexpected failure: the cause here, the traceback in the log
+            traceback.print_exc()  # goes to the log
+            first = (str(err).strip().splitlines() or [""])[-1][:300]
+            console.error(f"raydag: error: {type(err).__name__}: {first}")
+            console.error(f"raydag: the traceback and the full log are in {log}")
+            return 1
+        console.show(str(path))
+    return 0
 
 
 if __name__ == "__main__":

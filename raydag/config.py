@@ -67,6 +67,15 @@ class DataConfig(StrictModel):
     unlabelled_path: str | None = Field(
         default=None, description="Unlabelled texts (.jsonl, .csv or .parquet, column "
         "text_column) for a job whose first stage is 'label'.")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        default="error", description="A bad input row (malformed line, bytes that are not "
+        "UTF-8, empty text, a label of the wrong type or outside `labels`, a text over "
+        "max_text_chars or the teacher's context): 'error' stops before any generation naming "
+        "the file and line; 'skip' leaves the row out and counts it by reason and file:line "
+        "in the report and the data card.")
+    max_text_chars: int = Field(
+        default=20_000, ge=1, description="Longest input text accepted (characters); longer "
+        "ones are bad rows (see on_bad_rows).")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "DataConfig":
@@ -101,8 +110,9 @@ class TeacherConfig(StrictModel):
     request_timeout_s: float = Field(default=120, gt=0, description="For engine 'openai': per-request timeout.")
     max_retries: int = Field(default=4, ge=0, description="For engine 'openai': retries with backoff per request.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Weights dtype for the engine."
-    )
+        default="auto", description="Weights dtype for the engine; auto: bfloat16 on CPUs with "
+        "native bf16 (avx512_bf16 or AMX), float32 on other CPUs (where bf16 is emulated, ~4x "
+        "slower), the model's own dtype on GPUs. The report records the choice and why.")
     max_model_len: int = Field(default=2048, ge=128, description="Engine context length.")
     batch_size: int = Field(
         default=64, ge=1, description="Rows per shard: the unit an engine actor takes as one "
@@ -176,6 +186,12 @@ class CreateStage(StrictModel):
     label_distribution: dict[str, float] | None = Field(
         default=None, description="Share of requests per label (need not sum to 1); None: balanced.")
     num_topics: int = Field(default=20, ge=1, description="Topics the teacher lists for zero_shot_topic.")
+    examples_per_request: int = Field(
+        default=1, ge=1, le=32, description="New texts one request asks for: the teacher "
+        "continues the list by this many items, each parsed, checked and given its own id and "
+        "lineage. The prompt (instructions and demonstrations) is paid once for all of them: "
+        "on CPU hosts, where prompt tokens are most of the teacher's work, 4 makes the stage "
+        "~2-3x faster. sampling.max_tokens is per item.")
     sampling: SamplingConfig = _sampling()
 
     @model_validator(mode="after")
@@ -407,9 +423,10 @@ class StudentConfig(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
     use_gpu: bool | None = Field(default=None, description="None: use GPUs when the cluster has them.")
     zero_stage: Literal[0, 1, 2] = Field(default=2, description="DeepSpeed ZeRO stage.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        default="bf16", description="DeepSpeed training precision (fp16 needs a GPU)."
-    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="DeepSpeed training precision; auto: bf16 on GPUs and on "
+        "CPUs with native bf16, fp32 on other CPUs (fp16 needs a GPU). The report records the "
+        "choice and why.")
 
 
 class ServeAutoscalingConfig(StrictModel):

@@ -1,8 +1,11 @@
-"""Reading labelled data with Ray Data, checking it, and drawing the raw sample.
+"""Reading labelled data, checking it row by row, and drawing the raw sample.
 
-Files are read by extension (``.jsonl``/``.json``, ``.csv``, ``.parquet``). Every problem is a
-:class:`DataError` naming the file and the line, row or column: a malformed JSON line, a missing
-text or label column, an empty text, a label outside the job's label set, an empty file.
+Files are read by extension (``.jsonl``/``.json`` line by line, ``.csv`` and ``.parquet`` with
+Ray Data). Every problem names the file and the line, row or column: bytes that are not UTF-8
+(with the byte offset), a malformed JSON line, a missing text or label column, an empty or
+too long text, a label of the wrong type or outside the job's label set, an empty file. Bad rows
+stop the run (:class:`DataError`) or, with ``data.on_bad_rows: skip``, are left out and counted
+by :class:`BadRows`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,39 +36,113 @@ def raw_row_id(text: str, label: str) -> str:
     return stable_hash("raw", text, label)
 
 
-def _find_bad_json_line(path: Path) -> str | None:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
+class BadRows:
+    """Bad input rows of one read: ``file:line``, a reason code and a message for each.
+
+    With ``on_bad_rows="error"`` the first problems are raised as one :class:`DataError`; with
+    ``"skip"`` the rows are left out and :meth:`summary` counts them by reason (with their
+    ``file:line``) for the report and the data card.
+    """
+
+    def __init__(self, on_bad_rows: str = "error") -> None:
+        if on_bad_rows not in ("error", "skip"):
+            raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
+        self.on_bad_rows = on_bad_rows
+        self.rows: list[dict] = []
+
+    def add(self, where: str, reason: str, message: str) -> None:
+        """Record one bad row (``message`` says what is wrong, after ``where``)."""
+        self.rows.append({"where": where, "reason": reason, "message": f"{where}: {message}"})
+
+    def raise_if_any(self, shown: int = 5) -> None:
+        """In ``error`` mode, raise the first ``shown`` problems (and how many more there are)."""
+        if self.on_bad_rows != "error" or not self.rows:
+            return
+        lines = [row["message"] for row in self.rows[:shown]]
+        if len(self.rows) > shown:
+            lines.append(f"... and {len(self.rows) - shown} more bad row(s); fix them, or set "
+                         "data.on_bad_rows=skip to leave bad rows out (counted in the report)")
+        raise DataError("\n".join(lines))
+
+    def summary(self, listed: int = 20) -> dict:
+        """Counts by reason, and the first ``listed`` rows of each reason (``file:line``)."""
+        by_reason: dict[str, list[str]] = {}
+        for row in self.rows:
+            by_reason.setdefault(row["reason"], []).append(row["where"])
+        return {"total": len(self.rows),
+                "by_reason": {k: len(v) for k, v in sorted(by_reason.items())},
+                "rows": {k: v[:listed] for k, v in sorted(by_reason.items())}}
+
+
+def _jsonl_records(path: Path, bad: BadRows) -> tuple[list[dict], list[int]]:
+    """Every JSON object line of a JSONL file and its line number; bad lines go to ``bad``.
+
+    Lines are read as bytes and decoded one by one, so bytes that are not UTF-8 are named by
+    line and byte offset instead of failing the whole file.
+    """
+    records, numbers = [], []
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad.add(where, "not_utf8", f"byte 0x{raw[err.start]:02x} at byte offset "
+                        f"{offset + err.start} of the file (column {err.start + 1}) is not "
+                        "UTF-8; re-encode the file as UTF-8")
+                offset += len(raw)
+                continue
+            offset += len(raw)
             if not line.strip():
+                bad.add(where, "blank_line", "blank line in a JSONL file")
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                return f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})"
+                bad.add(where, "not_json", f"not valid JSON ({err.msg} at column {err.colno})")
+                continue
             if not isinstance(value, dict):
-                return f"{path}:{number}: expected a JSON object, got {type(value).__name__}"
-    return None
+                bad.add(where, "not_an_object", f"expected a JSON object, got {type(value).__name__}")
+                continue
+            records.append(value)
+            numbers.append(number)
+    return records, numbers
 
 
-def _where(path: Path, index: int) -> str:
-    # JSONL rows are lines (blank lines are rejected upstream); CSV has a header line.
-    kind = _READERS[path.suffix.lower()]
-    if kind == "json":
-        return f"{path}:{index + 1}"
-    if kind == "csv":
-        return f"{path}:{index + 2}"
-    return f"{path}: row {index}"
+def _check_csv_encoding(path: Path) -> None:
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: byte 0x{raw[err.start]:02x} at byte offset "
+                                f"{offset + err.start} of the file (column {err.start + 1}) is "
+                                "not UTF-8; re-encode the file as UTF-8") from None
+            offset += len(raw)
 
 
-def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read one data file with Ray Data, in file order.
+def read_table(path: str | os.PathLike, bad: BadRows | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Read one data file, in file order, with where each row came from.
+
+    JSONL is parsed line by line (so a bad line is named, or skipped, not fatal to the whole
+    file); CSV and Parquet are read with Ray Data.
+
+    Args:
+        path: The file.
+        bad: Where bad lines are recorded (a JSONL line that is not UTF-8, not JSON or not an
+            object); None raises at the first problems.
+
+    Returns:
+        The rows and, per row, ``file:line`` (``file: row n`` for Parquet).
 
     Raises:
-        DataError: The file is missing, has an unknown extension, cannot be parsed, or is empty.
+        DataError: The file is missing, has an unknown extension, cannot be parsed, is empty,
+            or (in ``error`` mode) has bad lines.
     """
-    import ray
-
     path = Path(path)
+    bad = bad if bad is not None else BadRows()
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     kind = _READERS.get(path.suffix.lower())
@@ -73,20 +151,55 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     if kind == "json":
-        # pyarrow's reader rejects blank lines with an unhelpful message; name the line instead.
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    raise DataError(f"{path}:{number}: blank line in a JSONL file")
-    try:
-        reader = getattr(ray.data, f"read_{kind}")
-        frame = reader(str(path)).to_pandas()
-    except Exception as err:  # Ray wraps reader errors in several types
-        detail = _find_bad_json_line(path) if kind == "json" else None
-        raise DataError(detail or f"{path}: cannot be read as {kind}: {err}") from None
+        records, numbers = _jsonl_records(path, bad)
+        bad.raise_if_any()
+        frame = pd.DataFrame.from_records(records)
+        where = [f"{path}:{n}" for n in numbers]
+    else:
+        import ray
+
+        if kind == "csv":
+            _check_csv_encoding(path)
+        try:
+            frame = getattr(ray.data, f"read_{kind}")(str(path)).to_pandas()
+        except Exception as err:  # Ray wraps reader errors in several types
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise DataError(f"{path}: cannot be read as {kind}: {first[:300]}") from None
+        offset = 2 if kind == "csv" else 0  # CSV rows start after the header line
+        where = ([f"{path}:{i + offset}" for i in range(len(frame))] if kind == "csv"
+                 else [f"{path}: row {i}" for i in range(len(frame))])
     if frame.empty:
-        raise DataError(f"{path}: no rows")
-    return frame
+        raise DataError(f"{path}: no rows" + (f" ({len(bad.rows)} bad row(s) skipped)" if bad.rows else ""))
+    return frame, where
+
+
+def _text_problem(value, column: str, max_chars: int, check=None) -> tuple[str, str] | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "empty_text", f"empty or missing '{column}'"
+    if not isinstance(value, str):
+        return "text_not_a_string", f"'{column}' is {type(value).__name__} {value!r:.40}, not a string"
+    if not value.strip():
+        return "empty_text", f"empty or missing '{column}'"
+    if len(value) > max_chars:
+        return "text_too_long", (f"'{column}' has {len(value):,} characters, more than "
+                                 f"data.max_text_chars={max_chars:,}")
+    return check(value) if check is not None else None
+
+
+def _good_rows(frame: pd.DataFrame, where: list[str], bad: BadRows,
+               problem_of: Callable[[int], tuple[str, str] | None], path: Path) -> pd.DataFrame:
+    """The rows without a problem; the others are recorded in ``bad`` (raised in error mode)."""
+    keep = []
+    for index in range(len(frame)):
+        problem = problem_of(index)
+        if problem:
+            bad.add(where[index], *problem)
+        keep.append(problem is None)
+    bad.raise_if_any()
+    kept = frame[keep]
+    if kept.empty:
+        raise DataError(f"{path}: no usable rows ({len(frame)} bad row(s) left out)")
+    return kept
 
 
 def read_labelled(
@@ -94,36 +207,54 @@ def read_labelled(
     text_column: str,
     label_column: str,
     labels: list[str],
+    *,
+    bad: BadRows | None = None,
+    max_text_chars: int = 20_000,
+    check: Callable[[str], tuple[str, str] | None] | None = None,
 ) -> pd.DataFrame:
     """Read and check a labelled file; return columns ``id``, ``text``, ``label``.
+
+    Args:
+        path: The file (.jsonl, .csv or .parquet).
+        text_column: Column of the text.
+        label_column: Column of the class name (a string of ``labels``).
+        labels: The job's label set.
+        bad: Collects bad rows; None (or an ``error``-mode collector) raises on the first ones.
+        max_text_chars: Longer texts are bad rows.
+        check: Another check of each text: ``(reason, message)`` for a bad one, else None
+            (e.g. :func:`raydag.pipeline.context_check`).
 
     Raises:
         DataError: naming the file and line (or column) of the first problems found.
     """
     path = Path(path)
-    frame = read_table(path)
+    bad = bad if bad is not None else BadRows()
+    frame, where = read_table(path, bad)
     for column in (text_column, label_column):
         if column not in frame.columns:
             raise DataError(
                 f"{path}: missing column '{column}' (columns found: {', '.join(map(str, frame.columns))})"
             )
-    texts, raw_labels = frame[text_column], frame[label_column]
-    problems = []
     known = set(labels)
-    for index, (text, label) in enumerate(zip(texts, raw_labels)):
-        if not isinstance(text, str) or not text.strip():
-            problems.append(f"{_where(path, index)}: empty or missing '{text_column}'")
-        if label is None or (isinstance(label, float) and math.isnan(label)):
-            problems.append(f"{_where(path, index)}: missing '{label_column}'")
-        elif str(label) not in known:
-            problems.append(
-                f"{_where(path, index)}: label '{label}' is not in the job's labels {labels}"
-            )
-        if len(problems) >= 5:
-            break
-    if problems:
-        raise DataError("\n".join(problems))
-    out = pd.DataFrame({"text": texts.astype(str), "label": raw_labels.astype(str)})
+    texts, row_labels = frame[text_column].tolist(), frame[label_column].tolist()
+
+    def problem_of(index: int) -> tuple[str, str] | None:
+        label = row_labels[index]
+        problem = _text_problem(texts[index], text_column, max_text_chars, check)
+        if problem is None:
+            if label is None or (isinstance(label, float) and math.isnan(label)):
+                problem = "missing_label", f"missing '{label_column}'"
+            elif not isinstance(label, str):
+                problem = "label_not_a_string", (
+                    f"label {label!r} is a {type(label).__name__}, not a string; labels are the "
+                    f"class names {labels} (write \"{label}\" if that is one)")
+            elif label not in known:
+                problem = "unknown_label", f"label '{label}' is not in the job's labels {labels}"
+        return problem
+
+    kept = _good_rows(frame, where, bad, problem_of, path)
+    out = pd.DataFrame({"text": kept[text_column].astype(str).to_numpy(),
+                        "label": kept[label_column].astype(str).to_numpy()})
     out.insert(0, "id", [raw_row_id(t, lab) for t, lab in zip(out["text"], out["label"])])
     return out
 
@@ -155,34 +286,38 @@ LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model
                    "prompt_hash", "sampling", "seed"]
 
 
-def read_texts(path: str | os.PathLike, required: list[str], optional: list[str] = ()) -> pd.DataFrame:
-    """Read a file of texts (unlabelled texts, seed tasks) and check its string columns.
+def read_texts(path: str | os.PathLike, required: list[str], optional: list[str] = (), *,
+               bad: BadRows | None = None, max_text_chars: int = 20_000,
+               check: Callable[[str], tuple[str, str] | None] | None = None) -> pd.DataFrame:
+    """Read a file of texts (unlabelled texts, seed tasks, evaluation splits) and check its
+    string columns.
 
     Returns:
         The ``required`` and ``optional`` columns (missing optional ones as ""), plus ``id``:
         a hash of the row's content.
 
     Raises:
-        DataError: a missing column, or an empty or non-string required value (``file:line``).
+        DataError: a missing column, or (unless ``bad`` skips them) an empty, non-string or
+            too long required value (``file:line``).
     """
     path = Path(path)
-    frame = read_table(path)
+    bad = bad if bad is not None else BadRows()
+    frame, where = read_table(path, bad)
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing} (columns found: "
                         f"{', '.join(map(str, frame.columns))})")
-    problems = []
-    for column in required:
-        for index, value in enumerate(frame[column]):
-            if not isinstance(value, str) or not value.strip():
-                problems.append(f"{_where(path, index)}: empty or missing '{column}'")
-                if len(problems) >= 5:
-                    raise DataError("\n".join(problems))
-    if problems:
-        raise DataError("\n".join(problems))
-    out = pd.DataFrame({c: frame[c].astype(str) for c in required})
+    def problem_of(index: int) -> tuple[str, str] | None:
+        for column in required:
+            problem = _text_problem(frame[column].iloc[index], column, max_text_chars, check)
+            if problem:
+                return problem
+        return None
+
+    frame = _good_rows(frame, where, bad, problem_of, path)
+    out = pd.DataFrame({c: frame[c].astype(str).to_numpy() for c in required})
     for column in optional:
-        out[column] = frame[column].fillna("").astype(str) if column in frame.columns else ""
+        out[column] = frame[column].fillna("").astype(str).to_numpy() if column in frame.columns else ""
     out.insert(0, "id", [stable_hash(*values) for values in out.itertuples(index=False)])
     return out
 

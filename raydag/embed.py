@@ -55,7 +55,7 @@ class TextEncoder:
 
 
 def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
-                 threads: int | None = None) -> np.ndarray:
+                 threads: int | None = None, cache: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Embed texts with :class:`TextEncoder` in one Ray Data actor; rows keep their order.
 
     Args:
@@ -63,6 +63,9 @@ def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
         model: Model reference of the encoder.
         batch_size: Texts per encoder call.
         threads: Torch threads of the encoder actor (default: this machine's cores).
+        cache: Vectors by text from earlier calls of one run (same ``model``): only texts not
+            in it are encoded (each once), and they are added to it. A run's quality passes
+            and its diversity measure share one, so the encoder starts once.
 
     Returns:
         A float32 array of shape (len(texts), dim), rows L2-normalised.
@@ -71,9 +74,17 @@ def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
 
     if not texts:
         return np.zeros((0, 0), dtype=np.float32)
-    out = map_in_one_actor(pd.DataFrame({"text": [str(t) for t in texts]}), TextEncoder,
-                           {"model": model}, batch_size=batch_size, threads=threads)
-    return np.stack(out["_embedding"].to_numpy()).astype(np.float32)
+    texts = [str(t) for t in texts]
+    todo = texts if cache is None else list(dict.fromkeys(t for t in texts if t not in cache))
+    vectors = np.zeros((0, 0), dtype=np.float32)
+    if todo:
+        out = map_in_one_actor(pd.DataFrame({"text": todo}), TextEncoder,
+                               {"model": model}, batch_size=batch_size, threads=threads)
+        vectors = np.stack(out["_embedding"].to_numpy()).astype(np.float32)
+    if cache is None:
+        return vectors
+    cache.update(zip(todo, vectors))
+    return np.stack([cache[t] for t in texts])
 
 
 def max_similarity(queries: np.ndarray, keys: np.ndarray, *, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

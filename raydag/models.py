@@ -163,3 +163,50 @@ def resolve_model(ref: str) -> str:
 def prepare_embedded_models() -> list[str]:
     """Convert (or check) every embedded model; ``make install`` calls this once."""
     return [resolve_model(f"embedded:{name}") for name in _EMBEDDED]
+
+
+def check_model(ref: str, what: str) -> str:
+    """Check that a model reference can be loaded, before any engine or worker starts.
+
+    An ``embedded:`` name must be known and installed; a path (``/``, ``./``, ``~``) must be a
+    folder with a ``config.json``; anything else must look like a Hugging Face id
+    (``org/name``), and with ``HF_HUB_OFFLINE=1`` it must be in the local Hugging Face cache.
+
+    Args:
+        ref: The model reference.
+        what: The job key it came from, for the message (``teacher.model``).
+
+    Returns:
+        What :func:`resolve_model` returns for it.
+
+    Raises:
+        ConfigError: naming the key, the reference and why it cannot be loaded.
+    """
+    try:
+        resolved = resolve_model(ref)
+    except ConfigError as err:
+        raise ConfigError(f"{what}={ref}: {err}") from None
+    if ref.startswith("embedded:"):
+        return resolved
+    local = Path(ref).expanduser()
+    looks_like_path = ref.startswith(("/", ".", "~")) or local.exists()
+    if looks_like_path:
+        if not local.is_dir():
+            raise ConfigError(f"{what}={ref}: no such model folder")
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{what}={ref}: the folder has no config.json (not a Hugging "
+                              "Face model folder)")
+        return resolved
+    parts = ref.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{what}={ref}: not an embedded:<name> model, a model folder or a "
+                          "Hugging Face id of the form org/name")
+    if os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True", "YES", "yes"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - transformers brings huggingface_hub
+            return resolved
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise ConfigError(f"{what}={ref}: HF_HUB_OFFLINE is set and the model is not in the "
+                              "local Hugging Face cache")
+    return resolved

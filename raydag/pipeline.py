@@ -11,19 +11,19 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from raydag import console
 from raydag.chain import build_steps, check_contract, create_op, first_rows, run_signature, shard_rows
 from raydag.config import JobConfig, StudentConfig
-from raydag.data import raw_lineage, read_labelled, read_texts, stratified_sample
+from raydag.data import BadRows, raw_lineage, read_labelled, read_texts, stable_hash, stratified_sample
 from raydag.errors import DataError, RaydagError
 from raydag.filters.exact import normalize_text
-from raydag.models import cache_dir
+from raydag.models import cache_dir, check_model, resolve_model
 from raydag.ops.create import TopicsOp
 from raydag.filters.pii import redact
 from raydag.quality import eval_splits, measure
@@ -32,8 +32,10 @@ from raydag.resources import (
     actor_pool,
     bundle,
     release_resource_requests,
+    student_precision,
     student_workers,
     teacher_actor_resources,
+    teacher_dtype,
     teacher_cpu_threads,
     teacher_gpu_memory_share,
     teacher_runtime_env,
@@ -69,6 +71,11 @@ def init_ray() -> dict[str, float]:
             ray.init(include_dashboard=False, **kwargs)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_operator_progress_bars = False  # one overall bar is enough on a terminal
+        # Ray 2.60's V2 Parquet reader lists footers in actors placed SPREAD, with no restarts:
+        # on an autoscaling cluster one landed on a teacher node that the autoscaler then
+        # released as idle, and the read failed ("The actor died because its node has
+        # died"). The V1 reader's tasks are retried on another node when theirs goes away.
+        ctx.use_datasource_v2 = False
     return ray.cluster_resources()
 
 
@@ -96,6 +103,13 @@ def check_output_dir(path: str) -> Path:
     return out
 
 
+def claim_output_dir(path: str) -> Path:
+    """:func:`check_output_dir`, then mark the folder as raydag's (its logs may go there)."""
+    out = check_output_dir(path)
+    (out / _OUTPUT_MARKER).write_text("raydag output folder; raydag may clear what it wrote here\n")
+    return out
+
+
 def discard_stale_report(path: str) -> None:
     """Remove the report of an earlier run in a raydag output folder, before anything can fail."""
     out = Path(path)
@@ -111,8 +125,7 @@ def prepare_run_dir(path: str, signature: str, settings: dict) -> Path:
     a run rebuilds from them (``raw/``, ``synthetic/``, ``dropped/``, ``quarantine/``,
     ``students/``) is cleared.
     """
-    out = check_output_dir(path)
-    (out / _OUTPUT_MARKER).write_text("raydag output folder; raydag may clear what it wrote here\n")
+    out = claim_output_dir(path)
     discard_stale_report(path)
     run_dir = out / "runs" / signature
     (run_dir / "shards").mkdir(parents=True, exist_ok=True)
@@ -139,10 +152,11 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
     per_actor = engine["teacher_actor"]
     workers, use_gpu = student_workers(student.num_workers, student.use_gpu, gpus)
     if workers != student.num_workers:
-        print(f"raydag: the cluster has {gpus:g} GPU(s): training students on {workers} GPU "
-              f"worker(s) instead of student.num_workers={student.num_workers}", flush=True)
-    if student.precision == "fp16" and not use_gpu:
-        raise RaydagError("student.precision=fp16 needs GPUs; use bf16 or fp32 on CPU hosts")
+        console.say(f"the cluster has {gpus:g} GPU(s): training students on {workers} GPU "
+                    f"worker(s) instead of student.num_workers={student.num_workers}")
+    precision, precision_reason = student_precision(student.precision, use_gpu)
+    if precision == "fp16" and not use_gpu:
+        raise RaydagError("student.precision=fp16 needs GPUs; use auto, bf16 or fp32 on CPU hosts")
     fixed = not may_autoscale()
     low = teacher.pool_size[0]  # a pool that may grow needs its minimum to start
     wait_for_resources(bundle(per_actor), low, f"the teacher pool ({low} engine actor(s))",
@@ -151,7 +165,9 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
                        f"the students ({workers} Ray Train worker(s))",
                        fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
     return {**engine,
-            "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu})}
+            "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu,
+                                                  "precision": precision}),
+            "student_precision": {"precision": precision, "reason": precision_reason}}
 
 
 def teacher_placement(teacher, cluster_gpus: float) -> dict[str, Any]:
@@ -162,7 +178,10 @@ def teacher_placement(teacher, cluster_gpus: float) -> dict[str, Any]:
     else:
         per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
                                             cluster_gpus, teacher.resources)
+    dtype, dtype_reason = (("", "the model runs behind teacher.base_url") if teacher.engine == "openai"
+                           else teacher_dtype(teacher.dtype, per_actor["num_gpus"] > 0))
     return {"teacher_actor": per_actor,
+            "teacher_dtype": {"dtype": dtype, "reason": dtype_reason},
             "teacher_cpu_threads": (None if teacher.engine == "openai"
                                     else teacher_cpu_threads(per_actor, teacher.cpu_threads)),
             "teacher_gpu_memory": teacher_gpu_memory_share(per_actor["num_gpus"],
@@ -179,7 +198,7 @@ def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
     return {
         "engine": "vllm",
         "model": teacher.model,
-        "dtype": teacher.dtype,
+        "dtype": placement["teacher_dtype"]["dtype"],
         "max_model_len": teacher.max_model_len,
         "seed": job.seed,
         "tensor_parallel_size": teacher.tensor_parallel_size,
@@ -226,18 +245,27 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> l
     if path.exists():
         return json.loads(path.read_text())
     op = TopicsOp(task=job.data.task, num_topics=stage.num_topics)
-    seed_rows = with_status([{"request_id": "topics", "request_seed": job.seed}])
-    shard_dir = run_dir / "topics_shard"
-    summary = generate(ray.data.from_items(shard_rows(seed_rows, 1)),
-                       [Step(name="0:create.topics", op=op)], job, placement, shard_dir).take_all()
-    frame = pd.read_parquet(shard_path(shard_dir, 0))
-    topics = [str(t) for t in frame["topics"].iloc[0]] if "topics" in frame else []
-    if len(topics) < 2:
-        raise RaydagError(f"the teacher wrote {len(topics)} usable topic(s) for zero_shot_topic "
-                          f"(raw: {frame['_raw_generation'].iloc[0]!r}); try another method or teacher")
+    attempts = 3  # a new seed for each: a small teacher's list is usable nearly always
+    for attempt in range(attempts):
+        seed = job.seed if attempt == 0 else int(stable_hash(job.seed, "topics", attempt, length=8), 16)
+        shard_dir = run_dir / "topics_shard" / str(attempt)
+        summary = generate(ray.data.from_items(shard_rows(
+            with_status([{"request_id": "topics", "request_seed": seed}]), 1)),
+            [Step(name="0:create.topics", op=op)], job, placement, shard_dir).take_all()
+        frame = pd.read_parquet(shard_path(shard_dir, 0))
+        topics = [str(t) for t in frame["topics"].iloc[0]] if "topics" in frame else []
+        if len(topics) >= 2:
+            break
+        raw_text = frame["_raw_generation"].iloc[0] if "_raw_generation" in frame else ""
+        console.warn(f"[topics] attempt {attempt + 1}/{attempts}: the teacher wrote "
+                     f"{len(topics)} usable topic(s) (raw: {str(raw_text)[:120]!r}); "
+                     + ("retrying with a new seed" if attempt + 1 < attempts else "giving up"))
+    else:
+        raise RaydagError(f"the teacher wrote fewer than 2 usable topics for zero_shot_topic in "
+                          f"{attempts} attempts; try another method or teacher")
     path.write_text(json.dumps(topics, indent=2))
-    print(f"raydag: [topics] {len(topics)} topics ({summary[0]['seconds']:.1f}s): "
-          f"{'; '.join(topics[:5])}...", flush=True)
+    console.say(f"[topics] {len(topics)} topics ({summary[0]['seconds']:.1f}s): "
+                f"{'; '.join(topics[:5])}...")
     return topics
 
 
@@ -269,9 +297,9 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
         per_label = raw["label"].value_counts()
         for label in job.data.labels:
             if int(per_label.get(label, 0)) < shots:
-                print(f"raydag: warning: label '{label}' has {int(per_label.get(label, 0))} raw "
-                      f"example(s), fewer than {shots} shot(s); its requests get fewer "
-                      "demonstrations", file=sys.stderr, flush=True)
+                console.warn(f"label '{label}' has {int(per_label.get(label, 0))} raw "
+                             f"example(s), fewer than {shots} shot(s); its requests get fewer "
+                             "demonstrations")
     steps = build_steps(job, text_filters, topics)
     rounds = first.rounds if first.type == "self_instruct" else 1
     shard_dir = run_dir / "shards"
@@ -297,17 +325,23 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
             resumed += len(done)
             stats = _total_stats(_finished_shards(shard_dir, [s["shard"] for s in shards]))
             todo = [s for s in new if s["shard"] not in done]
-            print(f"raydag: [teacher] {'round ' + str(round_index + 1) + ': ' if rounds > 1 else ''}"
-                  f"{len(rows)} rows in {len(new)} shard(s) of {job.teacher.batch_size}; "
-                  f"{len(done)} already done in {run_dir}, {len(todo)} to run", flush=True)
+            label = f"teacher round {round_index + 1}" if rounds > 1 else "teacher"
+            console.say(f"[{label}] {len(rows)} rows in {len(new)} shard(s) of "
+                        f"{job.teacher.batch_size}; {len(done)} already done, {len(todo)} to run")
             if todo and not (max_tokens and used() >= max_tokens):
+                progress = console.Progress(label, len(rows), done=len(rows) - sum(
+                    len(json.loads(s["rows"])) for s in todo))
                 stream = generate(ray.data.from_items(todo), steps, job, placement, shard_dir)
                 for summary in stream.iter_rows():
-                    stats = merge_stats(stats, json.loads(summary["stats"]))
+                    shard_stats = json.loads(summary["stats"])
+                    stats = merge_stats(stats, shard_stats)
+                    progress.update(progress.done + shard_stats[0]["rows_in"]
+                                    + shard_stats[0]["passed_through"])
                     if max_tokens and used() >= max_tokens:
-                        print(f"raydag: [teacher] token budget reached ({used()} >= "
-                              f"{max_tokens}); no new shards start", flush=True)
+                        console.warn(f"[teacher] token budget reached ({used()} >= "
+                                     f"{max_tokens}); no new shards start")
                         break
+                progress.close()
             if max_tokens and used() >= max_tokens:
                 break
             if round_index + 1 < rounds:
@@ -356,7 +390,8 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: Path,
                    run_dir: Path, inputs: dict[str, pd.DataFrame], *, raw: pd.DataFrame | None = None,
                    evals: dict[str, list[str]] | None = None,
                    raw_student: str | None = None,
-                   placement: dict[str, Any] | None = None) -> dict[str, Any]:
+                   placement: dict[str, Any] | None = None,
+                   embeddings: dict | None = None) -> dict[str, Any]:
     """Deduplicate across shards, apply the novelty filter and the quality passes
     (:func:`raydag.quality.apply_quality`), and write the output folders."""
     import ray
@@ -378,7 +413,7 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: Path,
         too_close = frozenset(i for i, (ok, _, _) in zip(kept["id"], verdicts) if not ok)
         rows = rows.map_batches(_mark_not_novel, fn_kwargs={"ids": too_close}, batch_format="pandas")
     rows, quality = apply_quality(rows.materialize(), job, raw=raw, evals=evals or {},
-                                  raw_student=raw_student, run_dir=run_dir)
+                                  raw_student=raw_student, run_dir=run_dir, embeddings=embeddings)
     extra_stats: list[dict] = []
     if job.quality.bias.rephrase_flagged and raw is not None:
         rows, quality["rephrase"], extra_stats = rephrase_flagged(rows.materialize(), job, raw,
@@ -454,8 +489,8 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
     shards = shard_rows(first, job.teacher.batch_size, first=REPHRASE_FIRST_SHARD)
     done = _finished_shards(folder, [s["shard"] for s in shards])
     todo = [s for s in shards if s["shard"] not in done]
-    print(f"raydag: [rephrase] {len(first)} rows with shortcut words in {len(shards)} shard(s); "
-          f"{len(done)} already done", flush=True)
+    console.say(f"[rephrase] {len(first)} rows with shortcut words in {len(shards)} shard(s); "
+                f"{len(done)} already done")
     if todo:
         for _ in generate(ray.data.from_items(todo), steps, job, placement, folder).iter_rows():
             pass
@@ -528,10 +563,11 @@ def _mark_not_novel(batch: pd.DataFrame, ids: frozenset) -> pd.DataFrame:
 def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame | None,
                  test: pd.DataFrame, out: Path, student: StudentConfig, timer: StageTimer,
                  only: list[str] | None = None) -> dict[str, dict]:
-    """Fine-tune and evaluate one student per requested training set (``only``: these)."""
-    from raydag.train import fit_student
+    """Fine-tune and evaluate one student per requested training set (``only``: these), all
+    in one Ray Train run (one worker group and DeepSpeed start-up for every student)."""
+    from raydag.train import fit_students
 
-    results = {}
+    sets = {}
     for name in only if only is not None else student.train_sets:
         if name == "raw":
             rows = raw
@@ -541,13 +577,20 @@ def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame | No
             rows = pd.concat([raw[["text", "label"]], synthetic[["text", "label"]]], ignore_index=True)
         if rows.empty:
             raise RaydagError(f"student '{name}': no training rows (did every generation fail?)")
-        with timer(f"student_{name}"):
-            results[name] = fit_student(
-                name, rows["text"].tolist(), rows["label"].tolist(),
-                test["text"].tolist(), test["label"].tolist(),
-                label_set=job.data.labels, student=student,
-                storage_dir=str(out / "students"), seed=job.seed,
-            )
+        sets[name] = (rows["text"].tolist(), rows["label"].tolist())
+    stage = "students" if only is None or len(sets) > 1 else f"student_{next(iter(sets))}"
+    console.say(f"[{stage}] training " + ", ".join(f"{name} ({len(rows[0])} rows)"
+                                                   for name, rows in sets.items())
+                + f" on {student.num_workers} Ray Train worker(s), {student.precision}, "
+                f"{student.epochs} epoch(s)")
+    with timer(stage):
+        results = fit_students(sets, test["text"].tolist(), test["label"].tolist(),
+                               label_set=job.data.labels, student=student,
+                               storage_dir=str(out / "students"), seed=job.seed,
+                               run_name="_".join(sets))
+    for name, metrics in results.items():
+        console.say(f"[student {name}] accuracy {metrics['accuracy']:.4f}, macro-F1 "
+                    f"{metrics['macro_f1']:.4f} ({metrics['train_seconds']:.0f}s of training)")
     return results
 
 
@@ -561,16 +604,27 @@ def run_job(job: JobConfig) -> Path:
     started = datetime.now(timezone.utc)
     timer = StageTimer()
     discard_stale_report(job.output_dir)  # never leave a report that claims success
+    check_job_models(job)
     cluster = init_ray()
     import ray
 
     with timer("read"):
-        pool, test, inputs = read_inputs(job)
-    signature, settings = run_signature(job, input_digests(job))
+        pool, test, inputs, bad_rows = read_inputs(job)
+    if bad_rows["total"]:
+        console.warn(f"left out {bad_rows['total']} bad input row(s) (data.on_bad_rows=skip): "
+                     + ", ".join(f"{k} {v}" for k, v in bad_rows["by_reason"].items())
+                     + "; the report lists them")
     autoscaling = may_autoscale()
     try:
         placement = plan_placement(job, cluster)
+        console.say(f"teacher dtype {placement['teacher_dtype']['dtype'] or '-'} "
+                    f"({placement['teacher_dtype']['reason']}); student precision "
+                    f"{placement['student_precision']['precision']} "
+                    f"({placement['student_precision']['reason']})")
+        signature, settings = run_signature(job, input_digests(job),
+                                            teacher_dtype=placement["teacher_dtype"]["dtype"])
         run_dir = prepare_run_dir(job.output_dir, signature, settings)
+        console.say(f"run folder {run_dir} (finished shards there are reused)")
         raw, raw_pii = None, {}
         if pool is not None:
             with timer("sample"):
@@ -579,6 +633,7 @@ def run_job(job: JobConfig) -> Path:
                     raw, raw_pii = redact_frame(raw, job.quality.pii.types)
                 ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(str(run_dir / "raw"))
         teacher = run_teacher(job, raw, test, inputs, run_dir, placement, timer)
+        embeddings: dict = {}  # vectors by text: the quality passes and the measures share them
         students, raw_student = {}, None
         if job.quality.consistency.pvi_threshold is not None and "raw" in job.student.train_sets:
             students = run_students(job, raw, None, test, run_dir, placement["student"], timer,
@@ -588,13 +643,13 @@ def run_job(job: JobConfig) -> Path:
             teacher["outputs"] = finish_outputs(
                 job, teacher["finished"], teacher["shard_dir"], run_dir, inputs,
                 raw=raw, evals=eval_splits(job, test), raw_student=raw_student,
-                placement=placement)
+                placement=placement, embeddings=embeddings)
         teacher["stats"] = teacher["stats"] + teacher["outputs"]["extra_stats"]
         counts = reconcile(teacher, pool, test, raw)
         synthetic = read_accepted(run_dir, teacher["outputs"]["written"])
         quality = {**teacher["outputs"]["quality"], "pii_raw": raw_pii}
         with timer("measures"):
-            quality.update(measure(job, synthetic, raw))
+            quality.update(measure(job, synthetic, raw, embeddings=embeddings))
         if job.student.train_sets:
             students.update(run_students(job, raw, synthetic, test, run_dir, placement["student"],
                                          timer, only=[s for s in job.student.train_sets
@@ -614,6 +669,8 @@ def run_job(job: JobConfig) -> Path:
         "counts": counts,
         "shards": teacher["shards"],
         "teacher": {"model": job.teacher.model, "engine": job.teacher.engine,
+                    "dtype": placement["teacher_dtype"]["dtype"],
+                    "dtype_reason": placement["teacher_dtype"]["reason"],
                     "methods": [step.op.name for step in teacher["steps"]], **totals,
                     "stage_seconds": timer.seconds.get("teacher", 0.0)},
         "per_stage": teacher["stats"],
@@ -624,6 +681,9 @@ def run_job(job: JobConfig) -> Path:
                             timer.seconds.get("teacher", 0.0)),
         "stages": timer.seconds,
         "students": students,
+        "student_precision": placement["student_precision"],
+        "input_bad_rows": bad_rows,
+        "log": console.log_path(),
         "quality": quality,
         "outputs": {name: str(run_dir / name)
                     for name in (["raw"] if raw is not None else []) + teacher["outputs"]["written"]},
@@ -635,7 +695,7 @@ def run_job(job: JobConfig) -> Path:
     for name in ("report.json", "report.md", "datacard.json", "datacard.md"):  # the latest run's report, at the top
         shutil.copyfile(run_dir / name, out / name)
     if students:
-        print(students_table(students), flush=True)
+        console.show(students_table(students))
     return out / "report.json"
 
 
@@ -720,30 +780,120 @@ def input_digests(job: JobConfig) -> dict[str, str]:
     return digests
 
 
-def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict[str, pd.DataFrame]]:
-    """Read and check the training pool, the test split and the stages' own inputs."""
+def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None,
+                                         dict[str, pd.DataFrame], dict[str, Any]]:
+    """Read and check the training pool, the test split and the stages' own inputs.
+
+    Returns:
+        The pool, the test split, the stages' inputs by name, and the bad rows left out
+        (``data.on_bad_rows: skip``; see :meth:`raydag.data.BadRows.summary`).
+
+    Raises:
+        DataError: a bad file, or (with ``on_bad_rows: error``) bad rows, naming file and line.
+    """
     inputs: dict[str, pd.DataFrame] = {}
+    data = job.data
+    bad = BadRows(data.on_bad_rows if data is not None else "error")
+    limit = data.max_text_chars if data is not None else 20_000
     for stage in job.stages:
         if stage.type == "self_instruct":
-            inputs["seed_tasks"] = read_texts(stage.seed_tasks_path, ["instruction", "output"], ["input"])
-    data = job.data
+            inputs["seed_tasks"] = read_texts(stage.seed_tasks_path, ["instruction", "output"],
+                                              ["input"], bad=bad, max_text_chars=limit)
     if data is None:
-        return None, None, inputs
-    pool = read_labelled(data.train_path, data.text_column, data.label_column, data.labels)
-    test = read_labelled(data.test_path, data.text_column, data.label_column, data.labels)
+        return None, None, inputs, bad.summary()
+    fits = context_check(job)  # pool texts are demonstrations; unlabelled texts are labelled
+    pool = read_labelled(data.train_path, data.text_column, data.label_column, data.labels,
+                         bad=bad, max_text_chars=limit, check=fits)
+    test = read_labelled(data.test_path, data.text_column, data.label_column, data.labels,
+                         bad=bad, max_text_chars=limit)
     if data.unlabelled_path:
-        inputs["unlabelled"] = read_texts(data.unlabelled_path, [data.text_column]).rename(
+        inputs["unlabelled"] = read_texts(data.unlabelled_path, [data.text_column], bad=bad,
+                                          max_text_chars=limit, check=fits).rename(
             columns={data.text_column: "text"})
     if job.raw_examples > len(pool):
         raise DataError(f"{data.train_path}: raw_examples={job.raw_examples} but the pool has "
-                        f"{len(pool)} rows")
-    return pool, test, inputs
+                        f"{len(pool)} rows" + (" left after skipping bad rows" if bad.rows else ""))
+    return pool, test, inputs, bad.summary()
+
+
+def teacher_tokens_per_text(job: JobConfig) -> int:
+    """Most teacher tokens one input text may have: the context (``teacher.max_model_len``)
+    less room for instructions and output, shared by the texts one request shows (the
+    demonstrations of a few-shot request)."""
+    first = job.stages[0]
+    texts = getattr(first, "shots", 1) if getattr(first, "method", "") == "few_shot" else 1
+    output = max((s.sampling.max_tokens for s in job.stages if hasattr(s, "sampling")), default=80)
+    return max(16, (job.teacher.max_model_len - 256 - output) // max(texts, 1))
+
+
+def context_check(job: JobConfig):
+    """A check of one input text against the teacher's context (see
+    :func:`teacher_tokens_per_text`): returns ``(reason, message)`` for a text that is too
+    long, else None. Only texts with more UTF-8 bytes than the limit can have more tokens, so
+    most texts are never tokenised, and the tokenizer loads only when one is needed."""
+    limit = teacher_tokens_per_text(job)
+    tokenizer: list = []
+
+    def check(text: str):
+        if job.teacher.engine != "vllm" or len(text.encode("utf-8")) <= limit:
+            return None
+        if not tokenizer:
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer.append(AutoTokenizer.from_pretrained(
+                    resolve_model(job.teacher.model), local_files_only=True))
+            except Exception:  # a hub id not downloaded here: the engine checks it on the cluster
+                tokenizer.append(None)
+        if tokenizer[0] is None:
+            return None
+        count = len(tokenizer[0](text, add_special_tokens=False)["input_ids"])
+        if count <= limit:
+            return None
+        return "text_over_context", (
+            f"the text has {count:,} teacher tokens, more than the {limit:,} one text may take "
+            f"in the teacher's context (teacher.max_model_len={job.teacher.max_model_len})")
+
+    return check
 
 
 def validate_job(job: JobConfig) -> dict[str, int]:
-    """Check a job's data and output folder without generating or training; return row counts."""
+    """Check a job's models, data and output folder without generating or training; return
+    row counts (``bad_rows``: rows ``data.on_bad_rows: skip`` would leave out)."""
+    check_job_models(job)
     init_ray()
-    pool, test, inputs = read_inputs(job)
+    pool, test, inputs, bad_rows = read_inputs(job)
     check_output_dir(job.output_dir)
     counts = {"pool": len(pool), "test": len(test)} if pool is not None else {}
-    return {**counts, **{name: len(frame) for name, frame in inputs.items()}}
+    return {**counts, **{name: len(frame) for name, frame in inputs.items()},
+            "bad_rows": bad_rows["total"]}
+
+
+def existing_run_dir(job: JobConfig) -> Path:
+    """The run folder of an earlier ``raydag run`` of this job (same result settings).
+
+    The folder's signature includes the teacher dtype that ``auto`` chose on the host that
+    ran it, so each dtype is tried.
+
+    Raises:
+        RaydagError: when no run of these settings exists under ``output_dir``.
+    """
+    digests = input_digests(job)
+    for dtype in (None, "bfloat16", "float32", "float16", "auto"):
+        signature, _ = run_signature(job, digests, teacher_dtype=dtype)
+        run_dir = Path(job.output_dir) / "runs" / signature
+        if run_dir.is_dir():
+            return run_dir
+    raise RaydagError(f"{job.output_dir}: no run of this job with these settings; run it first")
+
+
+def check_job_models(job: JobConfig) -> None:
+    """Check the teacher and student model references before Ray starts any engine.
+
+    Raises:
+        ConfigError: naming the key and why the model cannot be loaded.
+    """
+    if job.teacher.engine == "vllm":
+        check_model(job.teacher.model, "teacher.model")
+    if job.student.train_sets:
+        check_model(job.student.model, "student.model")

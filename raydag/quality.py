@@ -87,7 +87,7 @@ def eval_splits(job: JobConfig, test: pd.DataFrame | None) -> dict[str, list[str
 
 def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
                   evals: dict[str, list[str]], raw_student: str | None,
-                  run_dir: Path) -> tuple[Any, dict[str, Any]]:
+                  run_dir: Path, embeddings: dict | None = None) -> tuple[Any, dict[str, Any]]:
     """Run the quality passes over the rows (see the module docstring).
 
     Args:
@@ -97,6 +97,7 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
         evals: Evaluation texts by split (see :func:`eval_splits`).
         raw_student: Checkpoint folder of the raw-trained student, for the PVI filter.
         run_dir: The run folder (human labels in, the Label Studio export out).
+        embeddings: A run's cache of vectors by text (see :func:`raydag.embed.encode_texts`).
 
     Returns:
         The marked dataset and a summary per pass.
@@ -131,7 +132,7 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
         references = raw_texts if embed_dups and quality.near_dup.against_raw else []
         # One encoder actor for the rows, the evaluation texts and the raw texts.
         everything = encode_texts(accepted["text"].tolist() + [evals[n][i] for n, i in names]
-                                  + references, job.student.model)
+                                  + references, job.student.model, cache=embeddings)
         vectors = everything[:len(accepted)]
         eval_vectors = everything[len(accepted):len(accepted) + len(names)]
         reference = everything[len(accepted) + len(names):] if references else None
@@ -300,13 +301,15 @@ def import_labels(run_dir: Path, export: Path, labels: list[str]) -> dict[str, i
     return {**counts, "stored": len(stored)}
 
 
-def measure(job: JobConfig, synthetic: pd.DataFrame, raw: pd.DataFrame | None) -> dict[str, Any]:
+def measure(job: JobConfig, synthetic: pd.DataFrame, raw: pd.DataFrame | None,
+            embeddings: dict | None = None) -> dict[str, Any]:
     """Diversity per generation method (raw rows as their own group) and the shortcut report.
 
     Args:
         job: The job.
         synthetic: Accepted teacher rows (``text``, ``label``, ``method``).
         raw: The raw examples, or None.
+        embeddings: A run's cache of vectors by text (see :func:`raydag.embed.encode_texts`).
     """
     from raydag.measures.bias import bias_report
     from raydag.measures.diversity import diversity_by_group, diversity_report
@@ -319,7 +322,8 @@ def measure(job: JobConfig, synthetic: pd.DataFrame, raw: pd.DataFrame | None) -
     if job.quality.diversity.embeddings and (len(frame) or raw_texts):
         from raydag.embed import encode_texts
 
-        vectors = encode_texts(frame["text"].tolist() + raw_texts, job.student.model)
+        vectors = encode_texts(frame["text"].tolist() + raw_texts, job.student.model,
+                               cache=embeddings)
     size, seed = job.quality.diversity.sample_size, job.seed
     diversity = diversity_by_group(frame, group_column="method", sample_size=size, seed=seed,
                                    embeddings=None if vectors is None else vectors[:len(frame)])

@@ -17,13 +17,15 @@ class StageTimer:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        print(f"raydag: [{name}] ...", flush=True)
+        from raydag import console
+
+        console.say(f"[{name}] ...")
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 2)
-            print(f"raydag: [{name}] done in {self.seconds[name]:.1f}s", flush=True)
+            console.say(f"[{name}] done in {self.seconds[name]:.1f}s")
 
 
 def students_table(students: dict[str, dict]) -> str:
@@ -57,9 +59,14 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- quarantined by reason: {_reasons(counts['quarantined'])}",
         f"- shards: {shards['total']} ({shards['resumed']} reused from an earlier run, "
         f"{shards['run']} run now, {shards['not_run']} not run)",
+        f"- bad input rows left out (data.on_bad_rows=skip): "
+        f"{_bad_rows(report.get('input_bad_rows') or {})}",
         "",
         "## Teacher",
         f"- model: `{teacher['model']}` ({teacher['engine']}); steps: {', '.join(teacher['methods'])}",
+        f"- dtype: {teacher.get('dtype') or '-'} ({teacher.get('dtype_reason', '-')}); student "
+        f"precision: {(report.get('student_precision') or {}).get('precision', '-')} "
+        f"({(report.get('student_precision') or {}).get('reason', '-')})",
         f"- requests {teacher['requests']}, tokens in {teacher['tokens_in']}, out "
         f"{teacher['tokens_out']}, {teacher['tokens_per_s']:.1f} output tokens/s",
         "",
@@ -127,6 +134,10 @@ def datacard(report: dict[str, Any]) -> dict[str, Any]:
                     "eval_paths": config["quality"]["decontam"]["eval_paths"],
                     "labels": data.get("labels"), "task": data.get("task"),
                     "raw_examples": counts["raw"], "seed": config["seed"]},
+        "input_bad_rows": report.get("input_bad_rows") or {"total": 0, "by_reason": {}, "rows": {}},
+        "precision": {"teacher_dtype": report["teacher"].get("dtype"),
+                      "teacher_dtype_reason": report["teacher"].get("dtype_reason"),
+                      **{f"student_{k}": v for k, v in (report.get("student_precision") or {}).items()}},
         "teacher": {"model": report["teacher"]["model"], "engine": report["teacher"]["engine"],
                     "sampling": config["teacher"].get("sampling"),
                     "requests": report["teacher"]["requests"],
@@ -166,6 +177,14 @@ def _diversity_rows(diversity: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _bad_rows(bad: dict[str, Any]) -> str:
+    if not bad.get("total"):
+        return "none"
+    return "; ".join(f"{reason} {count} ({', '.join(bad['rows'].get(reason, [])[:5])}"
+                     + (", ..." if count > 5 else "") + ")"
+                     for reason, count in bad["by_reason"].items())
+
+
 def _number(value: Any) -> str:
     return "-" if value is None else f"{float(value):.1f}"
 
@@ -179,10 +198,15 @@ def _datacard_markdown(card: dict[str, Any]) -> str:
             f"- raw examples: {src['raw_examples']} from `{src['train_path']}` (seed {src['seed']})",
             f"- evaluation splits: test `{src['test_path']}`"
             + "".join(f", {k} `{v}`" for k, v in (src["eval_paths"] or {}).items()),
+            f"- bad input rows left out (data.on_bad_rows=skip): {_bad_rows(card['input_bad_rows'])}",
             "", "## Teacher and methods",
             f"- teacher `{teacher['model']}` ({teacher['engine']}); {teacher['requests']} requests, "
             f"{teacher['tokens_in']} tokens in, {teacher['tokens_out']} out",
             f"- stages: {', '.join(card['methods'])}",
+            f"- precision: teacher {card['precision']['teacher_dtype'] or '-'} "
+            f"({card['precision']['teacher_dtype_reason']}); students "
+            f"{card['precision'].get('student_precision', '-')} "
+            f"({card['precision'].get('student_reason', '-')})",
             "", "## Counts",
             f"- planned {counts['planned']}, ran {counts['ran']}, created {counts['created']}, "
             f"accepted {counts['accepted']}",

@@ -156,3 +156,74 @@ def release_resource_requests() -> None:
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=[])
+
+
+# --- Precision that fits the host -------------------------------------------------------------
+# Without native bf16 (AVX2-only CPUs) bf16 matrix work is emulated: the embedded teacher wrote
+# 43 tok/s in bf16 against 185 in float32 on such a host. CPUs with avx512_bf16 or AMX run bf16
+# natively (~800 tok/s on the same 2 cores).
+_NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags of this host (from ``/proc/cpuinfo``; empty when unreadable)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return set()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def native_bf16_cpu(flags: set[str] | None = None) -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and why (the flag found, or its absence)."""
+    flags = cpu_flags() if flags is None else flags
+    found = [flag for flag in _NATIVE_BF16_CPU_FLAGS if flag in flags]
+    if found:
+        return True, f"CPU has {found[0]} (native bf16)"
+    return False, "CPU has no avx512_bf16 or amx_bf16 (bf16 would be emulated, ~4x slower)"
+
+
+def teacher_dtype(requested: str, on_gpu: bool, flags: set[str] | None = None) -> tuple[str, str]:
+    """The vLLM ``dtype`` a teacher engine runs with, and why.
+
+    ``auto``: on GPUs, vLLM's own choice (the model's dtype; fp16 where a GPU lacks bf16);
+    on CPUs, bfloat16 where the CPU has native bf16 and float32 otherwise. An explicit setting
+    wins.
+
+    Example:
+        >>> teacher_dtype("auto", on_gpu=False, flags={"avx2"})[0]
+        'float32'
+        >>> teacher_dtype("auto", on_gpu=False, flags={"avx512_bf16"})[0]
+        'bfloat16'
+    """
+    if requested != "auto":
+        return requested, "set in the job (teacher.dtype)"
+    if on_gpu:
+        return "auto", "GPU: the model's own dtype, as vLLM picks it"
+    native, why = native_bf16_cpu(flags)
+    return ("bfloat16" if native else "float32"), f"auto: {why}"
+
+
+def student_precision(requested: str, use_gpu: bool, flags: set[str] | None = None) -> tuple[str, str]:
+    """The DeepSpeed precision students train with (``bf16``/``fp32``/``fp16``), and why.
+
+    ``auto``: bf16 on GPUs and on CPUs with native bf16, fp32 otherwise. An explicit setting
+    wins.
+
+    Example:
+        >>> student_precision("auto", use_gpu=False, flags={"avx2"})[0]
+        'fp32'
+    """
+    if requested != "auto":
+        return requested, "set in the job (student.precision)"
+    if use_gpu:
+        return "bf16", "auto: GPU"
+    native, why = native_bf16_cpu(flags)
+    return ("bf16" if native else "fp32"), f"auto: {why}"

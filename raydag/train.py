@@ -28,7 +28,7 @@ def deepspeed_config(student: StudentConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": student.zero_stage},
-        "bf16": {"enabled": student.precision == "bf16"},
+        "bf16": {"enabled": student.precision == "bf16"},  # resolved from auto by the caller
         "fp16": {"enabled": student.precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -57,28 +57,51 @@ def worker_batches(lengths: list[int], rank: int, world: int, batch_size: int,
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: trains and scores each student of ``config["students"]``
+    in turn, in one worker group (one process group, one DeepSpeed start-up for them all)."""
     import deepspeed
     import ray
     import ray.train
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from raydag.evaluate import accuracy, confusion_matrix, macro_f1
-    from raydag.models import resolve_model
+    from transformers import AutoTokenizer
 
     student = StudentConfig.model_validate(config["student"])
-    labels: list[str] = config["labels"]
-    label2id = {label: i for i, label in enumerate(labels)}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"])
 
     deepspeed.init_distributed()  # reuses the process group Ray Train made
     # Resolved on the worker: an embedded model lives in this node's own installation.
+    from raydag.models import resolve_model
+
     model_path = resolve_model(student.model)
     local = os.path.isdir(model_path)  # else a Hugging Face id, fetched from the hub
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=local)
+    test_texts, test_labels = ray.get(config["test_rows"])
+    for entry in config["students"]:
+        texts, train_labels = ray.get(entry["train_rows"])
+        metrics, folder = _train_one(entry["name"], texts, train_labels, test_texts, test_labels,
+                                     config, student, tokenizer, model_path, local, rank, world)
+        if rank == 0:
+            with folder:
+                ray.train.report({**metrics, "student": entry["name"]},
+                                 checkpoint=ray.train.Checkpoint.from_directory(folder.name))
+        else:
+            ray.train.report({**metrics, "student": entry["name"]})
+        torch.distributed.barrier()
+
+
+def _train_one(name, texts, train_labels, test_texts, test_labels, config, student, tokenizer,
+               model_path, local, rank, world):
+    """Fine-tune and score one student; rank 0 also saves it into a temporary folder."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from raydag.evaluate import accuracy, confusion_matrix, macro_f1
+
+    labels: list[str] = config["labels"]
+    label2id = {label: i for i, label in enumerate(labels)}
+    torch.manual_seed(config["seed"])
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(labels),
@@ -92,12 +115,11 @@ def train_loop(config: dict) -> None:
     )
     device = engine.device
 
-    def encode(texts: list[str]) -> dict:
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=student.max_length,
+    def encode(batch_texts: list[str]) -> dict:
+        enc = tokenizer(batch_texts, padding=True, truncation=True, max_length=student.max_length,
                         return_tensors="pt")
         return {k: v.to(device) for k, v in enc.items()}
 
-    texts, train_labels = ray.get(config["train_rows"])
     lengths = [len(t) for t in texts]
     rng = np.random.default_rng(config["seed"])  # same seed on every worker: one shared permutation
     started = time.time()
@@ -112,12 +134,11 @@ def train_loop(config: dict) -> None:
             engine.step()
             losses.append(loss.item())
         if rank == 0:
-            print(f"[student {config['name']}] epoch {epoch + 1}/{student.epochs} "
+            print(f"[student {name}] epoch {epoch + 1}/{student.epochs} "
                   f"loss={np.mean(losses):.4f} ({time.time() - started:.0f}s)", flush=True)
     train_seconds = time.time() - started
 
     engine.eval()
-    test_texts, test_labels = ray.get(config["test_rows"])
     mine = list(range(rank, len(test_texts), world))
     y_true, y_pred = [], []
     with torch.no_grad():
@@ -136,22 +157,22 @@ def train_loop(config: dict) -> None:
         "train_examples": len(texts),
         "test_examples": int(matrix.sum()),
         "train_seconds": round(train_seconds, 2),
+        "precision": student.precision,
         "confusion_matrix": matrix.tolist(),
     }
+    folder = None
     if rank == 0:
-        with tempfile.TemporaryDirectory() as folder:
-            engine.module.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-            Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=1))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    else:
-        ray.train.report(metrics)
+        folder = tempfile.TemporaryDirectory()
+        engine.module.save_pretrained(folder.name, safe_serialization=True)
+        tokenizer.save_pretrained(folder.name)
+        Path(folder.name, "metrics.json").write_text(json.dumps(metrics, indent=1))
+    engine.destroy()
+    del engine, model, optimizer
+    return metrics, folder
 
 
-def fit_student(
-    name: str,
-    texts: list[str],
-    labels: list[str],
+def fit_students(
+    train_sets: dict[str, tuple[list[str], list[str]]],
     test_texts: list[str],
     test_labels: list[str],
     *,
@@ -159,31 +180,45 @@ def fit_student(
     student: StudentConfig,
     storage_dir: str,
     seed: int,
-) -> dict[str, Any]:
-    """Fine-tune one student with Ray Train + DeepSpeed and evaluate it on the test split.
+    run_name: str = "students",
+) -> dict[str, dict[str, Any]]:
+    """Fine-tune one student per training set with Ray Train + DeepSpeed, in one run (one
+    worker group, started once), and evaluate each on the test split.
 
-    ``student.num_workers`` and ``student.use_gpu`` are taken as given (see
-    :func:`raydag.resources.student_workers` for how a job's ``use_gpu: null`` is decided).
+    ``student.num_workers``, ``student.use_gpu`` and ``student.precision`` are taken as given
+    (see :func:`raydag.resources.student_workers` and :func:`raydag.resources.student_precision`
+    for how a job's ``null`` / ``auto`` are decided).
+
+    Args:
+        train_sets: Training texts and labels by student name (``raw``, ``synthetic``...).
+        test_texts: Test split texts.
+        test_labels: Test split labels.
+        label_set: The job's labels.
+        student: The recipe's settings.
+        storage_dir: Where Ray Train keeps the run and each student's checkpoint.
+        seed: Seed of initialisation and batch order.
+        run_name: Ray Train run name (a folder of ``storage_dir``).
 
     Returns:
-        Metrics (``accuracy``, ``macro_f1``, ``train_examples``...) and ``checkpoint``, the
-        folder of the saved student.
+        Per student: metrics (``accuracy``, ``macro_f1``, ``train_examples``...) and
+        ``checkpoint``, the folder of the saved student.
 
     Raises:
-        RaydagError: When there is nothing to train on or training fails.
+        RaydagError: When a set has nothing to train on or training fails.
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not texts:
-        raise RaydagError(f"student '{name}': no training rows")
+    for name, (texts, _) in train_sets.items():
+        if not texts:
+            raise RaydagError(f"student '{name}': no training rows")
     config = {
-        "name": name,
         "student": student.model_dump(),
         "labels": label_set,
         "seed": seed,
-        "train_rows": ray.put((list(texts), list(labels))),
+        "students": [{"name": name, "train_rows": ray.put((list(texts), list(labels)))}
+                     for name, (texts, labels) in train_sets.items()],
         "test_rows": ray.put((list(test_texts), list(test_labels))),
     }
     trainer = TorchTrainer(
@@ -191,15 +226,30 @@ def fit_student(
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=student.num_workers,
                                      use_gpu=bool(student.use_gpu)),
-        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_dir)),
+        run_config=RunConfig(name=run_name, storage_path=os.path.abspath(storage_dir)),
     )
+    names = ", ".join(train_sets)
     try:
         result = trainer.fit()  # Ray Train raises the training error itself
     except Exception as err:
-        raise RaydagError(f"student '{name}' failed to train: {err}") from err
-    metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
-    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    return metrics
+        raise RaydagError(f"student(s) {names} failed to train: {err}") from err
+    out: dict[str, dict[str, Any]] = {}
+    for checkpoint, metrics in result.best_checkpoints or []:
+        name = metrics.get("student")
+        if name in train_sets:
+            out[name] = {k: v for k, v in metrics.items() if not k.startswith("_") and k != "student"}
+            out[name]["checkpoint"] = checkpoint.path
+    missing = [name for name in train_sets if name not in out]
+    if missing:
+        raise RaydagError(f"student(s) {missing} reported no checkpoint")
+    return {name: out[name] for name in train_sets}
+
+
+def fit_student(name: str, texts: list[str], labels: list[str], test_texts: list[str],
+                test_labels: list[str], **kwargs: Any) -> dict[str, Any]:
+    """One student (see :func:`fit_students`)."""
+    return fit_students({name: (texts, labels)}, test_texts, test_labels, run_name=name,
+                        **kwargs)[name]
 
 
 class StudentScorer:

@@ -404,6 +404,17 @@ def test_run_signature_counts_inputs_by_content():
     assert len(sig) == 12 and sig == signature()
 
 
+def test_run_signature_holds_the_dtype_auto_chose():
+    job = load_job(QUICKSTART, [])
+    assert job.teacher.dtype == "auto"
+    bf16, settings = run_signature(job, DIGESTS, teacher_dtype="bfloat16")
+    fp32, _ = run_signature(job, DIGESTS, teacher_dtype="float32")
+    assert bf16 != fp32 and settings["teacher"]["dtype"] == "bfloat16"  # never mixed in one run
+    explicit = run_signature(load_job(QUICKSTART, ["teacher.dtype=bfloat16"]), DIGESTS,
+                             teacher_dtype="bfloat16")[0]
+    assert explicit == bf16  # the same dtype, chosen or set, is the same run
+
+
 # --------------------------------------------------------------------------- build_steps, contract
 
 

@@ -410,7 +410,10 @@ def vllm_server(tmp_path_factory):
     """A real OpenAI-compatible vLLM server on the embedded teacher, on 127.0.0.1 only."""
     from raydag.models import resolve_model
 
+    from raydag.resources import teacher_dtype
+
     model = str(resolve_model("embedded:smollm2-135m-instruct"))
+    dtype = teacher_dtype("auto", on_gpu=False)[0]  # what this host runs fast
     port = _free_port()
     workdir = tmp_path_factory.mktemp("vllm-serve")
     log = workdir / "server.log"
@@ -422,7 +425,7 @@ def vllm_server(tmp_path_factory):
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
-        "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
+        "--dtype", dtype, "--max-model-len", "2048", "--enforce-eager",
         "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192", "--seed", "0",
     ]
     with open(log, "wb") as out:

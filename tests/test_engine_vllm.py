@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def engine():
     # A small GPU share leaves room for the end-to-end test's engine actor on GPU hosts.
-    return VLLMEngine("embedded:smollm2-135m-instruct", dtype="bfloat16", max_model_len=1024,
+    # dtype auto: bfloat16 where the CPU has native bf16, float32 elsewhere (as every engine).
+    return VLLMEngine("embedded:smollm2-135m-instruct", max_model_len=1024,
                       gpu_memory_utilization=0.3)
 
 
@@ -90,8 +91,13 @@ def test_every_creation_method_makes_labelled_rows_with_lineage(engine, method):
 
 
 def test_topics_op_lists_topics(engine):
-    [out], _ = run(TopicsOp(task=TASK, num_topics=8), [{"request_seed": 0}], engine)
-    assert len(out["topics"]) >= 2 and all(isinstance(t, str) and t for t in out["topics"])
+    # Decoding is constrained to 8 numbered short lines: every seed gives 8 usable topics
+    # (unconstrained, the teacher once answered with a single preamble line on an AVX2 host).
+    for seed in (0, 1, 2):
+        [out], _ = run(TopicsOp(task=TASK, num_topics=8), [{"request_seed": seed}], engine)
+        topics = out["topics"]
+        assert len(topics) >= 6, (seed, out["_raw_generation"])
+        assert all(isinstance(t, str) and t and ":" not in t for t in topics)
 
 
 def test_labelling_is_constrained_with_logprob_confidence_and_votes(engine):

@@ -77,3 +77,33 @@ def test_parse_failures_become_quarantine_reasons():
     assert parse(" I'm sorry to bother you, the refund is late")["_parse_error"] is None
     assert parse(' "billing".')["_parse_error"] == "label_only"
     assert parse("   ")["text"] == ""
+
+
+def test_several_examples_per_request_each_get_a_row_id_and_lineage():
+    many = CreateOp(task="Route support messages.", labels=LABELS, shots=3, examples_per_request=4)
+    plan = many.plan_requests(RAW, 30, seed=0)
+    # 10 examples per label in requests of 4, 4, 2; labels interleaved
+    assert [r["request_items"] for r in plan] == [4, 4, 4, 4, 4, 4, 2, 2, 2]
+    assert [r["target_label"] for r in plan[:3]] == LABELS
+    [request] = many.build_requests(plan[0])
+    assert request.messages[-1]["content"].endswith("\n4.")  # 3 demonstrations, then item 4
+    assert request.stop == ("\n8.",) and request.max_tokens == 4 * many.sampling.max_tokens
+    text = "Refund my double charge\n5. Why was I billed twice?\n6. \"Card charged again\"\n7. Billing"
+    rows = many.parse(plan[0], [Completion(text, 100, 30, "stop")])
+    assert [r.get("text") for r in rows] == ["Refund my double charge", "Why was I billed twice?",
+                                             "Card charged again", ""]
+    assert [r.get("_reason") for r in rows] == [None, None, None, "label_only"]
+    assert len({r["id"] for r in rows}) == 4
+    assert all(r["parent_ids"] == plan[0]["demo_ids"] and r["label"] == "billing" for r in rows)
+    # Items the teacher did not write are quarantined rows; only the last can be cut off.
+    cut = many.parse(plan[0], [Completion("One\n5. Two", 100, 320, "length")])
+    assert [r["_status"] if "_status" in r else "accepted" for r in cut] == [
+        "accepted", "quarantined", "quarantined", "quarantined"]
+    assert [r.get("_reason") for r in cut] == [None, "truncated_at_max_tokens",
+                                               "list_item_missing", "list_item_missing"]
+
+
+def test_one_example_per_request_keeps_its_plan_and_prompt():
+    one = op()
+    assert "request_items" not in one.plan_requests(RAW, 3, seed=0)[0]
+    assert one.build_requests(one.plan_requests(RAW, 3, seed=0)[0])[0].stop == ("\n",)

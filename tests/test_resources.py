@@ -99,3 +99,37 @@ def test_teacher_pool_range_in_the_job():
                          (["teacher.resources={fake_gpu: 0}"], "amounts > 0")):
         with pytest.raises(RaydagError, match=message.replace("[", r"\[")):
             load_job(QUICKSTART, bad)
+
+
+def test_precision_auto_follows_the_cpu_flags():
+    from raydag.resources import cpu_flags, native_bf16_cpu, student_precision, teacher_dtype
+
+    amd_avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
+    sapphire = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16\n"
+    assert cpu_flags(amd_avx2) == {"fpu", "sse2", "avx", "avx2", "fma"}
+    assert native_bf16_cpu(cpu_flags(amd_avx2))[0] is False
+    assert native_bf16_cpu(cpu_flags(sapphire)) == (True, "CPU has avx512_bf16 (native bf16)")
+    assert native_bf16_cpu(cpu_flags(arm))[0] is False  # no x86 bf16 flag: float32 is safe
+    assert native_bf16_cpu({"amx_bf16"})[0] is True
+
+    dtype, why = teacher_dtype("auto", on_gpu=False, flags=cpu_flags(amd_avx2))
+    assert dtype == "float32" and "no avx512_bf16" in why
+    assert teacher_dtype("auto", on_gpu=False, flags=cpu_flags(sapphire))[0] == "bfloat16"
+    assert teacher_dtype("auto", on_gpu=True, flags=set())[0] == "auto"  # vLLM picks on GPUs
+    assert teacher_dtype("bfloat16", on_gpu=False, flags=set()) == (
+        "bfloat16", "set in the job (teacher.dtype)")  # an explicit setting wins
+
+    assert student_precision("auto", use_gpu=False, flags=cpu_flags(amd_avx2))[0] == "fp32"
+    assert student_precision("auto", use_gpu=False, flags=cpu_flags(sapphire))[0] == "bf16"
+    assert student_precision("auto", use_gpu=True, flags=set())[0] == "bf16"
+    assert student_precision("fp32", use_gpu=True, flags={"avx512_bf16"})[0] == "fp32"
+
+
+def test_this_hosts_auto_choice_matches_its_cpuinfo():
+    from raydag.resources import student_precision, teacher_dtype
+
+    text = open("/proc/cpuinfo").read()
+    native = "avx512_bf16" in text or "amx_bf16" in text
+    assert teacher_dtype("auto", on_gpu=False)[0] == ("bfloat16" if native else "float32")
+    assert student_precision("auto", use_gpu=False)[0] == ("bf16" if native else "fp32")

@@ -26,6 +26,8 @@ class ChatRequest:
             structured outputs), so the answer is always one of them.
         logprobs: Top log-probabilities to return per generated token (0: none). They are the
             model's raw distribution, before sampling settings or constraints.
+        regex: When set, decoding is constrained to text that matches this regular expression
+            (vLLM structured outputs), so an answer always has the asked-for shape.
     """
 
     messages: tuple[dict, ...]
@@ -37,6 +39,7 @@ class ChatRequest:
     continue_final_message: bool = False
     choices: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int = 0
+    regex: str | None = None
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ def request_body(model: str, request: ChatRequest) -> dict[str, Any]:
         body["add_generation_prompt"] = False
     if request.choices:
         body["structured_outputs"] = {"choice": list(request.choices)}
+    elif request.regex:
+        body["structured_outputs"] = {"regex": request.regex}
     if request.logprobs > 0:
         body["logprobs"] = True
         body["top_logprobs"] = request.logprobs

