@@ -191,10 +191,16 @@ class Progress:
         self._last_line = self._started
         self._tty = is_tty()
         self._closed = False
+        self._first: tuple[float, int] | None = None  # when the first units were done
 
     def _line(self) -> str:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        rate = (self.done - self._start_done) / elapsed
+        now = time.monotonic()
+        elapsed = max(now - self._started, 1e-9)
+        if self._first is not None and self.done > self._first[1]:
+            # From the first unit done on: start-up (loading a model) is not the rate.
+            rate = (self.done - self._first[1]) / max(now - self._first[0], 1e-9)
+        else:
+            rate = (self.done - self._start_done) / elapsed
         left = self.total - self.done
         eta = _duration(left / rate) if rate > 0 and left > 0 else ("-" if left > 0 else "0s")
         share = self.done / self.total if self.total else 1.0
@@ -209,6 +215,8 @@ class Progress:
         """Set the units done so far and show the line if it is time to."""
         self.done = min(int(done), self.total) if self.total else int(done)
         now = time.monotonic()
+        if self._first is None and self.done > self._start_done:
+            self._first = (now, self.done)
         if self._tty:
             _emit("\r" + self._line() + "\x1b[K", end="", log=False)
         elif now - self._last_line >= self.every_s:

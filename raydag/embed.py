@@ -78,9 +78,12 @@ def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
     todo = texts if cache is None else list(dict.fromkeys(t for t in texts if t not in cache))
     vectors = np.zeros((0, 0), dtype=np.float32)
     if todo:
-        out = map_in_one_actor(pd.DataFrame({"text": todo}), TextEncoder,
+        # Texts of similar length share a batch, so batches pad little; order is restored.
+        by_length = sorted(range(len(todo)), key=lambda i: len(todo[i]))
+        out = map_in_one_actor(pd.DataFrame({"text": [todo[i] for i in by_length]}), TextEncoder,
                                {"model": model}, batch_size=batch_size, threads=threads)
-        vectors = np.stack(out["_embedding"].to_numpy()).astype(np.float32)
+        vectors = np.empty((len(todo), len(out["_embedding"].iloc[0])), dtype=np.float32)
+        vectors[by_length] = np.stack(out["_embedding"].to_numpy())
     if cache is None:
         return vectors
     cache.update(zip(todo, vectors))

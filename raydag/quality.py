@@ -130,9 +130,11 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
         names = ([(name, i) for name, texts in evals.items() for i in range(len(texts))]
                  if embed_decontam else [])
         references = raw_texts if embed_dups and quality.near_dup.against_raw else []
+        # The diversity measure embeds the raw texts too: encode them now, in the same actor.
+        extra = raw_texts if quality.diversity.embeddings and not references else []
         # One encoder actor for the rows, the evaluation texts and the raw texts.
         everything = encode_texts(accepted["text"].tolist() + [evals[n][i] for n, i in names]
-                                  + references, job.student.model, cache=embeddings)
+                                  + references + extra, job.student.model, cache=embeddings)
         vectors = everything[:len(accepted)]
         eval_vectors = everything[len(accepted):len(accepted) + len(names)]
         reference = everything[len(accepted) + len(names):] if references else None
