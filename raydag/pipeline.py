@@ -245,7 +245,10 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> l
     if path.exists():
         return json.loads(path.read_text())
     op = TopicsOp(task=job.data.task, num_topics=stage.num_topics)
-    attempts = 3  # a new seed for each: a small teacher's list is usable nearly always
+    # A small teacher sometimes repeats itself; a list with fewer than half the topics asked
+    # for is tried again with a new seed (3 tries), and the longest list is kept.
+    attempts, wanted = 3, max(2, -(-stage.num_topics // 2))
+    best: list[str] = []
     for attempt in range(attempts):
         seed = job.seed if attempt == 0 else int(stable_hash(job.seed, "topics", attempt, length=8), 16)
         shard_dir = run_dir / "topics_shard" / str(attempt)
@@ -254,15 +257,18 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> l
             [Step(name="0:create.topics", op=op)], job, placement, shard_dir).take_all()
         frame = pd.read_parquet(shard_path(shard_dir, 0))
         topics = [str(t) for t in frame["topics"].iloc[0]] if "topics" in frame else []
-        if len(topics) >= 2:
+        best = max(best, topics, key=len)
+        if len(topics) >= wanted:
             break
         raw_text = frame["_raw_generation"].iloc[0] if "_raw_generation" in frame else ""
-        console.warn(f"[topics] attempt {attempt + 1}/{attempts}: the teacher wrote "
-                     f"{len(topics)} usable topic(s) (raw: {str(raw_text)[:120]!r}); "
-                     + ("retrying with a new seed" if attempt + 1 < attempts else "giving up"))
-    else:
+        console.warn(f"[topics] try {attempt + 1}/{attempts}: the teacher wrote {len(topics)} "
+                     f"distinct topic(s) of {stage.num_topics} (raw: {str(raw_text)[:100]!r}); "
+                     + ("trying a new seed" if attempt + 1 < attempts
+                        else f"keeping the longest list ({len(best)})"))
+    topics = best
+    if len(topics) < 2:
         raise RaydagError(f"the teacher wrote fewer than 2 usable topics for zero_shot_topic in "
-                          f"{attempts} attempts; try another method or teacher")
+                          f"{attempts} tries; try another method or teacher")
     path.write_text(json.dumps(topics, indent=2))
     console.say(f"[topics] {len(topics)} topics ({summary[0]['seconds']:.1f}s): "
                 f"{'; '.join(topics[:5])}...")

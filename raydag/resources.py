@@ -182,7 +182,15 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 
 
 def native_bf16_cpu(flags: set[str] | None = None) -> tuple[bool, str]:
-    """Whether this CPU computes bf16 natively, and why (the flag found, or its absence)."""
+    """Whether this CPU computes bf16 natively, and why (the flag found, or its absence).
+
+    ``RAYDAG_NATIVE_BF16=0`` (or ``1``) overrides what this host's flags say, e.g. to run an
+    AVX2 host's float32 defaults on an AVX-512 host; explicit ``flags`` ignore it.
+    """
+    if flags is None:
+        forced = os.environ.get("RAYDAG_NATIVE_BF16", "").strip()
+        if forced in ("0", "1"):
+            return forced == "1", f"RAYDAG_NATIVE_BF16={forced}"
     flags = cpu_flags() if flags is None else flags
     found = [flag for flag in _NATIVE_BF16_CPU_FLAGS if flag in flags]
     if found:

@@ -126,10 +126,22 @@ def test_precision_auto_follows_the_cpu_flags():
     assert student_precision("fp32", use_gpu=True, flags={"avx512_bf16"})[0] == "fp32"
 
 
-def test_this_hosts_auto_choice_matches_its_cpuinfo():
+def test_this_hosts_auto_choice_matches_its_cpuinfo(monkeypatch):
     from raydag.resources import student_precision, teacher_dtype
 
+    monkeypatch.delenv("RAYDAG_NATIVE_BF16", raising=False)
     text = open("/proc/cpuinfo").read()
     native = "avx512_bf16" in text or "amx_bf16" in text
     assert teacher_dtype("auto", on_gpu=False)[0] == ("bfloat16" if native else "float32")
     assert student_precision("auto", use_gpu=False)[0] == ("bf16" if native else "fp32")
+
+
+def test_native_bf16_can_be_overridden_for_this_host(monkeypatch):
+    from raydag.resources import native_bf16_cpu, teacher_dtype
+
+    monkeypatch.setenv("RAYDAG_NATIVE_BF16", "0")  # run an AVX2 host's defaults anywhere
+    assert native_bf16_cpu() == (False, "RAYDAG_NATIVE_BF16=0")
+    assert teacher_dtype("auto", on_gpu=False)[0] == "float32"
+    assert native_bf16_cpu({"avx512_bf16"})[0] is True  # explicit flags are not overridden
+    monkeypatch.setenv("RAYDAG_NATIVE_BF16", "1")
+    assert teacher_dtype("auto", on_gpu=False)[0] == "bfloat16"

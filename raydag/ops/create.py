@@ -74,9 +74,9 @@ class TopicsOp:
 
     def list_regex(self) -> str:
         """The shape of the answer after the pre-filled ``1.``: ``num_topics`` numbered lines,
-        each a phrase of letters, digits, spaces and light punctuation (no colon, so no
-        preamble), ending at a newline."""
-        phrase = r" [A-Za-z][A-Za-z0-9 ,&'/()-]{1,60}"
+        each a short phrase of letters, digits, spaces and light punctuation (no colon, so no
+        preamble; no dash, so no "topic - explanation"), ending at a newline."""
+        phrase = r" [A-Za-z][A-Za-z0-9 ,&'/()]{1,40}"
         return phrase + "".join(rf"\n{i}\.{phrase}" for i in range(2, self.num_topics + 1)) + r"\n"
 
     def build_requests(self, row: dict) -> list[ChatRequest]:
