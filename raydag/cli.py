@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a job: sample raw rows, run the teacher stages, write shards, train and "
         "evaluate students",
-        description="Run a job end to end (resuming an interrupted run of the same settings); "
-        "prints the students' table and, as its last line, the report path.",
+        description="Run a job end to end (resuming an interrupted run of the same settings). "
+        "The terminal shows raydag's own lines (stages, progress, warnings, the students' "
+        "table and, last, the report path); everything the libraries print goes to "
+        "output_dir/logs/run-<time>.log. Bad input stops the run before any generation with "
+        "'raydag: error: <file>:<line>: <reason>' and exit code 2.",
     )
     validate = sub.add_parser(
         "validate", help="check a job file, its data and its output folder without running it",
