@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raydag.data import MAX_TEXT_CHARS
 from raydag.errors import ConfigError
 
 # Fields holding filesystem paths, resolved against the YAML file's folder.
@@ -74,7 +75,7 @@ class DataConfig(StrictModel):
         "the file and line; 'skip' leaves the row out and counts it by reason and file:line "
         "in the report and the data card.")
     max_text_chars: int = Field(
-        default=20_000, ge=1, description="Longest input text accepted (characters); longer "
+        default=MAX_TEXT_CHARS, ge=1, description="Longest input text accepted (characters); longer "
         "ones are bad rows (see on_bad_rows).")
 
     @model_validator(mode="after")

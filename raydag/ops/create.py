@@ -142,13 +142,19 @@ class CreateOp:
         self.task = task
         self.labels = list(labels)
         self.method = method
-        self.shots = {"few_shot": shots, "one_shot": 1}.get(method, 0)
+        self.shots = self.demonstrations(method, shots)
         self.sampling = sampling or SamplingConfig()
         self.label_distribution = label_distribution
         self.topics = list(topics or [])
         if examples_per_request < 1:
             raise ValueError(f"examples_per_request must be >= 1, got {examples_per_request}")
         self.examples_per_request = examples_per_request
+
+    @staticmethod
+    def demonstrations(method: str, shots: int) -> int:
+        """Raw demonstrations one request of ``method`` shows: ``shots`` for few-shot, 1 for
+        one-shot, none for the zero-shot methods."""
+        return {"few_shot": shots, "one_shot": 1}.get(method, 0)
 
     @property
     def name(self) -> str:
