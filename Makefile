@@ -24,7 +24,7 @@ export TORCH_EXTENSIONS_DIR ?= $(RAYDAG_CACHE)/torch_extensions
 export VLLM_LOGGING_LEVEL ?= WARNING
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test bench bench-serve clean
+.PHONY: install run test bench bench-serve bench-students clean
 
 install: $(STAMP)
 
@@ -63,6 +63,12 @@ test: install
 bench: install
 	$(PY) -m raydag.bench minhash
 	$(PY) -m raydag.bench teacher
+
+# The raw student on 100 rows of each benchmark dataset (../shared/data or RAYDAG_BENCH_DATA),
+# seeds 0-2, beside its linear probe and the majority class; last line: students_vs_probe=
+DATASETS ?= sst2,emotion,rte,agnews
+bench-students: install
+	$(PY) -m raydag.bench students --datasets $(DATASETS)
 
 # The scoring endpoint on 127.0.0.1 under CLIENTS concurrent clients for SECONDS, beside the
 # offline rate of the same engine; last line: serve_rps= p50_ms= p99_ms= errors= serve_vs_offline_ratio=

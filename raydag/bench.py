@@ -4,6 +4,10 @@
 concurrent clients and compares it with offline scoring by the same engine (see
 :mod:`raydag.bench_serve`).
 
+``python -m raydag.bench students`` (``make bench-students``) trains the raw student on 100 rows
+of each benchmark dataset, once per seed, beside its linear probe and the majority class (see
+:mod:`raydag.bench_students`).
+
 ``python -m raydag.bench minhash`` times the near-duplicate pass (MinHash signatures in Ray
 Data, LSH on the driver, marking) on 100,000 rows and prints ``minhash_rows_per_s=<number>``.
 
@@ -190,17 +194,27 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m raydag.bench teacher [--requests N] [--batch-size B]``."""
     parser = argparse.ArgumentParser(prog="python -m raydag.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["teacher", "minhash", "serve"],
+    parser.add_argument("which", choices=["teacher", "minhash", "serve", "students"],
                         help="teacher: the teacher stage against plain vLLM; minhash: MinHash "
                         "near-duplicate marking throughput (see raydag.bench_minhash); serve: "
                         "the scoring endpoint under load against offline scoring (see "
-                        "raydag.bench_serve)")
+                        "raydag.bench_serve); students: the student recipe against its "
+                        "baselines on benchmark datasets (see raydag.bench_students)")
     parser.add_argument("--clients", type=int, default=32, help="serve: concurrent clients (32)")
     parser.add_argument("--seconds", type=float, default=60, help="serve: load duration (60)")
     parser.add_argument("--items-per-request", type=int, default=1,
                         help="serve: items per request (1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="serve: overrides of jobs/judge.yaml, e.g. serve.max_batch_size=64")
+                        help="serve: overrides of jobs/judge.yaml, e.g. serve.max_batch_size=64; "
+                        "students: of the student recipe, e.g. student.learning_rate=1e-4")
+    parser.add_argument("--datasets", default="sst2,emotion,rte,agnews",
+                        help="students: dataset folders under --data (sst2,emotion,rte,agnews)")
+    parser.add_argument("--data", default=None, help="students: where the datasets are "
+                        "($RAYDAG_BENCH_DATA or ../shared/data)")
+    parser.add_argument("--raw-examples", type=int, default=100, help="students: raw rows (100)")
+    parser.add_argument("--seeds", default="0,1,2", help="students: seeds (0,1,2)")
+    parser.add_argument("--max-test", type=int, default=None,
+                        help="students: most test rows per dataset (stratified; all by default)")
     parser.add_argument("--rows", type=int, default=100_000, help="minhash: rows (100000)")
     parser.add_argument("--requests", type=int, default=384, help="requests per side (384)")
     parser.add_argument("--batch-size", type=int, default=64, help="requests per batch (64)")
@@ -214,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         from raydag.bench_minhash import bench_minhash
 
         bench_minhash(args.rows)
+        return 0
+    if args.which == "students":
+        from raydag.bench_students import DEFAULT_DATA, bench_students
+
+        data = Path(args.data) if args.data else DEFAULT_DATA
+        if not data.is_dir():
+            parser.error(f"no benchmark datasets at {data} (set --data or RAYDAG_BENCH_DATA)")
+        bench_students(args.datasets.split(","), data, args.raw_examples,
+                       [int(s) for s in args.seeds.split(",")], args.overrides, args.max_test)
         return 0
     if args.which == "serve":
         from raydag.bench_serve import bench_serve

@@ -25,7 +25,8 @@ from raydag.data import MAX_TEXT_CHARS
 from raydag.errors import ConfigError
 
 # Fields holding filesystem paths, resolved against the YAML file's folder.
-_PATH_FIELDS = (("data", "train_path"), ("data", "test_path"), ("data", "unlabelled_path"),
+_PATH_FIELDS = (("data", "train_path"), ("data", "test_path"), ("data", "dev_path"),
+                ("data", "unlabelled_path"),
                 ("output_dir",))
 _STAGE_PATH_FIELDS = ("seed_tasks_path",)
 
@@ -65,6 +66,9 @@ class DataConfig(StrictModel):
     labels: list[str] = Field(min_length=2, description="The label set; other labels are errors.")
     task: str = Field(min_length=1, description="One-sentence task description used in prompts.")
 
+    dev_path: str | None = Field(
+        default=None, description="Labelled dev split (.jsonl, .csv or .parquet) that chooses the "
+        "students' epoch; without it, student.dev_fraction of the raw sample is held out.")
     unlabelled_path: str | None = Field(
         default=None, description="Unlabelled texts (.jsonl, .csv or .parquet, column "
         "text_column) for a job whose first stage is 'label'.")
@@ -417,9 +421,34 @@ class StudentConfig(StrictModel):
         default_factory=lambda: ["raw", "synthetic", "mixed"],
         description="Which students to train: on raw rows, synthetic rows, or both.",
     )
-    epochs: int = Field(default=3, ge=1, description="Passes over the training rows.")
-    batch_size: int = Field(default=16, ge=1, description="Micro-batch size per worker.")
-    learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1, description="Each train set is trained "
+        "once per seed (initialisation, batch order, dev split); the report gives mean and "
+        "standard deviation, and calls a difference within the spread no difference.")
+    epochs: int = Field(default=2, ge=1, description="Least passes over the training rows.")
+    min_steps: int = Field(
+        default=60, ge=0, description="Least optimizer steps; small sets get more epochs "
+        "(the epoch kept is chosen on the dev split).")
+    patience: int | None = Field(
+        default=5, ge=1, description="Stop after this many epochs without a better dev score "
+        "(None: run every epoch of the schedule).")
+    batch_size: int = Field(default=16, ge=1, description="Micro-batch size per worker (random batches).")
+    learning_rate: float = Field(default=5e-5, gt=0, description="AdamW peak learning rate.")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        default="linear", description="Decay after warmup, to 0 at the last step.")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of the steps spent warming up.")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (not on biases and norms).")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout before the head.")
+    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+        default="auto", description="How token states become one vector; auto: what the "
+        "encoder was trained with (its sentence-transformers modules.json), else mean.")
+    head_init: Literal["probe", "random"] = Field(
+        default="probe", description="probe: the head starts from the linear probe fitted on "
+        "the frozen encoder (linear probing, then fine-tuning); random: a new head.")
+    dev_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Without data.dev_path: share of the raw sample "
+        "held out (per label, seeded) to choose the epoch and the probe's L2; never the test split.")
+    max_dev_examples: int = Field(default=1000, ge=1, description="Most data.dev_path rows used (stratified).")
     max_length: int = Field(default=128, ge=8, description="Tokens per text after truncation.")
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
     use_gpu: bool | None = Field(default=None, description="None: use GPUs when the cluster has them.")

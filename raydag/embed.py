@@ -42,12 +42,13 @@ class TextEncoder:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
+        from raydag.train import pool_states
+
         enc = self._tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
                               max_length=self._max_length, return_tensors="pt")
         with torch.no_grad():
             hidden = self._model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = pool_states(hidden, enc["attention_mask"], "mean")
         pooled = torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
         out = batch.copy()
         out["_embedding"] = list(pooled)

@@ -23,6 +23,7 @@ from raydag.chain import build_steps, check_contract, create_op, first_rows, run
 from raydag.config import JobConfig, StudentConfig
 from raydag.data import MAX_TEXT_CHARS, BadRows, raw_lineage, read_labelled, read_texts, stable_hash, stratified_sample
 from raydag.errors import DataError, RaydagError
+from raydag.evaluate import student_comparisons
 from raydag.filters.exact import normalize_text
 from raydag.models import cache_dir, check_model, resolve_model
 from raydag.ops.create import CreateOp, TopicsOp
@@ -568,37 +569,47 @@ def _mark_not_novel(batch: pd.DataFrame, ids: frozenset) -> pd.DataFrame:
 
 
 def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame | None,
-                 test: pd.DataFrame, out: Path, student: StudentConfig, timer: StageTimer,
-                 only: list[str] | None = None) -> dict[str, dict]:
-    """Fine-tune and evaluate one student per requested training set (``only``: these), all
-    in one Ray Train run (one worker group and DeepSpeed start-up for every student)."""
-    from raydag.train import fit_students
+                 test: pd.DataFrame, dev: pd.DataFrame | None, out: Path, student: StudentConfig,
+                 timer: StageTimer, only: list[str] | None = None) -> dict[str, dict]:
+    """Fine-tune and evaluate one student per requested training set (``only``: these) and
+    seed, each next to its baselines, all in one Ray Train run (one worker group and DeepSpeed
+    start-up for every student), and summarise them over seeds.
 
-    sets = {}
-    for name in only if only is not None else student.train_sets:
-        if name == "raw":
-            rows = raw
-        elif name == "synthetic":
-            rows = synthetic
-        else:
-            rows = pd.concat([raw[["text", "label"]], synthetic[["text", "label"]]], ignore_index=True)
-        if rows.empty:
-            raise RaydagError(f"student '{name}': no training rows (did every generation fail?)")
-        sets[name] = (rows["text"].tolist(), rows["label"].tolist())
-    stage = "students" if only is None or len(sets) > 1 else f"student_{next(iter(sets))}"
-    console.say(f"[{stage}] training " + ", ".join(f"{name} ({len(rows[0])} rows)"
-                                                   for name, rows in sets.items())
-                + f" on {student.num_workers} Ray Train worker(s), {student.precision}, "
-                f"{student.epochs} epoch(s)")
+    The dev split is ``dev`` (the job's ``data.dev_path``) or, per seed, a held-out share of
+    the raw sample; raw and mixed students then train on the rest of the raw sample.
+    """
+    from raydag.evaluate import summarise_students
+    from raydag.train import fit_students, student_runs
+
+    names = list(only if only is not None else student.train_sets)
+    runs = student_runs(names, raw, synthetic, dev, student)
+    stage = "students" if only is None or len(names) > 1 else f"student_{names[0]}"
+    sizes = {run["name"]: len(run["train"][0]) for run in runs}
+    console.say(f"[{stage}] training " + ", ".join(f"{n} ({k} rows)" for n, k in sizes.items())
+                + f" x seeds {student.seeds} on {student.num_workers} Ray Train worker(s), "
+                f"{student.precision}; dev {len(runs[0]['dev'][0])} rows "
+                f"({'data.dev_path' if dev is not None else 'held out from the raw sample'})")
     with timer(stage):
-        results = fit_students(sets, test["text"].tolist(), test["label"].tolist(),
-                               label_set=job.data.labels, student=student,
-                               storage_dir=str(out / "students"), seed=job.seed,
-                               run_name="_".join(sets))
-    for name, metrics in results.items():
-        console.say(f"[student {name}] accuracy {metrics['accuracy']:.4f}, macro-F1 "
-                    f"{metrics['macro_f1']:.4f} ({metrics['train_seconds']:.0f}s of training)")
+        results = summarise_students(fit_students(
+            runs, test["text"].tolist(), test["label"].tolist(), label_set=job.data.labels,
+            student=student, storage_dir=str(out / "students"), run_name="_".join(names)))
+    for name, m in results.items():
+        spread = f" ± {m['accuracy_std']:.4f}" if len(m["seeds"]) > 1 else ""
+        console.say(f"[student {name}] accuracy {m['accuracy']:.4f}{spread}, macro-F1 "
+                    f"{m['macro_f1']:.4f}; linear probe {m['probe']['accuracy']:.4f}, majority "
+                    f"class {m['majority']['accuracy']:.4f} ({m['train_seconds']:.0f}s of training)")
+        for flag in m["flags"]:
+            console.warn(f"student {name}: {STUDENT_FLAGS[flag]}")
     return results
+
+
+# What a student's flag means, for the warning and the report.
+STUDENT_FLAGS = {
+    "below_probe": "scores below its linear probe (frozen encoder + logistic regression): "
+                   "fine-tuning hurt; check the data and the recipe",
+    "not_above_majority": "does not beat the majority class: it learned nothing usable",
+    "single_class": "predicts a single class for every test row (in at least one seed)",
+}
 
 
 def run_job(job: JobConfig) -> Path:
@@ -642,14 +653,15 @@ def run_job(job: JobConfig) -> Path:
         teacher = run_teacher(job, raw, test, inputs, run_dir, placement, timer)
         embeddings: dict = {}  # vectors by text: the quality passes and the measures share them
         students, raw_student = {}, None
+        dev = inputs.get("dev")
         if job.quality.consistency.pvi_threshold is not None and "raw" in job.student.train_sets:
-            students = run_students(job, raw, None, test, run_dir, placement["student"], timer,
-                                    only=["raw"])
+            students = run_students(job, raw, None, test, dev, run_dir, placement["student"],
+                                    timer, only=["raw"])
             raw_student = students["raw"]["checkpoint"]
         with timer("write"):  # dedup, quality passes, output folders
             teacher["outputs"] = finish_outputs(
                 job, teacher["finished"], teacher["shard_dir"], run_dir, inputs,
-                raw=raw, evals=eval_splits(job, test), raw_student=raw_student,
+                raw=raw, evals=eval_splits(job, test, dev), raw_student=raw_student,
                 placement=placement, embeddings=embeddings)
         teacher["stats"] = teacher["stats"] + teacher["outputs"]["extra_stats"]
         counts = reconcile(teacher, pool, test, raw)
@@ -658,9 +670,10 @@ def run_job(job: JobConfig) -> Path:
         with timer("measures"):
             quality.update(measure(job, synthetic, raw, embeddings=embeddings))
         if job.student.train_sets:
-            students.update(run_students(job, raw, synthetic, test, run_dir, placement["student"],
-                                         timer, only=[s for s in job.student.train_sets
-                                                      if s not in students]))
+            students.update(run_students(job, raw, synthetic, test, dev, run_dir,
+                                         placement["student"], timer,
+                                         only=[s for s in job.student.train_sets
+                                               if s not in students]))
     finally:
         if autoscaling:
             release_resource_requests()
@@ -688,6 +701,7 @@ def run_job(job: JobConfig) -> Path:
                             timer.seconds.get("teacher", 0.0)),
         "stages": timer.seconds,
         "students": students,
+        "student_comparisons": student_comparisons(students),
         "student_precision": placement["student_precision"],
         "input_bad_rows": bad_rows,
         "log": console.log_path(),
@@ -776,7 +790,7 @@ def input_digests(job: JobConfig) -> dict[str, str]:
     paths = {}
     if job.data is not None:
         paths.update(train=job.data.train_path, test=job.data.test_path,
-                     unlabelled=job.data.unlabelled_path)
+                     dev=job.data.dev_path, unlabelled=job.data.unlabelled_path)
     for index, stage in enumerate(job.stages):
         if stage.type == "self_instruct":
             paths[f"stages.{index}.seed_tasks"] = stage.seed_tasks_path
@@ -813,6 +827,11 @@ def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | Non
                          bad=bad, max_text_chars=limit, check=fits)
     test = read_labelled(data.test_path, data.text_column, data.label_column, data.labels,
                          bad=bad, max_text_chars=limit)
+    if data.dev_path:
+        inputs["dev"] = read_labelled(data.dev_path, data.text_column, data.label_column,
+                                      data.labels, bad=bad, max_text_chars=limit)
+        if len(inputs["dev"]) > job.student.max_dev_examples:
+            inputs["dev"] = stratified_sample(inputs["dev"], job.student.max_dev_examples, job.seed)
     if data.unlabelled_path:
         inputs["unlabelled"] = read_texts(data.unlabelled_path, [data.text_column], bad=bad,
                                           max_text_chars=limit, check=fits).rename(

@@ -74,11 +74,15 @@ def _drop(reason: str, stage: str, **extra: Any) -> dict[str, Any]:
     return {"_status": "dropped", "_reason": reason, "_stage": stage, **extra}
 
 
-def eval_splits(job: JobConfig, test: pd.DataFrame | None) -> dict[str, list[str]]:
-    """The evaluation texts by split: the job's test split as ``test`` plus ``eval_paths``."""
+def eval_splits(job: JobConfig, test: pd.DataFrame | None,
+                dev: pd.DataFrame | None = None) -> dict[str, list[str]]:
+    """The evaluation texts by split: the job's test split as ``test``, its dev split (which
+    chooses the students' epoch) as ``dev``, plus ``eval_paths``."""
     from raydag.data import read_texts
 
     splits = {} if test is None else {"test": test["text"].astype(str).tolist()}
+    if dev is not None:
+        splits["dev"] = dev["text"].astype(str).tolist()
     column = job.data.text_column if job.data else "text"
     for name, path in job.quality.decontam.eval_paths.items():
         splits[name] = read_texts(path, [column])[column].astype(str).tolist()

@@ -28,14 +28,48 @@ class StageTimer:
             console.say(f"[{name}] done in {self.seconds[name]:.1f}s")
 
 
+def _plus_minus(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
+
+
 def students_table(students: dict[str, dict]) -> str:
-    """A fixed-width table of the students' scores."""
-    lines = [f"{'student':<10} {'train_examples':>14} {'accuracy':>9} {'macro_f1':>9}"]
+    """A fixed-width table of the students' scores (mean ± standard deviation over seeds)
+    next to their baselines, with their flags."""
+    lines = [f"{'student':<10} {'train':>6} {'seeds':>5} {'accuracy':>17} {'macro_f1':>17} "
+             f"{'probe':>7} {'majority':>8}  flags"]
     for name, m in students.items():
+        n = len(m["seeds"])
         lines.append(
-            f"{name:<10} {m['train_examples']:>14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f}"
-        )
+            f"{name:<10} {m['train_examples']:>6} {n:>5} "
+            f"{_plus_minus(m['accuracy'], m['accuracy_std'], n):>17} "
+            f"{_plus_minus(m['macro_f1'], m['macro_f1_std'], n):>17} "
+            f"{m['probe']['accuracy']:>7.4f} {m['majority']['accuracy']:>8.4f}  "
+            + (", ".join(m["flags"]) or "-"))
     return "\n".join(lines)
+
+
+def _students_markdown(students: dict[str, dict], comparisons: list[dict]) -> list[str]:
+    """The students' section: scores over seeds, baselines, flags, per-class F1, predicted
+    labels, and the comparisons by more than the spread."""
+    rows = ["| student | train / dev rows | seeds | accuracy | macro-F1 | linear probe | "
+            "majority class | best epochs | flags |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, m in students.items():
+        n = len(m["seeds"])
+        rows.append(f"| {name} | {m['train_examples']} / {m['dev_examples']} | {n} | "
+                    f"{_plus_minus(m['accuracy'], m['accuracy_std'], n)} | "
+                    f"{_plus_minus(m['macro_f1'], m['macro_f1_std'], n)} | "
+                    f"{_plus_minus(m['probe']['accuracy'], m['probe']['accuracy_std'], n)} | "
+                    f"{m['majority']['accuracy']:.4f} ({m['majority']['label']}) | "
+                    f"{', '.join(map(str, m['best_epochs']))} | {', '.join(m['flags']) or '-'} |")
+    rows += ["", "Per-class F1 (mean over seeds) and predicted labels (summed over seeds):", ""]
+    for name, m in students.items():
+        rows.append(f"- {name}: F1 " + ", ".join(f"{y} {f:.3f}" for y, f in m["per_class_f1"].items())
+                    + "; predicted " + ", ".join(f"{y} {c}" for y, c in m["predicted"].items()))
+    if comparisons:
+        rows += ["", "Comparisons (a difference within the spread over seeds is no difference):", ""]
+        rows += [f"- {c['a']} - {c['b']}: {c['difference']:+.4f} (spread {c['spread']:.4f}): "
+                 f"{c['verdict']}" for c in comparisons]
+    return rows
 
 
 def _reasons(reasons: dict[str, int]) -> str:
@@ -93,10 +127,8 @@ def _markdown(report: dict[str, Any]) -> str:
                  f"- PII redacted: teacher rows {_reasons(quality.get('pii_teacher_rows', {}))}; "
                  f"raw {_reasons(quality.get('pii_raw', {}))}"]
     if report["students"]:
-        rows += ["", "## Students (test split)", "",
-                 "| student | train examples | accuracy | macro-F1 |", "|---|---:|---:|---:|"]
-        for name, m in report["students"].items():
-            rows.append(f"| {name} | {m['train_examples']} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
+        rows += ["", "## Students (test split)", ""]
+        rows += _students_markdown(report["students"], report.get("student_comparisons", []))
     rows += ["", "## Stages (wall seconds)", ""]
     rows += [f"- {name}: {sec:.1f}" for name, sec in report["stages"].items()]
     return "\n".join(rows) + "\n"
@@ -154,9 +186,12 @@ def datacard(report: dict[str, Any]) -> dict[str, Any]:
                 "types": config["quality"]["pii"]["types"] if config["quality"]["pii"]["enabled"] else []},
         "diversity": quality.get("diversity"),
         "bias": quality.get("bias"),
-        "students": {name: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                            "train_examples": m["train_examples"]}
+        "students": {name: {k: m[k] for k in ("accuracy", "accuracy_std", "macro_f1",
+                                              "macro_f1_std", "seeds", "probe", "majority",
+                                              "per_class_f1", "predicted", "flags",
+                                              "train_examples", "dev_examples", "best_epochs")}
                      for name, m in report["students"].items()},
+        "student_comparisons": report.get("student_comparisons", []),
     }
 
 
@@ -272,9 +307,8 @@ def _datacard_markdown(card: dict[str, Any]) -> str:
             f"{label} {_number(v['raw_mean'])} / {_number(v['synthetic_mean'])}"
             for label, v in bias["length"]["by_label"].items()))
     if card["students"]:
-        rows += ["", "## Students (test split)"] + [
-            f"- {name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
-            f"({m['train_examples']} training rows)" for name, m in card["students"].items()]
+        rows += ["", "## Students (test split)", ""]
+        rows += _students_markdown(card["students"], card.get("student_comparisons", []))
     return "\n".join(rows) + "\n"
 
 

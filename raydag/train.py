@@ -1,13 +1,27 @@
 """The student recipe: one train loop for Ray Train's ``TorchTrainer`` with DeepSpeed.
 
-Each worker fine-tunes a sequence classifier (a new head on the student encoder) on its share of
-the rows, then scores its share of the test split; the confusion matrices are summed across
-workers and rank 0 saves the model and reports metrics with it as a checkpoint.
+A student is the encoder, pooled the way it was trained (mean pooling and L2 normalisation for
+a sentence encoder, read from its ``modules.json``), with a linear head. Per student, every
+worker:
+
+1. embeds the training and dev rows with the frozen encoder (each worker its share, gathered)
+   and fits the **linear probe** baseline, a logistic regression whose L2 weight is chosen on
+   the dev split; the student's head starts from it (linear probing, then fine-tuning);
+2. fine-tunes encoder and head with AdamW under a warmup-then-decay schedule, for at least
+   ``min_steps`` optimizer steps (small sets get more epochs), on random batches;
+3. scores the dev split before training and after every epoch and keeps the best state
+   (dev accuracy, then dev loss), stopping after ``patience`` epochs without a better one:
+   the epoch is chosen on dev, never on test;
+4. scores the test split (each worker its share; confusion matrices are summed).
+
+Rank 0 reports the metrics (student, probe, majority class) with a checkpoint folder; the
+student's weights are saved for the first seed of each train set.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -16,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from raydag.config import StudentConfig
 from raydag.errors import RaydagError
+
+PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 weights the probe tries (chosen on dev)
 
 
 def deepspeed_config(student: StudentConfig, world_size: int) -> dict[str, Any]:
@@ -36,25 +53,156 @@ def deepspeed_config(student: StudentConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-def worker_batches(lengths: list[int], rank: int, world: int, batch_size: int,
+def pooling_of(model_path: str, setting: str = "auto") -> tuple[str, bool]:
+    """How to pool the encoder's token states, and whether to L2-normalise the result.
+
+    ``auto`` reads a sentence-transformers model's own ``modules.json`` and pooling config
+    (``mean``, ``cls`` or ``max``; a ``Normalize`` module means normalise); a model without
+    them is mean-pooled. An explicit ``setting`` wins for the mode.
+    """
+    mode, normalise = "mean", False
+    modules = _model_file(model_path, "modules.json")
+    if modules is not None:
+        entries = json.loads(modules.read_text())
+        normalise = any(m.get("type", "").endswith("Normalize") for m in entries)
+        pooling = next((m for m in entries if m.get("type", "").endswith("Pooling")), None)
+        config = _model_file(model_path, f"{pooling['path']}/config.json") if pooling else None
+        if config is not None:
+            flags = json.loads(config.read_text())
+            for name in ("cls_token", "max_tokens", "mean_tokens"):
+                if flags.get(f"pooling_mode_{name}"):
+                    mode = name.split("_")[0]
+    return (mode if setting == "auto" else setting), normalise
+
+
+def _model_file(model_path: str, name: str) -> Path | None:
+    """A file of a local model folder, or of a hub model already in the local cache."""
+    if os.path.isdir(model_path):
+        path = Path(model_path, name)
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model_path, name, local_files_only=bool(os.environ.get(
+            "HF_HUB_OFFLINE"))))
+    except Exception:  # no such file in the repo, or offline without it: mean pooling
+        return None
+
+
+def pool_states(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """One vector per row from the token states: ``mean`` over real tokens, ``max``, or ``cls``
+    (the first token)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class StudentClassifier(torch.nn.Module):
+    """Encoder, pooling (and L2 normalisation for sentence encoders), dropout, linear head."""
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int, pooling: str, normalise: bool,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder, self.pooling, self.normalise = encoder, pooling, normalise
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def embed(self, input_ids, attention_mask, **rest) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **rest).last_hidden_state
+        pooled = pool_states(hidden, attention_mask, self.pooling)
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.normalise else pooled
+
+    def forward(self, input_ids, attention_mask, **rest) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(input_ids, attention_mask, **rest)))
+
+
+def schedule_plan(rows: int, world: int, student: StudentConfig) -> dict[str, int]:
+    """Epochs, steps per epoch, total and warmup steps: at least ``student.epochs`` passes and
+    at least ``student.min_steps`` optimizer steps (so 100 rows still get enough updates).
+
+    Example:
+        >>> from raydag.config import StudentConfig
+        >>> schedule_plan(80, 2, StudentConfig(batch_size=16, epochs=3, min_steps=100))
+        {'epochs': 34, 'steps_per_epoch': 3, 'total_steps': 102, 'warmup_steps': 10}
+    """
+    per_worker = -(-rows // world)
+    steps_per_epoch = max(1, -(-per_worker // student.batch_size))
+    epochs = max(student.epochs, -(-student.min_steps // steps_per_epoch))
+    total = epochs * steps_per_epoch
+    return {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "warmup_steps": int(round(student.warmup_ratio * total))}
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup to 1 over ``warmup`` steps, then
+    ``linear`` or ``cosine`` decay to 0 at ``total`` (``constant``: 1 after warmup).
+
+    Example:
+        >>> [round(lr_factor(s, 10, 2, "linear"), 3) for s in (0, 1, 2, 6, 10)]
+        [0.333, 0.667, 1.0, 0.5, 0.0]
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def worker_batches(rows: int, rank: int, world: int, batch_size: int,
                    rng: np.random.Generator) -> list[list[int]]:
-    """This worker's batches of row indices for one epoch.
+    """This worker's random batches of row indices for one epoch.
 
     Rows are shuffled and cut into equal shares (wrapping around, so no row is skipped and every
-    worker runs the same number of steps: DeepSpeed's collectives need them in lock-step).
-    Within windows of 16 batches, rows are sorted by length so batches pad little; the batch
-    order is then shuffled.
+    worker runs the same number of steps: DeepSpeed's collectives need them in lock-step). The
+    batches are random, never sorted by length or label: on synthetic data a length shortcut
+    would make sorted batches nearly single-label.
     """
-    n = len(lengths)
-    per_worker = -(-n // world)
-    mine = np.resize(rng.permutation(n), per_worker * world)[rank::world].tolist()
-    window = batch_size * 16
-    batches = []
-    for start in range(0, len(mine), window):
-        chunk = sorted(mine[start : start + window], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
+    per_worker = -(-rows // world)
+    mine = np.resize(rng.permutation(rows), per_worker * world)[rank::world].tolist()
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_dev: torch.Tensor,
+              y_dev: torch.Tensor, num_labels: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The linear probe: a multinomial logistic regression on frozen embeddings (full-batch
+    L-BFGS), its L2 weight chosen from :data:`PROBE_L2` on the dev rows (accuracy, then loss;
+    without dev rows the middle of the grid).
+
+    Returns:
+        Weight ``(num_labels, dim)``, bias ``(num_labels,)``, and the L2 weight chosen.
+    """
+    best: tuple | None = None
+    grid = PROBE_L2 if len(y_dev) else PROBE_L2[len(PROBE_L2) // 2 : len(PROBE_L2) // 2 + 1]
+    for l2 in grid:
+        weight = torch.zeros(num_labels, x_train.shape[1], requires_grad=True)
+        bias = torch.zeros(num_labels, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x_train @ weight.T + bias, y_train) \
+                + l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            if len(y_dev):
+                logits = x_dev @ weight.T + bias
+                key = ((logits.argmax(-1) == y_dev).float().mean().item(),
+                       -torch.nn.functional.cross_entropy(logits, y_dev).item())
+            else:
+                key = (0.0, 0.0)
+        if best is None or key > best[0]:
+            best = (key, weight.detach().clone(), bias.detach().clone(), l2)
+    return best[1], best[2], best[3]
 
 
 def train_loop(config: dict) -> None:
@@ -63,8 +211,7 @@ def train_loop(config: dict) -> None:
     import deepspeed
     import ray
     import ray.train
-    import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     student = StudentConfig.model_validate(config["student"])
     ctx = ray.train.get_context()
@@ -77,10 +224,19 @@ def train_loop(config: dict) -> None:
     model_path = resolve_model(student.model)
     local = os.path.isdir(model_path)  # else a Hugging Face id, fetched from the hub
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=local)
+    pooling, normalise = pooling_of(model_path, student.pooling)
+    frozen = StudentClassifier(AutoModel.from_pretrained(model_path, local_files_only=local),
+                               len(config["labels"]), pooling, normalise).eval()
     worker = _Worker(config=config, student=student, tokenizer=tokenizer, model_path=model_path,
-                     local=local, rank=rank, world=world, test=ray.get(config["test_rows"]))
+                     local=local, rank=rank, world=world, pooling=pooling, normalise=normalise,
+                     frozen=frozen, embeddings={})
+    test_texts, test_labels = ray.get(config["test_rows"])
+    worker.test_shard = list(range(rank, len(test_texts), world))
+    worker.test = ([test_texts[i] for i in worker.test_shard],
+                   [test_labels[i] for i in worker.test_shard])
+    worker.test_embeddings = worker.embed_local(worker.test[0])
     for entry in config["students"]:
-        _train_one(entry["name"], *ray.get(entry["train_rows"]), worker)
+        _train_one(entry, *ray.get(entry["rows"]), worker)
         torch.distributed.barrier()
 
 
@@ -95,126 +251,357 @@ class _Worker:
     local: bool
     rank: int
     world: int
-    test: tuple[list[str], list[str]]  # texts, labels
+    pooling: str
+    normalise: bool
+    frozen: StudentClassifier  # the untrained encoder: the probe's features
+    embeddings: dict[str, np.ndarray]  # frozen embeddings by text, shared by the students
+    test_shard: list[int] | None = None  # this worker's test rows
+    test: tuple[list[str], list[str]] | None = None
+    test_embeddings: torch.Tensor | None = None
 
-
-def _train_one(name: str, texts: list[str], train_labels: list[str], worker: _Worker) -> None:
-    """Fine-tune and score one student, and report its metrics (rank 0: with the saved
-    student as the checkpoint)."""
-    import deepspeed
-    import ray.train
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from raydag.evaluate import accuracy, confusion_matrix, macro_f1
-
-    config, student, tokenizer = worker.config, worker.student, worker.tokenizer
-    model_path, local, rank, world = worker.model_path, worker.local, worker.rank, worker.world
-    test_texts, test_labels = worker.test
-    labels: list[str] = config["labels"]
-    label2id = {label: i for i, label in enumerate(labels)}
-    torch.manual_seed(config["seed"])
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id=label2id,
-        local_files_only=local,
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=student.learning_rate)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(student, world)
-    )
-    device = engine.device
-
-    def encode(batch_texts: list[str]) -> dict:
-        enc = tokenizer(batch_texts, padding=True, truncation=True, max_length=student.max_length,
-                        return_tensors="pt")
+    def encode(self, texts: list[str], device: Any = "cpu") -> dict:
+        enc = self.tokenizer(texts, padding=True, truncation=True,
+                             max_length=self.student.max_length, return_tensors="pt")
         return {k: v.to(device) for k, v in enc.items()}
 
-    lengths = [len(t) for t in texts]
-    rng = np.random.default_rng(config["seed"])  # same seed on every worker: one shared permutation
+    def embed_local(self, texts: list[str]) -> torch.Tensor:
+        """Frozen embeddings of these texts, computed here (64 at a time, by length)."""
+        if not texts:
+            return torch.zeros(0, self.frozen.head.in_features)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.frozen.head.in_features)
+        with torch.no_grad():
+            for start in range(0, len(order), 64):
+                idx = order[start : start + 64]
+                out[idx] = self.frozen.embed(**self.encode([texts[i] for i in idx])).float()
+        return out
+
+    def embed_all(self, texts: list[str]) -> torch.Tensor:
+        """Frozen embeddings of texts every worker holds: each worker embeds its share of the
+        new ones, and the shares are gathered (cached by text for later students)."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self.embeddings))
+        mine = todo[self.rank :: self.world]
+        vectors = self.embed_local(mine).numpy()
+        shares = [None] * self.world
+        torch.distributed.all_gather_object(shares, (mine, vectors))
+        for share_texts, share_vectors in shares:
+            self.embeddings.update(zip(share_texts, share_vectors))
+        if not texts:
+            return torch.zeros(0, self.frozen.head.in_features)
+        return torch.from_numpy(np.stack([self.embeddings[t] for t in texts]))
+
+
+def _sum_over_workers(array: np.ndarray, world: int) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+    if world > 1:
+        tensor = tensor.to(_device())
+        torch.distributed.all_reduce(tensor)  # NCCL needs the tensor on the GPU
+    return tensor.cpu().numpy()
+
+
+def _device() -> Any:
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def _scores(engine, worker: _Worker, texts: list[str], labels: list[int], num_labels: int,
+            *, own_share: bool = False) -> tuple[np.ndarray, float]:
+    """Confusion matrix and mean loss of the model, summed over workers: on rows every worker
+    holds (each scores its share), or with ``own_share`` on rows that are this worker's."""
+    from raydag.evaluate import confusion_matrix
+
+    idx = list(range(len(texts))) if own_share else list(range(worker.rank, len(texts), worker.world))
+    y_pred, loss = [], 0.0
+    with torch.no_grad():
+        for start in range(0, len(idx), 64):
+            part = idx[start : start + 64]
+            logits = engine(**worker.encode([texts[i] for i in part], engine.device)).float()
+            target = torch.tensor([labels[i] for i in part], device=logits.device)
+            loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            y_pred.extend(logits.argmax(dim=-1).tolist())
+    matrix = confusion_matrix([labels[i] for i in idx], y_pred, num_labels).astype(np.float64)
+    summed = _sum_over_workers(np.append(matrix.ravel(), loss), worker.world)
+    matrix = summed[:-1].reshape(num_labels, num_labels).round().astype(np.int64)
+    return matrix, float(summed[-1] / max(1, matrix.sum()))
+
+
+def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts: list[str],
+               dev_labels: list[str], worker: _Worker) -> None:
+    """Fit the probe, fine-tune and select on dev, score on test, and report (rank 0: with a
+    checkpoint folder; the model in it when ``entry["save_model"]``)."""
+    import deepspeed
+    import ray.train
+
+    from raydag.evaluate import confusion_matrix
+
+    student, rank, world = worker.student, worker.rank, worker.world
+    labels: list[str] = worker.config["labels"]
+    label2id = {label: i for i, label in enumerate(labels)}
+    y_train = [label2id[y] for y in train_labels]
+    y_dev = [label2id[y] for y in dev_labels]
+    y_test_mine = [label2id[y] for y in worker.test[1]]
+    seed = entry["seed"]
+    torch.manual_seed(seed)
     started = time.time()
-    for epoch in range(student.epochs):
+
+    # 1. The linear probe on frozen embeddings (fitted on rank 0, sent to every worker).
+    x_train, x_dev = worker.embed_all(texts), worker.embed_all(dev_texts)
+    weight = torch.zeros(len(labels), x_train.shape[1])
+    bias, l2 = torch.zeros(len(labels)), torch.zeros(1)
+    if rank == 0:
+        weight, bias, chosen = fit_probe(x_train, torch.tensor(y_train), x_dev,
+                                         torch.tensor(y_dev), len(labels))
+        l2 = torch.tensor([chosen])
+    if world > 1:
+        for tensor in (weight, bias, l2):
+            moved = tensor.to(_device())
+            torch.distributed.broadcast(moved, src=0)
+            tensor.copy_(moved.cpu())
+    probe_pred = (worker.test_embeddings @ weight.T + bias).argmax(-1).tolist()
+    probe_matrix = _sum_over_workers(confusion_matrix(y_test_mine, probe_pred, len(labels)),
+                                     world).round().astype(np.int64)
+    probe_seconds = time.time() - started
+
+    # 2. Fine-tuning, from the probe's head.
+    from transformers import AutoModel
+
+    model = StudentClassifier(AutoModel.from_pretrained(worker.model_path,
+                                                        local_files_only=worker.local),
+                              len(labels), worker.pooling, worker.normalise, student.dropout)
+    if student.head_init == "probe":
+        with torch.no_grad():
+            model.head.weight.copy_(weight)
+            model.head.bias.copy_(bias)
+    plan = schedule_plan(len(texts), world, student)
+    decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": student.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=student.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, plan["total_steps"], plan["warmup_steps"], student.schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler,
+                                           config=deepspeed_config(student, world))
+
+    def dev_key() -> tuple[tuple[float, float], float | None, float | None]:
+        if not dev_texts:  # nothing to choose with: the last epoch is kept
+            return (float(len(history)), 0.0), None, None
+        engine.eval()
+        matrix, loss = _scores(engine, worker, dev_texts, y_dev, len(labels))
+        acc = float(np.trace(matrix) / max(1, matrix.sum()))
+        return (acc, -loss), acc, loss
+
+    history: list[dict] = []
+    best_key, dev_acc, dev_loss = dev_key()
+    best = {"epoch": 0, "dev_accuracy": dev_acc, "dev_loss": dev_loss,
+            "state": {k: v.detach().clone() for k, v in engine.module.state_dict().items()}}
+    rng = np.random.default_rng(seed)  # same seed on every worker: one shared permutation
+    for epoch in range(1, plan["epochs"] + 1):
         engine.train()
         losses = []
-        for idx in worker_batches(lengths, rank, world, student.batch_size, rng):
-            batch = encode([texts[i] for i in idx])
-            target = torch.tensor([label2id[train_labels[i]] for i in idx], device=device)
-            loss = engine(**batch, labels=target).loss
+        for idx in worker_batches(len(texts), rank, world, student.batch_size, rng):
+            batch = worker.encode([texts[i] for i in idx], engine.device)
+            target = torch.tensor([y_train[i] for i in idx], device=engine.device)
+            loss = torch.nn.functional.cross_entropy(engine(**batch).float(), target)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+        key, dev_acc, dev_loss = dev_key()
+        history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4),
+                        "dev_accuracy": _rounded(dev_acc), "dev_loss": _rounded(dev_loss)})
+        if key > best_key:
+            best_key = key
+            best = {"epoch": epoch, "dev_accuracy": dev_acc, "dev_loss": dev_loss,
+                    "state": {k: v.detach().clone() for k, v in engine.module.state_dict().items()}}
         if rank == 0:
-            print(f"[student {name}] epoch {epoch + 1}/{student.epochs} "
-                  f"loss={np.mean(losses):.4f} ({time.time() - started:.0f}s)", flush=True)
+            print(f"[student {entry['name']} seed {seed}] epoch {epoch}/{plan['epochs']} "
+                  f"loss={history[-1]['train_loss']:.4f} dev_acc={history[-1]['dev_accuracy']} "
+                  f"({time.time() - started:.0f}s)", flush=True)
+        if student.patience is not None and epoch - best["epoch"] >= student.patience:
+            break  # every worker saw the same dev scores, so all stop together
+    engine.module.load_state_dict(best["state"])
     train_seconds = time.time() - started
 
+    # 3. The test split, with the state chosen on dev.
     engine.eval()
-    mine = list(range(rank, len(test_texts), world))
-    y_true, y_pred = [], []
-    with torch.no_grad():
-        for start in range(0, len(mine), 64):
-            idx = mine[start : start + 64]
-            logits = engine(**encode([test_texts[i] for i in idx])).logits
-            y_pred.extend(logits.argmax(dim=-1).tolist())
-            y_true.extend(label2id[test_labels[i]] for i in idx)
-    matrix = torch.tensor(confusion_matrix(y_true, y_pred, len(labels)), device=device)
-    if world > 1:
-        torch.distributed.all_reduce(matrix)  # NCCL needs the tensor on the GPU
-    matrix = matrix.cpu().numpy()
+    matrix, _ = _scores(engine, worker, worker.test[0], y_test_mine, len(labels), own_share=True)
     metrics = {
-        "accuracy": accuracy(matrix),
-        "macro_f1": macro_f1(matrix),
+        "seed": seed,
+        **_classification_metrics(matrix, labels),
+        "probe": {**_classification_metrics(probe_matrix, labels), "l2": float(l2.item())},
+        "majority": _majority(train_labels, matrix, labels),
         "train_examples": len(texts),
+        "dev_examples": len(dev_texts),
         "test_examples": int(matrix.sum()),
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "dev_accuracy": _rounded(best["dev_accuracy"]),
+        **plan,
+        "history": history,
+        "pooling": worker.pooling + ("+normalise" if worker.normalise else ""),
         "train_seconds": round(train_seconds, 2),
+        "probe_seconds": round(probe_seconds, 2),
         "precision": student.precision,
-        "confusion_matrix": matrix.tolist(),
     }
     if rank == 0:
         with tempfile.TemporaryDirectory() as folder:
-            engine.module.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
+            if entry["save_model"]:
+                save_student(engine.module, worker.tokenizer, labels, folder)
             Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=1))
-            ray.train.report({**metrics, "student": name},
+            ray.train.report({**metrics, "student": entry["name"]},
                              checkpoint=ray.train.Checkpoint.from_directory(folder))
     else:
-        ray.train.report({**metrics, "student": name})
+        ray.train.report({**metrics, "student": entry["name"]})
     engine.destroy()
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _classification_metrics(matrix: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    from raydag.evaluate import accuracy, macro_f1, per_class_f1
+
+    return {"accuracy": accuracy(matrix), "macro_f1": macro_f1(matrix),
+            "per_class_f1": dict(zip(labels, (round(f, 4) for f in per_class_f1(matrix)))),
+            "predicted": dict(zip(labels, (int(c) for c in matrix.sum(axis=0)))),
+            "confusion_matrix": matrix.tolist()}
+
+
+def _majority(train_labels: list[str], matrix: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """The majority-class baseline: the training rows' most common label, on the test split."""
+    counts = {label: train_labels.count(label) for label in labels}
+    label = max(labels, key=lambda y: counts[y])  # ties: the first in the job's label order
+    total = matrix.sum()
+    return {"label": label,
+            "accuracy": float(matrix[labels.index(label)].sum() / total) if total else 0.0}
+
+
+def save_student(model: StudentClassifier, tokenizer: Any, labels: list[str], folder: str) -> None:
+    """Save a trained student: the encoder (``model.safetensors``, float32), the head and
+    ``student.json`` (labels, pooling), loadable by :func:`load_student`."""
+    from safetensors.torch import save_file
+
+    model.encoder.float().save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    save_file({k: v.float().contiguous() for k, v in model.head.state_dict().items()},
+              str(Path(folder, "head.safetensors")))
+    Path(folder, "student.json").write_text(json.dumps(
+        {"labels": labels, "pooling": model.pooling, "normalise": model.normalise}, indent=1))
+
+
+def load_student(folder: str) -> tuple[Any, StudentClassifier, list[str]]:
+    """Tokenizer, model (float32, eval mode) and labels of a student saved by
+    :func:`save_student`."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    meta = json.loads(Path(folder, "student.json").read_text())
+    model = StudentClassifier(AutoModel.from_pretrained(folder, local_files_only=True),
+                              len(meta["labels"]), meta["pooling"], meta["normalise"])
+    model.head.load_state_dict(load_file(str(Path(folder, "head.safetensors"))))
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True), model.float().eval(), meta["labels"]
+
+
+def dev_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions of the train and dev rows of a labelled sample: ``round(fraction * n)`` dev
+    rows, each label giving about its share (seeded), but never a label's only row. Where the
+    shares round to fewer rows (many labels with a row or two each), the rest come from labels
+    with a row to spare, one per label.
+
+    Example:
+        >>> train, dev = dev_split(["a"] * 10 + ["b"] * 5 + ["c"], 0.2, 0)
+        >>> len(train), len(dev), 15 in train
+        (13, 3, True)
+    """
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    want = int(round(fraction * len(labels)))
+    dev: list[int] = []
+    spare: list[list[int]] = []
+    for rows in by_label.values():
+        rows = rng.permutation(rows).tolist()
+        take = min(len(rows) - 1, int(round(fraction * len(rows))))
+        dev += rows[:take]
+        if len(rows) - take > 1:
+            spare.append(rows[take:])
+    for index in rng.permutation(len(spare)).tolist()[: max(0, want - len(dev))]:
+        dev.append(spare[index][0])
+    chosen = set(dev)
+    return [i for i in range(len(labels)) if i not in chosen], sorted(dev)
+
+
+def student_runs(names: list[str], raw, synthetic, dev, student: StudentConfig) -> list[dict[str, Any]]:
+    """The students to train, one per name and seed (see :func:`fit_students`).
+
+    ``raw`` and ``synthetic`` are frames with ``text`` and ``label``. The dev split is ``dev``
+    (the job's ``data.dev_path``) or, per seed, ``student.dev_fraction`` of the raw sample
+    (:func:`dev_split`); raw and mixed students then train on the rest of the raw sample,
+    synthetic ones on every synthetic row.
+
+    Raises:
+        RaydagError: A student with no training rows.
+    """
+    import pandas as pd
+
+    runs = []
+    for seed in student.seeds:
+        if dev is not None:
+            raw_train, raw_dev = raw, dev
+        else:
+            train_at, dev_at = dev_split(raw["label"].tolist(), student.dev_fraction, seed)
+            raw_train, raw_dev = raw.iloc[train_at], raw.iloc[dev_at]
+        for name in names:
+            if name == "raw":
+                rows = raw_train
+            elif name == "synthetic":
+                rows = synthetic
+            else:
+                rows = pd.concat([raw_train[["text", "label"]], synthetic[["text", "label"]]],
+                                 ignore_index=True)
+            if rows is None or rows.empty:
+                raise RaydagError(f"student '{name}': no training rows (did every generation fail?)")
+            runs.append({"name": name, "seed": seed,
+                         "train": (rows["text"].tolist(), rows["label"].tolist()),
+                         "dev": (raw_dev["text"].tolist(), raw_dev["label"].tolist())})
+    return runs
+
+
 def fit_students(
-    train_sets: dict[str, tuple[list[str], list[str]]],
+    runs: list[dict[str, Any]],
     test_texts: list[str],
     test_labels: list[str],
     *,
     label_set: list[str],
     student: StudentConfig,
     storage_dir: str,
-    seed: int,
     run_name: str = "students",
-) -> dict[str, dict[str, Any]]:
-    """Fine-tune one student per training set with Ray Train + DeepSpeed, in one run (one
-    worker group, started once), and evaluate each on the test split.
+) -> list[dict[str, Any]]:
+    """Fine-tune one student per entry of ``runs`` with Ray Train + DeepSpeed, in one run
+    (one worker group, started once), each next to its baselines, and evaluate on test.
 
     ``student.num_workers``, ``student.use_gpu`` and ``student.precision`` are taken as given
     (see :func:`raydag.resources.student_workers` and :func:`raydag.resources.student_precision`
     for how a job's ``null`` / ``auto`` are decided).
 
     Args:
-        train_sets: Training texts and labels by student name (``raw``, ``synthetic``...).
+        runs: One dict per student: ``name`` (``raw``, ``synthetic``...), ``seed``, ``train``
+            and ``dev`` (texts, labels); the dev rows choose the probe's L2 and the epoch.
         test_texts: Test split texts.
         test_labels: Test split labels.
         label_set: The job's labels.
         student: The recipe's settings.
         storage_dir: Where Ray Train keeps the run and each student's checkpoint.
-        seed: Seed of initialisation and batch order.
         run_name: Ray Train run name (a folder of ``storage_dir``).
 
     Returns:
-        Per student: metrics (``accuracy``, ``macro_f1``, ``train_examples``...) and
-        ``checkpoint``, the folder of the saved student.
+        Per entry, in order: metrics (``accuracy``, ``macro_f1``, ``per_class_f1``,
+        ``predicted``, ``probe``, ``majority``, ``best_epoch``...) and ``checkpoint``, the
+        folder (with the saved student for the first seed of each name).
 
     Raises:
         RaydagError: When a set has nothing to train on or training fails.
@@ -223,15 +610,20 @@ def fit_students(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    for name, (texts, _) in train_sets.items():
-        if not texts:
-            raise RaydagError(f"student '{name}': no training rows")
+    for run in runs:
+        if not run["train"][0]:
+            raise RaydagError(f"student '{run['name']}': no training rows")
+    first_seed: dict[str, int] = {}
+    for run in runs:
+        first_seed.setdefault(run["name"], run["seed"])
     config = {
         "student": student.model_dump(),
         "labels": label_set,
-        "seed": seed,
-        "students": [{"name": name, "train_rows": ray.put((list(texts), list(labels)))}
-                     for name, (texts, labels) in train_sets.items()],
+        "students": [{"name": run["name"], "seed": run["seed"],
+                      "save_model": first_seed[run["name"]] == run["seed"],
+                      "rows": ray.put((list(run["train"][0]), list(run["train"][1]),
+                                       list(run["dev"][0]), list(run["dev"][1])))}
+                     for run in runs],
         "test_rows": ray.put((list(test_texts), list(test_labels))),
     }
     trainer = TorchTrainer(
@@ -241,28 +633,22 @@ def fit_students(
                                      use_gpu=bool(student.use_gpu)),
         run_config=RunConfig(name=run_name, storage_path=os.path.abspath(storage_dir)),
     )
-    names = ", ".join(train_sets)
+    names = ", ".join(dict.fromkeys(run["name"] for run in runs))
     try:
         result = trainer.fit()  # Ray Train raises the training error itself
     except Exception as err:
         raise RaydagError(f"student(s) {names} failed to train: {err}") from err
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[tuple[str, int], dict[str, Any]] = {}
     for checkpoint, metrics in result.best_checkpoints or []:
-        name = metrics.get("student")
-        if name in train_sets:
-            out[name] = {k: v for k, v in metrics.items() if not k.startswith("_") and k != "student"}
-            out[name]["checkpoint"] = checkpoint.path
-    missing = [name for name in train_sets if name not in out]
+        key = (metrics.get("student"), metrics.get("seed"))
+        out[key] = {"name": key[0], **{k: v for k, v in metrics.items()
+                                       if not k.startswith("_") and k != "student"}}
+        out[key]["checkpoint"] = checkpoint.path
+    missing = [f"{run['name']} seed {run['seed']}" for run in runs
+               if (run["name"], run["seed"]) not in out]
     if missing:
         raise RaydagError(f"student(s) {missing} reported no checkpoint")
-    return {name: out[name] for name in train_sets}
-
-
-def fit_student(name: str, texts: list[str], labels: list[str], test_texts: list[str],
-                test_labels: list[str], **kwargs: Any) -> dict[str, Any]:
-    """One student (see :func:`fit_students`)."""
-    return fit_students({name: (texts, labels)}, test_texts, test_labels, run_name=name,
-                        **kwargs)[name]
+    return [out[(run["name"], run["seed"])] for run in runs]
 
 
 class StudentScorer:
@@ -270,28 +656,21 @@ class StudentScorer:
     ``label`` for its ``text``.
 
     Args:
-        checkpoint: Folder of a student saved by :func:`train_loop`.
+        checkpoint: Folder of a student saved by :func:`save_student`.
         max_length: Tokens per text after truncation.
     """
 
     def __init__(self, checkpoint: str, max_length: int = 128) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        self._tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-        self._model = AutoModelForSequenceClassification.from_pretrained(
-            checkpoint, local_files_only=True).float().eval()
-        self._label2id = dict(self._model.config.label2id)
+        self._tokenizer, self._model, labels = load_student(checkpoint)
+        self._label2id = {label: i for i, label in enumerate(labels)}
         self._max_length = max_length
 
     def __call__(self, batch):
-        import torch
-
         enc = self._tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
                               max_length=self._max_length, return_tensors="pt")
         with torch.no_grad():
-            logp = torch.log_softmax(self._model(**enc).logits, dim=-1)
+            logp = torch.log_softmax(self._model(**enc), dim=-1)
         index = torch.tensor([self._label2id[str(label)] for label in batch["label"]])
         out = batch.copy()
         out["log2_p_label"] = (logp[torch.arange(len(index)), index] / np.log(2)).numpy()

@@ -23,7 +23,7 @@ def test_quickstart_end_to_end_with_real_engine_and_deepspeed(ray_local, tmp_pat
         f"output_dir={out}", "raw_examples=30", "stages.0.num_examples=36",
         # 16 tokens cut many support messages short: the truncated ones must be quarantined.
         "stages.0.sampling.max_tokens=16", "teacher.batch_size=12",
-        "student.epochs=4", "student.batch_size=4",
+        "student.epochs=4", "student.batch_size=4", "student.min_steps=30", "student.seeds=[0,1]",
         "teacher.gpu_memory_utilization=0.5",  # GPU hosts: the engine test's engine holds 0.3
     ]
     code = main(["run", str(QUICKSTART), *overrides])
@@ -60,15 +60,29 @@ def test_quickstart_end_to_end_with_real_engine_and_deepspeed(ray_local, tmp_pat
     assert "RayTrainWorker" in text and "raydag: [teacher]" in text
     assert report["teacher"]["dtype"] in ("bfloat16", "float32")
     assert report["student_precision"]["precision"] in ("bf16", "fp32")
-    for name, train_examples in (("raw", 30), ("synthetic", counts["accepted"]),
-                                 ("mixed", 30 + counts["accepted"])):
+    raw_train = report["students"]["raw"]["train_examples"]
+    assert raw_train + report["students"]["raw"]["dev_examples"] == 30  # dev held out of raw
+    for name, train_examples in (("raw", raw_train), ("synthetic", counts["accepted"]),
+                                 ("mixed", raw_train + counts["accepted"])):
         student = report["students"][name]
         assert student["train_examples"] == train_examples
-        assert 0.0 <= student["macro_f1"] <= 1.0 and 0.0 <= student["accuracy"] <= 1.0
+        assert student["dev_examples"] == 6  # 20% of each label's 10 raw rows
         assert student["test_examples"] == 150
+        assert student["seeds"] == [0, 1] and set(student["runs"]) == {"0", "1"}
+        assert student["accuracy_std"] >= 0.0
+        assert sum(student["predicted"].values()) == 2 * 150
+        assert set(student["per_class_f1"]) == set(job.data.labels)
+        assert 0.0 < student["probe"]["accuracy"] <= 1.0
+        # Every student learns something real: the majority class gets 1/3 of this test split.
+        assert student["majority"]["accuracy"] == pytest.approx(1 / 3)
+        assert student["accuracy"] > student["majority"]["accuracy"] + 0.1, (name, student)
+        assert "not_above_majority" not in student["flags"]
         assert (Path(student["checkpoint"]) / "model.safetensors").is_file()
-    # The raw student must learn something real: chance is 1/3 on three balanced classes.
-    assert report["students"]["raw"]["accuracy"] > 0.5
+    assert [(c["a"], c["b"]) for c in report["student_comparisons"]] == [
+        ("synthetic", "raw"), ("mixed", "raw"), ("mixed", "synthetic")]
+    card = json.loads((out / "datacard.json").read_text())
+    assert card["students"]["raw"]["probe"] == report["students"]["raw"]["probe"]
+    assert "linear probe" in (out / "report.md").read_text()
 
     synthetic = pd.read_parquet(run_dir / "synthetic")
     assert len(synthetic) == counts["accepted"]

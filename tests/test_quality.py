@@ -166,8 +166,16 @@ def test_sst2_100_raw_1000_synthetic_gets_card_decontamination_diversity_and_bia
     report = run(ROOT / "jobs" / "sst2_quality.yaml", [
         f"output_dir={tmp_path / 'out'}", f"data.train_path={sst2 / 'train.jsonl'}",
         f"data.test_path={sst2 / 'test.jsonl'}", f"quality.decontam.eval_paths.dev={sst2 / 'dev.jsonl'}",
-        "student.train_sets=[]"])
+        "student.seeds=[0]"])
     counts = report["counts"]
+    # The students learn: the raw one beats the majority class (0.5 on this test split) clearly.
+    students = report["students"]
+    assert set(students) == {"raw", "synthetic", "mixed"}
+    assert students["raw"]["majority"]["accuracy"] == pytest.approx(0.5, abs=0.01)
+    assert students["raw"]["accuracy"] > students["raw"]["majority"]["accuracy"] + 0.1, students["raw"]
+    for student in students.values():
+        assert "single_class" not in student["flags"], student
+        assert student["test_examples"] == 1821
     assert counts["raw"] == 100 and counts["planned"] == 1000
     quality = report["quality"]
     assert quality["decontam"]["splits"] == {"test": 1821, "dev": 872}
