@@ -10,7 +10,7 @@ from raydag.errors import RaydagError
 
 EPILOG = """examples:
   raydag run jobs/quickstart.yaml
-  raydag run jobs/quickstart.yaml stages.0.num_examples=200 student.epochs=3
+  raydag run jobs/quickstart.yaml stages.0.num_examples=200 "student.seeds=[0,1,2]"
   raydag run jobs/multistage.yaml budget.max_tokens=200000
   raydag validate jobs/label_unlabelled.yaml
   raydag import-labels jobs/coannotate.yaml label_studio_export.json
@@ -38,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a job: sample raw rows, run the teacher stages, write shards, train and "
-        "evaluate students",
+        "evaluate students beside their baselines",
         description="Run a job end to end (resuming an interrupted run of the same settings). "
         "The terminal shows raydag's own lines (stages, progress, warnings, the students' "
-        "table and, last, the report path); everything the libraries print goes to "
+        "scores (mean ± sd over student.seeds) beside their linear probe and majority class, "
+        "the table and, last, the report path); everything the libraries print goes to "
         "output_dir/logs/run-<time>.log. Bad input stops the run before any generation with "
         "'raydag: error: <file>:<line>: <reason>' and exit code 2.",
     )
