@@ -42,8 +42,6 @@ class TextEncoder:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
-        from raydag.train import pool_states
-
         enc = self._tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
                               max_length=self._max_length, return_tensors="pt")
         with torch.no_grad():
@@ -53,6 +51,19 @@ class TextEncoder:
         out = batch.copy()
         out["_embedding"] = list(pooled)
         return out
+
+
+def pool_states(hidden, attention_mask, mode: str):
+    """One vector per row from the token states: ``mean`` over real tokens, ``max``, or ``cls``
+    (the first token). Tensors in, a ``(rows, dim)`` tensor out."""
+    import torch
+
+    if mode == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,

@@ -40,6 +40,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+# What each flag of :func:`summarise_students` means (the run's warnings say it).
+STUDENT_FLAGS = {
+    "below_probe": "scores below its linear probe (frozen encoder + logistic regression): "
+                   "fine-tuning hurt; check the data and the recipe",
+    "not_above_majority": "does not beat the majority class: it learned nothing usable",
+    "single_class": "predicts a single class for every test row (in at least one seed)",
+}
+
+
 def summarise_students(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """One summary per student name over its seeds: mean and standard deviation of the
     student, of its linear probe and of the majority class; per-class F1 (mean); predicted

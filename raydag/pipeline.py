@@ -578,7 +578,7 @@ def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame | No
     The dev split is ``dev`` (the job's ``data.dev_path``) or, per seed, a held-out share of
     the raw sample; raw and mixed students then train on the rest of the raw sample.
     """
-    from raydag.evaluate import summarise_students
+    from raydag.evaluate import STUDENT_FLAGS, summarise_students
     from raydag.train import fit_students, student_runs
 
     names = list(only if only is not None else student.train_sets)
@@ -601,15 +601,6 @@ def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame | No
         for flag in m["flags"]:
             console.warn(f"student {name}: {STUDENT_FLAGS[flag]}")
     return results
-
-
-# What a student's flag means, for the warning and the report.
-STUDENT_FLAGS = {
-    "below_probe": "scores below its linear probe (frozen encoder + logistic regression): "
-                   "fine-tuning hurt; check the data and the recipe",
-    "not_above_majority": "does not beat the majority class: it learned nothing usable",
-    "single_class": "predicts a single class for every test row (in at least one seed)",
-}
 
 
 def run_job(job: JobConfig) -> Path:

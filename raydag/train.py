@@ -20,6 +20,7 @@ student's weights are saved for the first seed of each train set.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from raydag.config import StudentConfig
+from raydag.embed import pool_states
 from raydag.errors import RaydagError
 
 PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 weights the probe tries (chosen on dev)
@@ -87,17 +89,6 @@ def _model_file(model_path: str, name: str) -> Path | None:
             "HF_HUB_OFFLINE"))))
     except Exception:  # no such file in the repo, or offline without it: mean pooling
         return None
-
-
-def pool_states(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """One vector per row from the token states: ``mean`` over real tokens, ``max``, or ``cls``
-    (the first token)."""
-    if mode == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "max":
-        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 class StudentClassifier(torch.nn.Module):
@@ -224,16 +215,14 @@ def train_loop(config: dict) -> None:
     model_path = resolve_model(student.model)
     local = os.path.isdir(model_path)  # else a Hugging Face id, fetched from the hub
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=local)
-    pooling, normalise = pooling_of(model_path, student.pooling)
+    labels: list[str] = config["labels"]
     frozen = StudentClassifier(AutoModel.from_pretrained(model_path, local_files_only=local),
-                               len(config["labels"]), pooling, normalise).eval()
-    worker = _Worker(config=config, student=student, tokenizer=tokenizer, model_path=model_path,
-                     local=local, rank=rank, world=world, pooling=pooling, normalise=normalise,
+                               len(labels), *pooling_of(model_path, student.pooling)).eval()
+    worker = _Worker(student=student, labels=labels, tokenizer=tokenizer, rank=rank, world=world,
                      frozen=frozen, embeddings={})
     test_texts, test_labels = ray.get(config["test_rows"])
-    worker.test_shard = list(range(rank, len(test_texts), world))
-    worker.test = ([test_texts[i] for i in worker.test_shard],
-                   [test_labels[i] for i in worker.test_shard])
+    label2id = {label: i for i, label in enumerate(labels)}
+    worker.test = (test_texts[rank::world], [label2id[y] for y in test_labels[rank::world]])
     worker.test_embeddings = worker.embed_local(worker.test[0])
     for entry in config["students"]:
         _train_one(entry, *ray.get(entry["rows"]), worker)
@@ -244,19 +233,14 @@ def train_loop(config: dict) -> None:
 class _Worker:
     """What every student of one Ray Train worker shares."""
 
-    config: dict
     student: StudentConfig
+    labels: list[str]
     tokenizer: Any
-    model_path: str
-    local: bool
     rank: int
     world: int
-    pooling: str
-    normalise: bool
-    frozen: StudentClassifier  # the untrained encoder: the probe's features
+    frozen: StudentClassifier  # the untrained encoder: the probe's features, each student's start
     embeddings: dict[str, np.ndarray]  # frozen embeddings by text, shared by the students
-    test_shard: list[int] | None = None  # this worker's test rows
-    test: tuple[list[str], list[str]] | None = None
+    test: tuple[list[str], list[int]] = ([], [])  # this worker's share: texts, label ids
     test_embeddings: torch.Tensor | None = None
 
     def encode(self, texts: list[str], device: Any = "cpu") -> dict:
@@ -335,12 +319,11 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
 
     from raydag.evaluate import confusion_matrix
 
-    student, rank, world = worker.student, worker.rank, worker.world
-    labels: list[str] = worker.config["labels"]
+    student, rank, world, labels = worker.student, worker.rank, worker.world, worker.labels
     label2id = {label: i for i, label in enumerate(labels)}
     y_train = [label2id[y] for y in train_labels]
     y_dev = [label2id[y] for y in dev_labels]
-    y_test_mine = [label2id[y] for y in worker.test[1]]
+    y_test_mine = worker.test[1]
     seed = entry["seed"]
     torch.manual_seed(seed)
     started = time.time()
@@ -363,12 +346,11 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
                                      world).round().astype(np.int64)
     probe_seconds = time.time() - started
 
-    # 2. Fine-tuning, from the probe's head.
-    from transformers import AutoModel
-
-    model = StudentClassifier(AutoModel.from_pretrained(worker.model_path,
-                                                        local_files_only=worker.local),
-                              len(labels), worker.pooling, worker.normalise, student.dropout)
+    # 2. Fine-tuning of a copy of the frozen encoder (read from disk once per worker), from
+    # the probe's head.
+    frozen = worker.frozen
+    model = StudentClassifier(copy.deepcopy(frozen.encoder), len(labels), frozen.pooling,
+                              frozen.normalise, student.dropout)
     if student.head_init == "probe":
         with torch.no_grad():
             model.head.weight.copy_(weight)
@@ -440,7 +422,7 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
         "dev_accuracy": _rounded(best["dev_accuracy"]),
         **plan,
         "history": history,
-        "pooling": worker.pooling + ("+normalise" if worker.normalise else ""),
+        "pooling": frozen.pooling + ("+normalise" if frozen.normalise else ""),
         "train_seconds": round(train_seconds, 2),
         "probe_seconds": round(probe_seconds, 2),
         "precision": student.precision,
