@@ -123,7 +123,23 @@ def _self_instruct_op(stage):
     return SelfInstructOp(demos_per_request=stage.demos_per_request, sampling=stage.sampling)
 
 
-def build_steps(job: JobConfig, text_filters: dict | None, topics: list[str] | None = None) -> list[Step]:
+def label_demonstrations(raw: pd.DataFrame | None, labels: list[str], shots: int,
+                         seed: int) -> list[tuple[str, str]]:
+    """``shots`` raw examples per label for few-shot labelling, drawn with ``seed`` and
+    interleaved by label (so no label always comes last, next to the text)."""
+    if not shots:
+        return []
+    if raw is None:
+        raise ConfigError("a label stage with shots > 0 draws its demonstrations from the raw "
+                          "sample: set data.train_path")
+    per_label = [raw[raw["label"] == label].sample(frac=1.0, random_state=seed).head(shots)
+                 for label in labels]
+    return [(row.text, row.label) for rank in range(shots) for frame in per_label
+            for row in frame.iloc[rank:rank + 1].itertuples()]
+
+
+def build_steps(job: JobConfig, text_filters: dict | None, topics: list[str] | None = None,
+                raw: pd.DataFrame | None = None) -> list[Step]:
     """The job's stages as operator steps, in order (some stages are two steps).
 
     Args:
@@ -131,6 +147,7 @@ def build_steps(job: JobConfig, text_filters: dict | None, topics: list[str] | N
         text_filters: Rule filters for every text a stage creates (see
             :func:`raydag.filters.exact.row_filter_reason`).
         topics: The topic list of a ``zero_shot_topic`` creation stage.
+        raw: The raw sample (demonstrations of few-shot label stages).
     """
     data = job.data
     steps: list[Step] = []
@@ -142,7 +159,9 @@ def build_steps(job: JobConfig, text_filters: dict | None, topics: list[str] | N
             add(create_op(job, topics), text_filters)
         elif stage.type == "label":
             add(LabelOp(task=data.task, labels=data.labels, mode=stage.mode, votes=stage.votes,
-                        vote_by=stage.vote_by, temperature=stage.temperature))
+                        vote_by=stage.vote_by, temperature=stage.temperature,
+                        demonstrations=label_demonstrations(raw, data.labels, stage.shots,
+                                                            job.seed)))
         elif stage.type == "paraphrase":
             add(ParaphraseOp(n=stage.n, sampling=stage.sampling, labels=data.labels), text_filters)
         elif stage.type == "counterfactual":

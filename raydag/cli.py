@@ -13,6 +13,8 @@ EPILOG = """examples:
   raydag run jobs/quickstart.yaml stages.0.num_examples=200 "student.seeds=[0,1,2]"
   raydag run jobs/multistage.yaml budget.max_tokens=200000
   raydag validate jobs/label_unlabelled.yaml
+  raydag study jobs/study.yaml                       # the seed study's grid (resumable)
+  raydag study jobs/study.yaml --plan                # list its cells and what each trains
   raydag import-labels jobs/coannotate.yaml label_studio_export.json
   raydag serve jobs/judge.yaml                       # scoring endpoint on 127.0.0.1:8000
   raydag submit jobs/quickstart.yaml --address http://HEAD:8265
@@ -51,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the job strictly, apply overrides, check the data files and that the "
         "output folder is writable and raydag's to use.",
     )
+    study = sub.add_parser(
+        "study", help="run the seed study: a grid of jobs over datasets, creation methods, "
+        "sizes and seeds, then study.json, study.md and plots",
+        description="Expand the study YAML into cells (datasets x creation methods, the sweeps "
+        "over synthetic and raw sizes, the teacher as a classifier) and run each cell not yet "
+        "finished as an ordinary job under output_dir/cells/<cell>/ (job.yaml there; a stopped "
+        "study goes on where it stopped). Then write output_dir/study.json, study.md (tables, "
+        "time per cell, and for each finding of the seed study whether it held, with the "
+        "numbers) and PNG plots. A failed cell is reported and the others still run (exit 2).")
+    study.add_argument("study", help="study YAML file, e.g. jobs/study.yaml")
+    study.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="override a study field, e.g. seeds=[0] or \"overrides=[student.min_steps=30]\"")
+    study.add_argument("--plan", action="store_true", help="print the cells and exit (nothing runs)")
     labels = sub.add_parser(
         "import-labels", help="merge labels returned from Label Studio into a run's human queue",
         description="Read a Label Studio JSON export of the tasks a run put in its human queue "
@@ -84,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pip requirement installed for the job (repeatable)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the job (repeatable)")
-    for p in (run, validate):
+    for p in (run, validate, study):
         p.add_argument("--verbose", "-v", action="store_true",
                        help="also show Ray's, vLLM's, DeepSpeed's and transformers' output live "
                        "(it always goes to output_dir/logs/)")
@@ -181,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()  # a library caller's Ray is left running
 
     try:
+        if args.command == "study":
+            return _study(args, owns_ray)
         job = load_job(args.job, args.overrides)
         if args.command == "serve":
             return _serve(args, job)
@@ -203,6 +220,45 @@ def main(argv: list[str] | None = None) -> int:
     except RaydagError as err:
         print(f"raydag: error: {err}", file=sys.stderr)
         return 2
+
+
+def _study(args: argparse.Namespace, owns_ray: bool) -> int:
+    """``raydag study``: plan, or run the cells in turn and write the study's outputs."""
+    import time
+
+    import ray
+
+    from raydag import console
+    from raydag.config import load_study
+    from raydag.pipeline import claim_output_dir
+    from raydag.study import plan_cells, run_study
+
+    study = load_study(args.study, args.overrides)
+    if args.plan:
+        for cell in plan_cells(study):
+            what = (f"teacher labels the test sample ({cell.shots} shot(s) per label)"
+                    if cell.kind == "teacher" else
+                    f"{cell.method} M={cell.num_examples} N={cell.raw_examples}; students "
+                    f"{', '.join(cell.train_sets) or '-'} x seeds {study.seeds}")
+            print(f"{cell.name}: {what}")
+        return 0
+    out = claim_output_dir(study.output_dir)
+    log = out / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    with console.capture(log, verbose=args.verbose):
+        console.say(f"study {args.study}: library output goes to {log}")
+        try:
+            path = run_study(study)
+        except RaydagError as err:
+            console.error(f"raydag: error: {err}")
+            return 2
+        except KeyboardInterrupt:
+            console.error("raydag: interrupted; finished cells and shards are kept (rerun to resume)")
+            return 130
+        finally:
+            if owns_ray and ray.is_initialized():
+                ray.shutdown()
+        console.show(str(path.parent / "study.md"))
+    return 0
 
 
 def _run_or_validate(args: argparse.Namespace, job, owns_ray: bool) -> int:

@@ -218,6 +218,10 @@ class LabelStage(StrictModel):
     vote_by: Literal["prompts", "samples"] = Field(
         default="prompts", description="Votes from prompt variants (greedy) or seeded samples.")
     temperature: float = Field(default=0.7, ge=0, description="Temperature of vote_by=samples.")
+    shots: int = Field(
+        default=0, ge=0, description="Few-shot labelling: this many raw examples per label "
+        "(seeded draw from the raw sample, the same for every text) are shown as answered "
+        "examples first; 0: zero-shot.")
 
 
 class ParaphraseStage(StrictModel):
@@ -675,3 +679,116 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
         return JobConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, str(path))) from None
+
+
+# ------------------------------------------------------------------------------ the seed study
+
+StudyMethod = Annotated[str, Field(pattern=r"^(zero_shot|zero_shot_topic|one_shot|few_shot_[1-9][0-9]?)$")]
+
+
+class StudyDataset(StrictModel):
+    """One dataset of a study: a folder of ``train.jsonl`` and ``test.jsonl`` (``text``,
+    ``label``, and ``text_pair`` for pair tasks)."""
+
+    path: str = Field(description="Folder with train.jsonl and test.jsonl.")
+    task: str = Field(min_length=1, description="One-sentence task description for the teacher's prompts.")
+    labels: list[str] | None = Field(
+        default=None, min_length=2, description="The label set; None: the labels found in train.jsonl, sorted.")
+    pair_separator: str = Field(
+        default="[SEP]", min_length=1, description="Joins text and text_pair of a pair task into one text "
+        "(the student encoder's separator token; say so in the task).")
+
+
+class StudySweep(StrictModel):
+    """Sweeps of one creation method over the number of synthetic and of raw examples."""
+
+    method: StudyMethod = Field(default="few_shot_3", description="The creation method swept.")
+    num_examples: list[int] = Field(
+        default_factory=list, description="Synthetic examples requested (M), e.g. [100, 250, 500, 1000].")
+    num_examples_train_sets: list[TrainSet] = Field(
+        default_factory=lambda: ["synthetic"], min_length=1, description="Students trained at each M.")
+    raw_examples: list[int] = Field(
+        default_factory=list, description="Raw examples drawn (N), e.g. [50, 100, 400].")
+    raw_examples_train_sets: list[TrainSet] = Field(
+        default_factory=lambda: ["raw", "mixed"], min_length=1, description="Students trained at each N.")
+
+    @field_validator("num_examples", "raw_examples")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values):
+            raise ValueError(f"sweep sizes must be >= 1, got {values}")
+        return values
+
+
+class TeacherEvalConfig(StrictModel):
+    """The teacher as a classifier on the test split (the label operator)."""
+
+    shots: list[int] = Field(
+        default_factory=lambda: [0, 1], description="Demonstrations per label (0: zero-shot); one run each.")
+    max_examples: int = Field(default=500, ge=1, description="Test rows labelled (stratified, seeded).")
+
+
+class StudyConfig(StrictModel):
+    """The seed study as a grid of ordinary jobs: datasets x creation methods x train sets x
+    seeds, sweeps of the synthetic and raw sizes, and the teacher as a classifier."""
+
+    name: str = Field(min_length=1, description="Study name, shown in study.md.")
+    output_dir: str = Field(description="Folder for the cells, study.json, study.md and the plots.")
+    job: str = Field(description="Base job YAML: teacher, sampling, quality passes and the student recipe.")
+    datasets: dict[str, StudyDataset] = Field(min_length=1, description="Datasets by name.")
+    methods: list[StudyMethod] = Field(
+        default_factory=lambda: ["zero_shot", "zero_shot_topic", "one_shot", "few_shot_3", "few_shot_5"],
+        min_length=1, description="Creation methods: zero_shot, zero_shot_topic, one_shot, few_shot_<k>.")
+    train_sets: list[TrainSet] = Field(
+        default_factory=lambda: ["raw", "synthetic", "mixed"], min_length=1,
+        description="Students of the main grid (raw is trained once per dataset).")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Student seeds.")
+    seed: int = Field(default=0, description="Job seed: the raw sample, demonstrations and decoding.")
+    num_examples: int = Field(default=1000, ge=1, description="Synthetic examples requested per cell (M).")
+    raw_examples: int = Field(default=100, ge=1, description="Raw examples drawn per dataset (N).")
+    max_test_examples: int | None = Field(
+        default=None, ge=1, description="Score students on at most this many test rows (stratified, "
+        "seeded); None: the whole test split.")
+    sweep: StudySweep = Field(default_factory=StudySweep, description="Size sweeps.")
+    teacher_eval: TeacherEvalConfig | None = Field(
+        default_factory=TeacherEvalConfig, description="The teacher as a classifier; None: off.")
+    overrides: list[str] = Field(
+        default_factory=list, description="key=value overrides of the base job, applied before "
+        "the cells are made from it, e.g. student.min_steps=30 or stages.0.sampling.max_tokens=100.")
+
+
+def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Load a study YAML strictly, apply ``key=value`` overrides; paths become absolute
+    (relative to the YAML file; those of overrides relative to the current directory).
+
+    Raises:
+        ConfigError: The file is missing or not YAML, or a key is unknown or has a bad value.
+    """
+    path = Path(path)
+    try:
+        tree = _yaml(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: study file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a study file must be a mapping of keys to values")
+    base = path.resolve().parent
+
+    def resolve(value: Any, root: Path) -> Any:
+        return os.path.normpath(root / os.path.expanduser(value)) if isinstance(value, str) else value
+
+    tree["output_dir"] = resolve(tree.get("output_dir"), base)
+    tree["job"] = resolve(tree.get("job"), base)
+    for spec in (tree.get("datasets") or {}).values():
+        if isinstance(spec, dict):
+            spec["path"] = resolve(spec.get("path"), base)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in ("output_dir", "job") or (key.startswith("datasets.") and key.endswith(".path")):
+            value = resolve(value, Path.cwd())
+        _set_dotted(tree, key, value, str(path))
+    try:
+        return StudyConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, str(path)).replace("invalid job", "invalid study")) from None

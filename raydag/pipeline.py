@@ -308,7 +308,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                 console.warn(f"label '{label}' has {int(per_label.get(label, 0))} raw "
                              f"example(s), fewer than {shots} shot(s); its requests get fewer "
                              "demonstrations")
-    steps = build_steps(job, text_filters, topics)
+    steps = build_steps(job, text_filters, topics, raw)
     rounds = first.rounds if first.type == "self_instruct" else 1
     shard_dir = run_dir / "shards"
     max_tokens = job.budget.max_tokens

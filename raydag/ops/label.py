@@ -6,6 +6,10 @@ the probabilities of the labels' first tokens, renormalised over the label set (
 :func:`raydag.ops.base.choice_distribution`); when labels share a first token, the confidence
 is the probability of the whole chosen label (the product of its tokens' probabilities).
 
+Few-shot: ``demonstrations`` (text, label) pairs, the same for every request (so the engine
+can reuse the shared prompt prefix), come before the text as earlier turns of the chat, each
+answered with its label.
+
 Self-consistency: with ``votes=k`` each text gets k requests, either k prompt variants at
 temperature 0 (``vote_by="prompts"``) or k seeded samples of one prompt (``vote_by="samples"``);
 the row records the majority label, the agreement (share of votes for it) and every vote.
@@ -63,6 +67,8 @@ class LabelOp:
         reject_reason: The drop reason in ``verify`` mode.
         applies_to_method: Only rows whose ``method`` equals this are labelled; other rows
             pass through untouched (used to verify only counterfactual edits).
+        demonstrations: Labelled (text, label) examples shown before every text (few-shot
+            labelling); empty: zero-shot.
         name: Lineage name of the stage.
     """
 
@@ -81,6 +87,7 @@ class LabelOp:
         temperature: float = 0.7,
         reject_reason: str = "label_disagreement",
         applies_to_method: str | None = None,
+        demonstrations: list[tuple[str, str]] = (),
         name: str | None = None,
     ) -> None:
         if mode not in ("annotate", "verify"):
@@ -98,7 +105,12 @@ class LabelOp:
         self.temperature = temperature
         self.reject_reason = reject_reason
         self.applies_to_method = applies_to_method
-        self.name = name or f"label.{mode}"
+        unknown = sorted({label for _, label in demonstrations} - set(self.labels))
+        if unknown:
+            raise ValueError(f"demonstrations have labels outside the label set: {unknown}")
+        self.demonstrations = [(" ".join(str(t).split()), label) for t, label in demonstrations]
+        self.name = name or (f"label.{mode}" if not self.demonstrations
+                             else f"label.{mode}_{len(self.demonstrations)}shot")
         self.requires = (text_column,) + ((expect_column,) if mode == "verify" else ())
         self.adds = (("teacher_label" if mode == "verify" else output_column), "label_confidence",
                      "label_margin", "label_agreement", "label_votes")
@@ -118,10 +130,16 @@ class LabelOp:
             # Small teachers favour the first label listed: each prompt variant rotates the order.
             shift = vote % len(self.labels) if self.vote_by == "prompts" else 0
             order = self.labels[shift:] + self.labels[:shift]
-            user = template.format(task=self.task, labels=", ".join(order), text=text)
+            labels = ", ".join(order)
+            shots = []
+            for demo, label in self.demonstrations:
+                shots += [{"role": "user", "content": template.format(
+                              task=self.task, labels=labels, text=demo)},
+                          {"role": "assistant", "content": label}]
+            user = template.format(task=self.task, labels=labels, text=text)
             sampled = self.vote_by == "samples" and self.votes > 1
             requests.append(ChatRequest(
-                messages=({"role": "system", "content": LABEL_SYSTEM},
+                messages=({"role": "system", "content": LABEL_SYSTEM}, *shots,
                           {"role": "user", "content": user}),
                 max_tokens=self._max_tokens,
                 temperature=self.temperature if sampled else 0.0,
