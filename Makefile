@@ -24,7 +24,7 @@ export TORCH_EXTENSIONS_DIR ?= $(RAYDAG_CACHE)/torch_extensions
 export VLLM_LOGGING_LEVEL ?= WARNING
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test bench bench-serve bench-students clean
+.PHONY: install run test study bench bench-serve bench-students clean
 
 install: $(STAMP)
 
@@ -59,6 +59,12 @@ run: install
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The seed study's grid (jobs/study.yaml: four datasets of ../shared/data); resumable: a rerun
+# skips finished cells. `$(VENV)/bin/raydag study $(STUDY) --plan` lists the cells.
+STUDY ?= jobs/study.yaml
+study: install
+	$(VENV)/bin/raydag study $(STUDY) $(ARGS)
 
 bench: install
 	$(PY) -m raydag.bench minhash

@@ -627,6 +627,19 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _read_mapping(path: Path, kind: str) -> dict:
+    """The YAML mapping in a job or study file, or a ConfigError naming the file."""
+    try:
+        tree = _yaml(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {kind} file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a {kind} file must be a mapping of keys to values")
+    return tree
+
+
 def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a job YAML, apply ``key=value`` overrides, and validate it strictly.
 
@@ -641,15 +654,7 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
         ConfigError: The file is missing or not YAML, or a key is unknown or has a bad value.
     """
     path = Path(path)
-    try:
-        tree = _yaml(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: job file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a job file must be a mapping of keys to values")
-
+    tree = _read_mapping(path, "job")
     base = path.resolve().parent
     for keys in _PATH_FIELDS:
         value = _get_dotted(tree, keys)
@@ -765,14 +770,7 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
         ConfigError: The file is missing or not YAML, or a key is unknown or has a bad value.
     """
     path = Path(path)
-    try:
-        tree = _yaml(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: study file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a study file must be a mapping of keys to values")
+    tree = _read_mapping(path, "study")
     base = path.resolve().parent
 
     def resolve(value: Any, root: Path) -> Any:
