@@ -59,13 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Expand the study YAML into cells (datasets x creation methods, the sweeps "
         "over synthetic and raw sizes, the teacher as a classifier) and run each cell not yet "
         "finished as an ordinary job under output_dir/cells/<cell>/ (job.yaml there; a stopped "
-        "study goes on where it stopped). Then write output_dir/study.json, study.md (tables, "
-        "time per cell, and for each finding of the seed study whether it held, with the "
-        "numbers) and PNG plots. A failed cell is reported and the others still run (exit 2).")
+        "study goes on where it stopped). After each cell, write output_dir/study.json, study.md "
+        "(tables, time per cell, and for each finding of the seed study whether it held, with "
+        "the numbers) and PNG plots from the cells finished so far. A failed cell is reported and the others still run (exit 2).")
     study.add_argument("study", help="study YAML file, e.g. jobs/study.yaml")
     study.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override a study field, e.g. seeds=[0] or \"overrides=[student.min_steps=30]\"")
     study.add_argument("--plan", action="store_true", help="print the cells and exit (nothing runs)")
+    study.add_argument("--report", action="store_true",
+                       help="run no cell: write study.json, study.md and the plots from the cells "
+                       "finished so far")
     labels = sub.add_parser(
         "import-labels", help="merge labels returned from Label Studio into a run's human queue",
         description="Read a Label Studio JSON export of the tasks a run put in its human queue "
@@ -247,7 +250,7 @@ def _study(args: argparse.Namespace, owns_ray: bool) -> int:
     with console.capture(log, verbose=args.verbose):
         console.say(f"study {args.study}: library output goes to {log}")
         try:
-            path = run_study(study)
+            path = run_study(study, run=not args.report)
         except RaydagError as err:
             console.error(f"raydag: error: {err}")
             return 2

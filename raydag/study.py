@@ -226,10 +226,15 @@ def finished_report(job) -> dict | None:
 
 # --------------------------------------------------------------------------- running
 
-def run_study(study: StudyConfig) -> Path:
-    """Run every cell not yet finished, in turn, then write study.json, study.md and plots.
+def run_study(study: StudyConfig, run: bool = True) -> Path:
+    """Run every cell not yet finished, in turn, writing study.json, study.md and the plots
+    after each one (so a stopped study's outputs cover the cells it finished).
 
     A failed cell is recorded (with its error) and the study goes on with the others.
+
+    Args:
+        study: The study.
+        run: False: run nothing, only write the outputs from the cells finished so far.
 
     Returns:
         The path of ``study.json``.
@@ -241,9 +246,10 @@ def run_study(study: StudyConfig) -> Path:
     data = prepare_data(study)
     base = _base_tree(study)
     jobs = {cell.name: cell_job(study, cell, base, data[cell.dataset]) for cell in cells}
-    todo = [c for c in cells if finished_report(jobs[c.name]) is None]
-    console.say(f"study '{study.name}': {len(cells)} cells, {len(cells) - len(todo)} finished "
-                f"earlier, {len(todo)} to run; cells in {out / 'cells'}")
+    todo = [c for c in cells if finished_report(jobs[c.name]) is None] if run else []
+    console.say(f"study '{study.name}': {len(cells)} cells, "
+                f"{sum(finished_report(j) is not None for j in jobs.values())} finished, "
+                f"{len(todo)} to run; cells in {out / 'cells'}")
     failed: dict[str, str] = {}
     started = time.time()
     for index, cell in enumerate(todo, start=1):
@@ -257,19 +263,25 @@ def run_study(study: StudyConfig) -> Path:
         except RaydagError as err:
             failed[cell.name] = str(err).splitlines()[0]
             console.warn(f"study cell {cell.name} failed: {failed[cell.name]} (the study goes on)")
-        elapsed = time.time() - started
-        console.say(f"[study {index}/{len(todo)}] done; {elapsed / 60:.1f} min so far, about "
-                    f"{elapsed / index * (len(todo) - index) / 60:.0f} min to go")
-    summary = collect(study, cells, jobs, data, failed)
-    path = out / "study.json"
-    path.write_text(json.dumps(summary, indent=2, sort_keys=False))
-    summary["plots"] = write_plots(summary, out)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=False))
-    (out / "study.md").write_text(study_markdown(summary))
+        write_outputs(study, cells, jobs, data, failed, out)
+        console.say(f"[study {index}/{len(todo)}] done; {(time.time() - started) / 60:.1f} min "
+                    f"so far; {out / 'study.md'} covers the finished cells")
+    path = write_outputs(study, cells, jobs, data, failed, out)
     if failed:
         raise RaydagError(f"{len(failed)} of {len(cells)} study cell(s) failed: "
                           + "; ".join(f"{k}: {v}" for k, v in failed.items())
                           + f". study.json and study.md cover the others; rerun to retry them")
+    return path
+
+
+def write_outputs(study: StudyConfig, cells: list[Cell], jobs: dict, data: dict,
+                  failed: dict[str, str], out: Path) -> Path:
+    """study.json, the plots and study.md from the cells finished so far."""
+    summary = collect(study, cells, jobs, data, failed)
+    summary["plots"] = write_plots(summary, out)
+    path = out / "study.json"
+    path.write_text(json.dumps(summary, indent=2, sort_keys=False))
+    (out / "study.md").write_text(study_markdown(summary))
     return path
 
 

@@ -227,6 +227,11 @@ def test_smoke_study_runs_every_cell_writes_its_outputs_and_resumes(ray_local, t
     assert len(reports) == 6
     stopped = out / "cells" / "quickstart.teacher.0shot" / "output" / "report.json"
     stopped.unlink()
+    # --report runs no cell and reports the missing one as missing.
+    assert main(["study", str(SMOKE), f"output_dir={out}", "--report"]) == 0
+    partial = json.loads((out / "study.json").read_text())
+    assert [c["status"] for c in partial["cells"]].count("missing") == 1 and not stopped.exists()
+    assert "0" not in partial["datasets"]["quickstart"]["teacher"]
     assert main(["study", str(SMOKE), f"output_dir={out}"]) == 0
     assert stopped.is_file()
     for path, mtime in reports.items():
