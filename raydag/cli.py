@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override a study field, e.g. seeds=[0] or \"overrides=[student.min_steps=30]\"")
     study.add_argument("--plan", action="store_true", help="print the cells and exit (nothing runs)")
+    study.add_argument("--only", action="append", default=[], metavar="GLOB",
+                       help="run only the cells whose names match (repeatable), e.g. --only "
+                       "'agnews.*'; --plan lists the names. Outputs still cover every finished cell")
     study.add_argument("--report", action="store_true",
                        help="run no cell: write study.json, study.md and the plots from the cells "
                        "finished so far")
@@ -234,11 +237,16 @@ def _study(args: argparse.Namespace, owns_ray: bool) -> int:
     from raydag import console
     from raydag.config import load_study
     from raydag.pipeline import claim_output_dir
-    from raydag.study import plan_cells, run_study
+    from raydag.study import plan_cells, run_study, select_cells
 
     study = load_study(args.study, args.overrides)
     if args.plan:
-        for cell in plan_cells(study):
+        try:
+            cells = select_cells(plan_cells(study), args.only)
+        except RaydagError as err:
+            print(f"raydag: error: {err}", file=sys.stderr)
+            return 2
+        for cell in cells:
             what = (f"teacher labels the test sample ({cell.shots} shot(s) per label)"
                     if cell.kind == "teacher" else
                     f"{cell.method} M={cell.num_examples} N={cell.raw_examples}; students "
@@ -250,7 +258,7 @@ def _study(args: argparse.Namespace, owns_ray: bool) -> int:
     with console.capture(log, verbose=args.verbose):
         console.say(f"study {args.study}: library output goes to {log}")
         try:
-            path = run_study(study, run=not args.report)
+            path = run_study(study, run=not args.report, only=args.only)
         except RaydagError as err:
             console.error(f"raydag: error: {err}")
             return 2

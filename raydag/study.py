@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import time
@@ -35,7 +36,7 @@ import yaml
 
 from raydag import console
 from raydag.config import StudyConfig, load_job
-from raydag.errors import DataError, RaydagError
+from raydag.errors import ConfigError, DataError, RaydagError
 
 TRAIN_ORDER = ("raw", "synthetic", "mixed")
 
@@ -226,7 +227,22 @@ def finished_report(job) -> dict | None:
 
 # --------------------------------------------------------------------------- running
 
-def run_study(study: StudyConfig, run: bool = True) -> Path:
+def select_cells(cells: list[Cell], only: list[str] | tuple[str, ...] = ()) -> list[Cell]:
+    """The cells whose names match one of the ``only`` globs (all cells when none is given).
+
+    Raises:
+        ConfigError: A glob matches no cell (the message lists the cell names).
+    """
+    if not only:
+        return cells
+    unmatched = [g for g in only if not any(fnmatch.fnmatchcase(c.name, g) for c in cells)]
+    if unmatched:
+        raise ConfigError(f"--only {', '.join(unmatched)} matches no cell of the study; cells: "
+                          + ", ".join(c.name for c in cells))
+    return [c for c in cells if any(fnmatch.fnmatchcase(c.name, g) for g in only)]
+
+
+def run_study(study: StudyConfig, run: bool = True, only: list[str] | tuple[str, ...] = ()) -> Path:
     """Run every cell not yet finished, in turn, writing study.json, study.md and the plots
     after each one (so a stopped study's outputs cover the cells it finished).
 
@@ -235,6 +251,8 @@ def run_study(study: StudyConfig, run: bool = True) -> Path:
     Args:
         study: The study.
         run: False: run nothing, only write the outputs from the cells finished so far.
+        only: Globs over cell names (e.g. ``agnews.*``): run only the matching cells. The
+            outputs still cover every finished cell of the study.
 
     Returns:
         The path of ``study.json``.
@@ -246,7 +264,8 @@ def run_study(study: StudyConfig, run: bool = True) -> Path:
     data = prepare_data(study)
     base = _base_tree(study)
     jobs = {cell.name: cell_job(study, cell, base, data[cell.dataset]) for cell in cells}
-    todo = [c for c in cells if finished_report(jobs[c.name]) is None] if run else []
+    todo = ([c for c in select_cells(cells, only) if finished_report(jobs[c.name]) is None]
+            if run else [])
     console.say(f"study '{study.name}': {len(cells)} cells, "
                 f"{sum(finished_report(j) is not None for j in jobs.values())} finished, "
                 f"{len(todo)} to run; cells in {out / 'cells'}")

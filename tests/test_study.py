@@ -12,7 +12,8 @@ from raydag.cli import main
 from raydag.config import load_study
 from raydag.errors import ConfigError
 from raydag.ops.label import LabelOp
-from raydag.study import cell_job_tree, create_settings, findings, plan_cells, spearman
+from raydag.study import (cell_job_tree, create_settings, findings, plan_cells, select_cells,
+                          spearman)
 
 from conftest import ROOT
 
@@ -66,6 +67,18 @@ def test_plan_trains_raw_once_per_dataset_and_merges_sweeps_into_the_grid():
     # Datasets run one after the other, so a stopped study is whole per dataset.
     order = [c.dataset for c in cells]
     assert order == sorted(order, key=list(study.datasets).index)
+
+
+def test_only_selects_cells_by_glob_and_names_a_glob_that_matches_nothing():
+    cells = plan_cells(load_study(STUDY))
+    agnews = select_cells(cells, ["agnews.*"])
+    assert agnews and {c.dataset for c in agnews} == {"agnews"}
+    both = select_cells(cells, ["sst2.teacher.*", "rte.zero_shot.*"])
+    assert [c.name for c in both] == ["sst2.teacher.0shot", "sst2.teacher.1shot",
+                                      "rte.zero_shot.m1000.n100"]
+    assert select_cells(cells, []) == cells
+    with pytest.raises(ConfigError, match="nope.* matches no cell.*sst2.zero_shot"):
+        select_cells(cells, ["nope.*"])
 
 
 def test_without_sweeps_raw_goes_to_the_first_method():
