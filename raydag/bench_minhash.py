@@ -2,10 +2,12 @@
 
 ``python -m raydag.bench_minhash --rows 100000`` builds seeded synthetic rows (8-40 words from a
 3,000-word vocabulary drawn with Zipf-like frequencies; 10% are planted copies of an earlier row
-with one or two words replaced), runs the whole pass on local Ray (signatures in Ray Data, LSH
-on the driver, marking) with the default settings, materializes it, and prints the rows per
-second, the recall on the planted copies and finally ``minhash_rows_per_s=<number>``. Building
-the rows and starting Ray are not timed.
+with one or two words replaced), runs the whole pass on local Ray (every step in Ray Data: see
+:func:`raydag.filters.near_dup.mark_near_duplicates`) with the default settings, materializes
+it, and prints the rows per second, the recall on the planted copies and finally
+``minhash_rows_per_s=<number> driver_peak_rss_mb=<number>``. The rows are made in Ray tasks,
+blocks of 5,000 with the planted copies inside their block; making them and starting Ray are not
+timed.
 
 Recall is printed twice: over all planted copies, and over those whose true shingle Jaccard
 with their source reaches the threshold, the only ones the filter is meant to find (one word
@@ -74,11 +76,60 @@ def _vocabulary(rng: np.random.Generator, size: int) -> list[str]:
     return list(words)
 
 
+def _block(batch: dict[str, np.ndarray], *, seed: int) -> pd.DataFrame:
+    """Ray Data task: the rows of one block (``batch["id"]`` holds the block's index), with
+    each planted copy's source order (``_source``, -1 for none) and whether its true
+    shingle Jaccard with the source reaches the threshold (``_eligible``)."""
+    from raydag.filters.near_dup import word_shingles
+
+    block = int(batch["id"][0])
+    frame, planted = synthetic_rows(ROWS_PER_BLOCK, seed * 1_000_003 + block)
+    start = block * ROWS_PER_BLOCK
+    frame["_order"] += start
+    frame["id"] = [f"row-{start + i}" for i in range(len(frame))]
+    source = np.full(len(frame), -1, dtype=np.int64)
+    eligible = np.zeros(len(frame), dtype=bool)
+    texts = frame["text"].tolist()
+    for copy, original in planted.items():
+        source[copy] = start + original
+        x, y = word_shingles(texts[copy], SHINGLE_SIZE), word_shingles(texts[original], SHINGLE_SIZE)
+        eligible[copy] = len(x & y) / len(x | y) >= THRESHOLD
+    frame["_source"], frame["_eligible"] = source, eligible
+    return frame
+
+
+def _scores(batch: pd.DataFrame) -> pd.DataFrame:
+    """Per block: planted copies found, found to their source, false drops."""
+    from raydag.filters.near_dup import REASON_SYNTHETIC
+
+    dropped = batch["_reason"].eq(REASON_SYNTHETIC).fillna(False).astype(bool)
+    planted = batch["_source"] >= 0
+    to_source = batch["near_dup_of"].astype(object) == batch["_source"].map(lambda o: f"row-{o}")
+    return pd.DataFrame({name: [int(value)] for name, value in {
+        "planted": planted.sum(), "found": (dropped & planted).sum(),
+        "to_source": (dropped & planted & to_source).sum(),
+        "eligible": batch["_eligible"].sum(), "found_eligible": (dropped & batch["_eligible"]).sum(),
+        "unplanted": (dropped & ~planted).sum()}.items()})
+
+
+def driver_peak_rss_mb() -> float:
+    """Peak resident memory of this process (the driver), in MB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
 def bench_minhash(rows: int = 100_000, *, seed: int = 0) -> float:
     """Time one near-duplicate pass over ``rows`` synthetic rows and print what it found.
 
+    The rows are made in Ray Data tasks, in blocks of ``ROWS_PER_BLOCK`` with the planted
+    copies inside their block, so the driver holds none of them: its peak RSS
+    (``driver_peak_rss_mb``) is the pass's own.
+
     Args:
-        rows: How many rows to deduplicate.
+        rows: How many rows to deduplicate (rounded up to whole blocks).
         seed: Seed of the synthetic rows.
 
     Returns:
@@ -86,46 +137,37 @@ def bench_minhash(rows: int = 100_000, *, seed: int = 0) -> float:
     """
     import ray
 
-    from raydag.filters.near_dup import REASON_SYNTHETIC, mark_near_duplicates, word_shingles
+    from raydag.filters.near_dup import REASON_SYNTHETIC, mark_near_duplicates
     from raydag.pipeline import init_ray
 
-    frame, planted = synthetic_rows(rows, seed)
     init_ray()
-    # One DataFrame per block (from_pandas's override_num_blocks fails on pandas 3 in Ray 2.60).
-    dataset = ray.data.from_pandas([frame.iloc[i : i + ROWS_PER_BLOCK]
-                                    for i in range(0, rows, ROWS_PER_BLOCK)])
+    blocks = -(-rows // ROWS_PER_BLOCK)
+    dataset = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
+        _block, fn_kwargs={"seed": seed}, batch_size=1, batch_format="numpy").materialize()
+    rows = dataset.count()
     started = time.perf_counter()
     marked, summary = mark_near_duplicates(dataset, threshold=THRESHOLD, num_perm=NUM_PERM,
                                            shingle_size=SHINGLE_SIZE)
     marked = marked.materialize()
     seconds = time.perf_counter() - started
     rows_per_s = rows / seconds
+    peak = driver_peak_rss_mb()
 
-    out = marked.select_columns(["id", "_order", "_status", "_reason", "near_dup_of"]).to_pandas()
-    out = out.set_index("_order").sort_index()
-    assert len(out) == rows, f"{len(out)} rows came out of {rows}"
-    dropped = out["_reason"].eq(REASON_SYNTHETIC).fillna(False).astype(bool)
-    found = {c for c in planted if dropped[c]}
-    to_source = sum(out.at[c, "near_dup_of"] == frame.at[planted[c], "id"] for c in found)
-
-    def jaccard(a: str, b: str) -> float:
-        x, y = word_shingles(a, SHINGLE_SIZE), word_shingles(b, SHINGLE_SIZE)
-        return len(x & y) / len(x | y)
-
-    eligible = {c for c, s in planted.items()
-                if jaccard(frame.at[c, "text"], frame.at[s, "text"]) >= THRESHOLD}
-    unplanted = int((dropped & ~out.index.isin(list(planted))).sum())
+    assert marked.count() == rows, "rows were lost"
+    score = marked.map_batches(_scores, batch_size=None, batch_format="pandas").sum(
+        ["planted", "found", "to_source", "eligible", "found_eligible", "unplanted"])
     print(f"rows={rows} seconds={seconds:.2f} rows_per_s={rows_per_s:.0f} "
           f"(threshold={THRESHOLD} num_perm={NUM_PERM} shingle_size={SHINGLE_SIZE}, "
-          f"{dataset.num_blocks()} blocks)")
-    print(f"planted={len(planted)} found={len(found)} ({to_source} matched to their source) "
-          f"recall={len(found) / max(len(planted), 1):.3f}")
-    found_eligible = len(found & eligible)
-    print(f"planted with true jaccard>={THRESHOLD}: {len(eligible)} found={found_eligible} "
-          f"recall={found_eligible / max(len(eligible), 1):.3f}")
-    print(f"dropped rows that are not planted copies: {unplanted}; "
+          f"{blocks} blocks)")
+    print(f"planted={score['sum(planted)']} found={score['sum(found)']} "
+          f"({score['sum(to_source)']} matched to their source) "
+          f"recall={score['sum(found)'] / max(score['sum(planted)'], 1):.3f}")
+    print(f"planted with true jaccard>={THRESHOLD}: {score['sum(eligible)']} "
+          f"found={score['sum(found_eligible)']} "
+          f"recall={score['sum(found_eligible)'] / max(score['sum(eligible)'], 1):.3f}")
+    print(f"dropped rows that are not planted copies: {score['sum(unplanted)']}; "
           f"summary checked={summary['checked']} synthetic={summary[REASON_SYNTHETIC]}")
-    print(f"minhash_rows_per_s={rows_per_s:.1f}")
+    print(f"minhash_rows_per_s={rows_per_s:.1f} driver_peak_rss_mb={peak:.0f}")
     return rows_per_s
 
 

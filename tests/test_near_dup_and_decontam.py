@@ -7,12 +7,17 @@ import pandas as pd
 import pytest
 
 from raydag.filters.decontam import NgramIndex, mark_contaminated, ngrams
+from raydag.bench_minhash import synthetic_rows
 from raydag.filters.near_dup import (
     REASON_RAW,
     REASON_SYNTHETIC,
+    band_keys,
+    bucket_pairs,
+    lsh_bands,
     mark_near_duplicates,
     minhash_signatures,
     near_duplicate_pairs,
+    resolve_near_duplicates,
     word_shingles,
 )
 
@@ -142,6 +147,75 @@ def test_lsh_candidates_below_the_threshold_are_not_dropped():
 def test_empty_texts_are_neither_dropped_nor_matched():
     sigs = minhash_signatures(["", "", "  !  "])
     assert near_duplicate_pairs(sigs, [0, 1, 2], threshold=0.8, num_perm=128) == {}
+
+
+def _planted(rows: int, seed: int):
+    """Benchmark rows (10% planted copies) plus chains A ~ B ~ C and copies of references,
+    in a shuffled order; returns (signatures, orders, reference signatures)."""
+    frame, _ = synthetic_rows(rows, seed)
+    texts = frame["text"].tolist()
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(len(texts), size=rows // 20, replace=False).tolist():
+        words = texts[i].split()
+        for step in range(2):  # each step changes one more word: a chain
+            words[int(rng.integers(len(words)))] = f"chain{step}"
+            texts.append(" ".join(words))
+    references = [texts[i] + " ok" for i in rng.choice(rows, size=rows // 50, replace=False)]
+    texts += ["", ""]  # empty texts match nothing
+    orders = rng.permutation(len(texts)) * 3  # not positions, not contiguous
+    return (minhash_signatures(texts), orders,
+            minhash_signatures(references + [""]))
+
+
+def _decisions_by_buckets(signatures, orders, reference, threshold):
+    """The distributed pass's steps, on one machine."""
+    count = len(reference)
+    every = np.concatenate([reference, signatures])
+    order = np.concatenate([np.arange(count) - count, orders])
+    nonempty = ~(every == 2**32 - 1).all(axis=1)
+    bands, rows_per_band = lsh_bands(threshold, every.shape[1])
+    keys = band_keys(every[nonempty], bands, rows_per_band)
+    a, b = bucket_pairs(keys.reshape(-1), np.repeat(order[nonempty], bands))
+    position = {o: i for i, o in enumerate(order.tolist())}
+    pa = np.array([position[x] for x in a.tolist()], dtype=int)
+    pb = np.array([position[x] for x in b.tolist()], dtype=int)
+    similarity = (every[pa] == every[pb]).mean(axis=1) if len(pa) else np.empty(0)
+    return resolve_near_duplicates(a, b, similarity, threshold=threshold)
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.6])
+def test_bucket_pairs_and_resolution_drop_the_rows_the_lsh_index_drops(threshold):
+    signatures, orders, reference = _planted(3000, seed=threshold == 0.8)
+    expected = near_duplicate_pairs(signatures, orders, threshold=threshold, num_perm=128,
+                                    reference=reference)
+    count = len(reference)
+    expected = {int(orders[p]): (m - count if reason == REASON_RAW else int(orders[m]))
+                for p, (reason, m) in expected.items()}
+    got = _decisions_by_buckets(signatures, orders, reference, threshold)
+    assert len(expected) > 150 and sum(m < 0 for m in expected.values()) >= 20
+    assert got == expected
+
+
+def test_bucket_pairs_lists_each_bucket_once_and_never_pairs_two_references():
+    keys = np.array([7, 7, 7, 3, 3, 9, 5, 5], dtype=np.uint64)
+    orders = np.array([4, -1, 2, -2, -3, 0, 8, 1])
+    a, b = bucket_pairs(keys, orders)
+    assert sorted(zip(a.tolist(), b.tolist())) == [(-1, 2), (-1, 4), (1, 8), (2, 4)]
+    assert bucket_pairs(keys[:1], orders[:1])[0].size == 0
+
+
+def test_resolution_keeps_a_chain_end_and_prefers_references_then_similarity():
+    # 1 ~ 2 ~ 3: 2 is dropped (matches 1), so 3 only matches a dropped row and is kept.
+    assert resolve_near_duplicates([1, 2], [2, 3], [0.9, 0.9], threshold=0.8) == {2: 1}
+    # a reference beats a closer synthetic row; the most similar of two, then the earliest
+    assert resolve_near_duplicates([-1, 0], [5, 5], [0.81, 0.99], threshold=0.8) == {5: -1}
+    assert resolve_near_duplicates([0, 1, 2], [5, 5, 5], [0.85, 0.95, 0.95],
+                                   threshold=0.8) == {5: 1}
+    # below the threshold, duplicates of a pair: counted once
+    assert resolve_near_duplicates([0, 0, 0], [1, 1, 2], [0.9, 0.9, 0.7],
+                                   threshold=0.8) == {1: 0}
+    assert band_keys(np.zeros((2, 8), np.uint32), 2, 4).tolist()[0] == band_keys(
+        np.zeros((1, 8), np.uint32), 2, 4).tolist()[0]
 
 
 def test_shapes_are_checked():
@@ -280,6 +354,29 @@ def test_mark_near_duplicates_without_reference_names_raw_rows_by_index(ray_up):
     with pytest.raises(ValueError, match="reference_ids"):
         mark_near_duplicates(_dataset(rows, blocks=1), reference_texts=[text],
                              reference_ids=["a", "b"])
+
+
+@pytest.mark.slow
+def test_mark_near_duplicates_on_ray_drops_the_rows_the_lsh_index_drops(ray_up):
+    import ray
+
+    frame, _ = synthetic_rows(4000, seed=3)
+    frame = frame.sample(frac=1.0, random_state=0)  # orders out of block order
+    raw = frame["text"].head(40).map(lambda t: t + " again").tolist()
+    dataset = ray.data.from_pandas([frame.iloc[i : i + 700] for i in range(0, len(frame), 700)])
+    marked, summary = mark_near_duplicates(dataset, reference_texts=raw, threshold=0.8)
+    out = marked.to_pandas().set_index("_order")
+
+    expected = near_duplicate_pairs(minhash_signatures(frame["text"].tolist()),
+                                    frame["_order"].to_numpy(), threshold=0.8, num_perm=128,
+                                    reference=minhash_signatures(raw))
+    orders = frame["_order"].to_numpy()
+    want = {int(orders[p]): reason for p, (reason, _) in expected.items()}
+    got = out[out["_stage"] == "near_dup"]["_reason"].to_dict()
+    assert len(want) > 100 and got == want
+    assert len(out) == len(frame)
+    assert summary[REASON_RAW] + summary[REASON_SYNTHETIC] == len(want)
+    assert summary["checked"] == len(frame)
 
 
 @pytest.mark.slow

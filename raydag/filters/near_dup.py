@@ -227,6 +227,128 @@ def _best_match(signature: np.ndarray, keys: list[tuple[int, int]], signatures: 
     return kind, index
 
 
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """The (bands, rows per band) that ``datasketch.MinHashLSH`` picks for these settings with
+    ``LSH_WEIGHTS``; band ``j`` is signature slots ``j * rows`` to ``(j + 1) * rows``.
+
+    Example:
+        >>> lsh_bands(0.8, 128)
+        (16, 8)
+    """
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def band_keys(signatures: np.ndarray, bands: int, rows_per_band: int) -> np.ndarray:
+    """One 64-bit key per (row, band): equal bands of equal index give equal keys.
+
+    The key mixes the band's index and its slots (a splitmix64-style hash), so two rows share
+    a key when they share that LSH band, as in ``MinHashLSH``'s buckets; a chance collision of
+    unequal bands (about 2**-64) only adds a candidate pair, which the Jaccard check confirms
+    or not.
+
+    Returns:
+        A ``(n, bands)`` uint64 array.
+    """
+    signatures = np.asarray(signatures, dtype=np.uint64)
+    keys = np.empty((len(signatures), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            h = np.full(len(signatures), _mix(np.uint64(band + 1)), dtype=np.uint64)
+            for slot in range(band * rows_per_band, (band + 1) * rows_per_band):
+                h = _mix(h ^ signatures[:, slot])
+            keys[:, band] = h
+    return keys
+
+
+def _mix(x):
+    """splitmix64's finaliser (wrapping uint64 arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def bucket_pairs(keys: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of rows that share a bucket key, earlier order first.
+
+    Pairs of two reference rows (negative orders) are left out: references never drop each
+    other. A pair that shares several bands is returned once per shared band (and, across
+    partitions, once per partition that holds one of them); :func:`resolve_near_duplicates`
+    counts it once. Cost: O(n log n) plus O(k**2) for a bucket of k rows.
+
+    Args:
+        keys: Bucket keys (any dtype numpy can sort), one per row.
+        orders: The rows' ``_order`` (references negative), one per row.
+
+    Returns:
+        Two int64 arrays ``(a, b)`` with ``a < b`` element-wise.
+    """
+    keys, orders = np.asarray(keys), np.asarray(orders, dtype=np.int64)
+    if len(keys) < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    index = np.lexsort((orders, keys))
+    keys, orders = keys[index], orders[index]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    sizes = np.diff(np.r_[starts, len(keys)])
+    first, second = [], []
+    pairs_of_two = starts[sizes == 2]
+    first.append(orders[pairs_of_two])
+    second.append(orders[pairs_of_two + 1])
+    for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
+        i, j = np.triu_indices(size, 1)
+        first.append(orders[start + i])
+        second.append(orders[start + j])
+    a, b = np.concatenate(first), np.concatenate(second)
+    keep = (b >= 0) & (a != b)
+    return a[keep], b[keep]
+
+
+def resolve_near_duplicates(a, b, similarity, *, threshold: float) -> dict[int, int]:
+    """The rows to drop, from the candidate pairs and their estimated Jaccard.
+
+    The same decisions as :func:`near_duplicate_pairs`, taken over the confirmed pairs only:
+    rows are visited in order; a row is dropped when a pair links it at or above
+    ``threshold`` to a reference row (negative order) or to an earlier row that was kept. A
+    dropped row matches nothing later, so in a chain A ~ B ~ C where C is not close to A, A
+    and C are kept. A reference match wins, then the most similar, then the earliest.
+    Memory and time: O(p log p) for p pairs, none per row that has no candidate.
+
+    Args:
+        a, b: Orders of the pairs' rows, ``a < b``; duplicates are allowed.
+        similarity: Estimated Jaccard of each pair.
+        threshold: The near-duplicate threshold.
+
+    Returns:
+        Dropped row's order -> the order of the row it repeats (negative: a reference).
+
+    Example:
+        >>> resolve_near_duplicates([0, 1, -1], [1, 2, 3], [0.9, 0.9, 0.85], threshold=0.8)
+        {1: 0, 3: -1}
+    """
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    similarity = np.asarray(similarity, np.float64)
+    keep = similarity >= threshold
+    a, b, similarity = a[keep], b[keep], similarity[keep]
+    # by row, then references first, the most similar, the earliest
+    index = np.lexsort((a, -similarity, a >= 0, b))
+    a, b = a[index].tolist(), b[index].tolist()
+    drops: dict[int, int] = {}
+    position = 0
+    while position < len(b):
+        row = b[position]
+        end = position
+        while end < len(b) and b[end] == row:
+            end += 1
+        for k in range(position, end):
+            if a[k] < 0 or a[k] not in drops:
+                drops[row] = a[k]
+                break
+        position = end
+    return drops
+
+
 def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] | None = None,
                          reference_ids: list[str] | None = None, threshold: float = 0.8,
                          num_perm: int = 128, shingle_size: int = 3,
@@ -235,16 +357,26 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
 
     Rows whose ``id`` is a reference id are the references themselves and are left alone.
 
-    Signatures are computed in Ray Data tasks (in parallel); only ``_order``, ``id`` and the
-    signature of each accepted row come to the driver (``num_perm * 4`` bytes a row),
-    where :func:`near_duplicate_pairs` decides and the reference signatures are computed.
+    Every step runs in Ray Data; the driver holds the plan and the counts, nothing per row:
+
+    1. signatures: ``map_batches`` over the accepted rows and the reference texts (these get
+       negative orders, so they come first);
+    2. LSH buckets: one row per (row, band) with its band key, hash-shuffled on the key so
+       each bucket is in one block, where its pairs are listed (:func:`bucket_pairs`);
+    3. confirmation: the pairs are joined with the signatures of both rows and kept when the
+       estimated Jaccard reaches ``threshold``;
+    4. decisions: one Ray task visits the confirmed pairs in order
+       (:func:`resolve_near_duplicates`: the decisions of :func:`near_duplicate_pairs`, so the
+       same rows are dropped) and puts the marks in the object store;
+    5. marking: ``map_batches`` looks each accepted row up in the marks.
+
     A dropped row gets ``_status="dropped"``, ``_reason`` ``near_duplicate_synthetic`` or
     ``near_duplicate_raw``, ``_stage="near_dup"`` and ``near_dup_of``, the id of the row it
     repeats (a kept row's ``id``, or the reference id); ``near_dup_of`` is null on all other
-    rows. No row is added or removed.
+    rows. No row is added or removed. ``_order`` must be unique among accepted rows.
 
-    ``rows`` is executed up to three times (signatures, examples, marking): materialize it
-    first if it is expensive to compute. ``_order`` must be unique among accepted rows.
+    ``rows`` is read three times (signatures, examples, marking): materialize it first if it
+    is expensive to compute.
 
     Args:
         rows: Rows with ``id``, ``text``, ``_status`` and ``_order``; only ``accepted`` rows are
@@ -277,6 +409,8 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
         >>> summary["near_duplicate_synthetic"], marked.take(2)[1]["near_dup_of"]
         (1, 'a')
     """
+    import ray
+
     from raydag.stages import check_dataset_columns  # here: raydag.stages imports this package
 
     check_dataset_columns(STAGE, REQUIRED_COLUMNS, rows)
@@ -286,79 +420,177 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     if len(reference_ids) != len(reference_texts):
         raise ValueError(f"reference_ids has {len(reference_ids)} ids for "
                          f"{len(reference_texts)} reference texts")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     settings = {"num_perm": num_perm, "shingle_size": shingle_size, "seed": seed}
-    keys = _collect_signature_keys(rows, settings)
+    bands, rows_per_band = lsh_bands(threshold, num_perm)
+
     # A row that is a reference itself (a raw example a label or judge stage passed on) is
     # not a candidate: it would match its own reference.
-    own = np.isin(keys["id"], np.asarray(reference_ids, dtype=object))
-    if own.any():
-        keys = {name: values[~own] for name, values in keys.items()}
-    reference = minhash_signatures(reference_texts, **settings)
-    drops = near_duplicate_pairs(keys["signature"], keys["order"], threshold=threshold,
-                                 num_perm=num_perm, reference=reference)
+    signed = rows.select_columns(list(REQUIRED_COLUMNS)).map_batches(
+        _signed_rows, fn_kwargs={"own": frozenset(reference_ids), **settings},
+        batch_format="pandas", batch_size=_SIGNATURE_BATCH_ROWS)
+    count = len(reference_texts)
+    if count:
+        references = ray.data.from_pandas(pd.DataFrame({
+            "_order": np.arange(count, dtype=np.int64) - count, "id": reference_ids,
+            "text": reference_texts, "_status": "accepted"}))
+        signed = signed.union(references.map_batches(
+            _signed_rows, fn_kwargs={"own": frozenset(), **settings}, batch_format="pandas"))
+    signed = signed.materialize()
+    checked = signed.count() - count
+    partitions = _partitions(signed)
 
-    orders, ids = keys["order"], keys["id"]
-    marks = pd.DataFrame(
-        [(orders[pos], reason, reference_ids[m] if reason == REASON_RAW else ids[m])
-         for pos, (reason, m) in drops.items()],
-        columns=["_order", "_reason", "near_dup_of"]).set_index("_order")
+    pairs = _colocate(signed.map_batches(_band_rows, fn_kwargs={
+        "num_perm": num_perm, "bands": bands, "rows_per_band": rows_per_band},
+        batch_format="numpy"), "_band", partitions).map_batches(
+            _pairs_in_buckets, batch_size=None, batch_format="numpy")
+    pairs = pairs.materialize()
+    edge_blocks = []
+    if pairs.count():  # a join of a dataset with no rows loses its columns
+        keys = signed.select_columns(["_order", "id", "_signature"])
+        for side in ("a", "b"):
+            pairs = pairs.join(keys.rename_columns({"_order": side, "id": f"{side}_id",
+                                                    "_signature": f"{side}_signature"}),
+                               "inner", partitions, on=(side,))
+        edge_blocks = pairs.map_batches(_confirmed, fn_kwargs={
+            "threshold": threshold, "num_perm": num_perm}, batch_format="numpy").to_arrow_refs()
+    marks, found = _resolve_task().options(num_returns=2).remote(
+        threshold, reference_ids, *edge_blocks)
+    found = ray.get(found)
+
     summary = {
-        "checked": len(orders),
-        REASON_SYNTHETIC: sum(r == REASON_SYNTHETIC for r, _ in drops.values()),
-        REASON_RAW: sum(r == REASON_RAW for r, _ in drops.values()),
+        "checked": checked,
+        REASON_SYNTHETIC: found[REASON_SYNTHETIC], REASON_RAW: found[REASON_RAW],
         "threshold": threshold, "num_perm": num_perm, "shingle_size": shingle_size,
-        "examples": _examples(rows, drops, orders, reference_texts),
+        "examples": _examples(rows, found["first"], reference_texts),
     }
-    marked = rows.map_batches(_mark_near_duplicates, fn_kwargs={"marks": marks},
+    # The marks travel as one object-store reference; each task reads them zero-copy.
+    marked = rows.map_batches(_mark_near_duplicates, fn_kwargs={"marks": [marks]},
                               batch_format="pandas")
     return marked, summary
 
 
-def _collect_signature_keys(rows: ray.data.Dataset, settings: dict) -> dict[str, np.ndarray]:
-    """``order``, ``id`` and ``signature`` of every accepted row, gathered on the driver."""
-    keys = rows.select_columns(list(REQUIRED_COLUMNS)).map_batches(
-        _signature_keys, fn_kwargs=settings, batch_format="pandas",
-        batch_size=_SIGNATURE_BATCH_ROWS)
-    parts = [b for b in keys.iter_batches(batch_format="numpy", batch_size=None)
-             if len(b.get("_order", ()))]  # a block with no accepted rows may have no columns
-    if not parts:
-        return {"order": np.empty(0, np.int64), "id": np.empty(0, object),
-                "signature": np.empty((0, settings["num_perm"]), np.uint32)}
-    order = np.concatenate([p["_order"] for p in parts]).astype(np.int64)
-    if len(np.unique(order)) != len(order):
-        raise ValueError("near-duplicate filter: _order is not unique among accepted rows")
-    return {"order": order, "id": np.concatenate([p["id"] for p in parts]).astype(object),
-            "signature": np.concatenate([p["_signature"] for p in parts])}
+def _partitions(dataset) -> int:
+    """Shuffle partitions: two per CPU of the cluster, more when they would pass 64 MB."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(2 * cpus, -(-(dataset.size_bytes() or 0) // (64 << 20)))
 
 
-def _signature_keys(batch: pd.DataFrame, *, num_perm: int, shingle_size: int,
-                    seed: int) -> dict[str, np.ndarray]:
-    accepted = batch[batch["_status"] == "accepted"]
-    return {"_order": accepted["_order"].to_numpy(dtype=np.int64),
-            "id": accepted["id"].astype(str).to_numpy(dtype=object),
-            # uint32 holds every value (affine32) and halves what travels to the driver
-            "_signature": minhash_signatures(accepted["text"].tolist(), num_perm=num_perm,
-                                             shingle_size=shingle_size,
-                                             seed=seed).astype(np.uint32)}
+def _colocate(dataset, key: str, partitions: int):
+    """Rows of equal ``key`` in one block, as ``GroupedData.map_groups`` arranges them."""
+    from ray.data.context import ShuffleStrategy
+
+    if dataset.context.shuffle_strategy in (ShuffleStrategy.HASH_SHUFFLE,
+                                            ShuffleStrategy.SHUFFLE_V2):
+        return dataset.repartition(partitions, keys=[key], sort=True)
+    return dataset.sort(key)
 
 
-def _examples(rows: ray.data.Dataset, drops: dict[int, tuple[str, int]], orders: np.ndarray,
+def _signed_rows(batch: pd.DataFrame, *, own: frozenset, num_perm: int, shingle_size: int,
+                 seed: int) -> pd.DataFrame:
+    """``_order``, ``id`` and the signature (``num_perm`` uint32, as bytes) of each candidate."""
+    candidate = (batch["_status"] == "accepted") & ~batch["id"].astype(str).isin(own)
+    batch = batch[candidate]
+    signatures = minhash_signatures(batch["text"].tolist(), num_perm=num_perm,
+                                    shingle_size=shingle_size, seed=seed).astype(np.uint32)
+    return pd.DataFrame({"_order": batch["_order"].to_numpy(dtype=np.int64),
+                         "id": batch["id"].astype(str).to_numpy(dtype=object),
+                         "_signature": [row.tobytes() for row in signatures]})
+
+
+def _signatures_of(column, num_perm: int) -> np.ndarray:
+    if len(column) == 0:
+        return np.empty((0, num_perm), dtype=np.uint32)
+    return np.frombuffer(b"".join(column), dtype=np.uint32).reshape(len(column), num_perm)
+
+
+def _band_rows(batch: dict[str, np.ndarray], *, num_perm: int, bands: int,
+               rows_per_band: int) -> dict[str, np.ndarray]:
+    """One row per (row, band): ``_band`` (the key) and ``_order``; empty texts have none."""
+    signatures = _signatures_of(batch["_signature"], num_perm)
+    nonempty = ~(signatures == _EMPTY_SLOT).all(axis=1)
+    keys = band_keys(signatures[nonempty], bands, rows_per_band)
+    return {"_band": keys.reshape(-1),
+            "_order": np.repeat(batch["_order"][nonempty].astype(np.int64), bands)}
+
+
+def _pairs_in_buckets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    a, b = bucket_pairs(batch["_band"], batch["_order"])
+    return {"a": a, "b": b}
+
+
+def _confirmed(batch: dict[str, np.ndarray], *, threshold: float,
+               num_perm: int) -> dict[str, np.ndarray]:
+    """The pairs whose estimated Jaccard (equal signature slots) reaches the threshold."""
+    similarity = (_signatures_of(batch["a_signature"], num_perm)
+                  == _signatures_of(batch["b_signature"], num_perm)).mean(axis=1)
+    keep = similarity >= threshold
+    return {"a": batch["a"][keep].astype(np.int64), "b": batch["b"][keep].astype(np.int64),
+            "similarity": similarity[keep], "a_id": batch["a_id"][keep],
+            "b_id": batch["b_id"][keep]}
+
+
+def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables):
+    """Ray task: the decisions over every confirmed pair; returns (marks, counts)."""
+    import pyarrow as pa
+
+    tables = [t for t in tables if t.num_rows]
+    if tables:
+        edges = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    else:
+        edges = pd.DataFrame({"a": [], "b": [], "similarity": [], "a_id": []})
+    drops = resolve_near_duplicates(edges["a"], edges["b"], edges["similarity"],
+                                    threshold=threshold)
+    id_of = dict(zip(edges["a"].astype(np.int64).tolist(), edges["a_id"].tolist()))
+    count = len(reference_ids)
+    orders = np.array(sorted(drops), dtype=np.int64)
+    matched = [drops[o] for o in orders.tolist()]
+    marks = pa.table({
+        "_order": orders,
+        "_reason": [REASON_RAW if m < 0 else REASON_SYNTHETIC for m in matched],
+        "near_dup_of": [reference_ids[m + count] if m < 0 else id_of[m] for m in matched],
+        "matched": np.array(matched, dtype=np.int64)})
+    raw = sum(m < 0 for m in matched)
+    first = [(int(o), int(m)) for o, m in zip(orders[:MAX_EXAMPLES].tolist(),
+                                              matched[:MAX_EXAMPLES])]
+    return marks, {REASON_RAW: raw, REASON_SYNTHETIC: len(matched) - raw, "first": first,
+                   "count": count}
+
+
+_REMOTE: dict[str, Any] = {}
+
+
+def _resolve_task():
+    """The Ray task form of :func:`_resolve_task_fn`, made on first use (importing this
+    module does not import Ray)."""
+    if "resolve" not in _REMOTE:
+        import ray
+
+        _REMOTE["resolve"] = ray.remote(num_cpus=1)(_resolve_task_fn)
+    return _REMOTE["resolve"]
+
+
+def _examples(rows: ray.data.Dataset, first: list[tuple[int, int]],
               reference_texts: list[str]) -> list[dict[str, str]]:
-    """The earliest dropped rows with the text they repeat (one small extra read of ``rows``)."""
-    first = sorted(drops, key=lambda pos: orders[pos])[:MAX_EXAMPLES]
+    """The earliest dropped rows with the text they repeat (one small extra read of ``rows``).
+
+    ``first`` holds (dropped order, matched order); a negative matched order is reference
+    ``len(reference_texts) + order``."""
     if not first:
         return []
-    wanted = {int(orders[p]) for p in first}
-    wanted |= {int(orders[drops[p][1]]) for p in first if drops[p][0] == REASON_SYNTHETIC}
+    wanted = {o for o, _ in first} | {m for _, m in first if m >= 0}
     found = rows.select_columns(["_order", "text", "_status"]).map_batches(
         _rows_with_orders, fn_kwargs={"orders": frozenset(wanted)},
         batch_format="pandas").to_pandas()
     text_of = dict(zip(found["_order"].astype(int), found["text"]))
-    return [{"text": text_of.get(int(orders[pos])),
-             "matched_text": (reference_texts[m] if reason == REASON_RAW
-                              else text_of.get(int(orders[m]))),
-             "reason": reason}
-            for pos in first for reason, m in [drops[pos]]]
+    count = len(reference_texts)
+    return [{"text": text_of.get(order),
+             "matched_text": reference_texts[m + count] if m < 0 else text_of.get(m),
+             "reason": REASON_RAW if m < 0 else REASON_SYNTHETIC}
+            for order, m in first]
 
 
 def _rows_with_orders(batch: pd.DataFrame, orders: frozenset) -> pd.DataFrame:
@@ -366,11 +598,26 @@ def _rows_with_orders(batch: pd.DataFrame, orders: frozenset) -> pd.DataFrame:
     return batch.loc[keep, ["_order", "text"]]
 
 
-def _mark_near_duplicates(batch: pd.DataFrame, marks: pd.DataFrame) -> pd.DataFrame:
+_MARKS_CACHE: dict[str, pd.DataFrame] = {}
+
+
+def _marks(reference) -> pd.DataFrame:
+    """The marks table of a pass, read once per worker process."""
+    import ray
+
+    key = reference.hex()
+    if key not in _MARKS_CACHE:
+        _MARKS_CACHE.clear()  # one pass at a time
+        _MARKS_CACHE[key] = ray.get(reference).to_pandas().set_index("_order")
+    return _MARKS_CACHE[key]
+
+
+def _mark_near_duplicates(batch: pd.DataFrame, marks: list) -> pd.DataFrame:
+    table = _marks(marks[0])
     batch = batch.copy()
-    hit = (batch["_status"] == "accepted") & batch["_order"].isin(marks.index)
-    of = batch["_order"].map(marks["near_dup_of"]).where(hit)
-    batch.loc[hit, "_reason"] = batch.loc[hit, "_order"].map(marks["_reason"])
+    hit = (batch["_status"] == "accepted") & batch["_order"].isin(table.index)
+    of = batch["_order"].map(table["near_dup_of"]).where(hit)
+    batch.loc[hit, "_reason"] = batch.loc[hit, "_order"].map(table["_reason"])
     batch.loc[hit, "_status"] = "dropped"
     batch.loc[hit, "_stage"] = STAGE
     batch["near_dup_of"] = of.astype("string")
