@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from raydag.data import stable_hash
@@ -301,19 +302,62 @@ def map_in_one_actor(frame: pd.DataFrame, actor: type, constructor_kwargs: dict,
     return out.sort_values("_position").drop(columns="_position").reset_index(drop=True)
 
 
+def shuffle_partitions(size_bytes: int | None = None) -> int:
+    """Partitions for a hash shuffle: two per CPU of the cluster, more when a partition of
+    ``size_bytes`` would pass 64 MB."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(2 * cpus, -(-(size_bytes or 0) // (64 << 20)))
+
+
+def colocate(dataset, key: str, partitions: int):
+    """The dataset with the rows of equal ``key`` in one block (a hash shuffle, or a sort under
+    a sort-based shuffle strategy), as ``GroupedData.map_groups`` arranges them: a following
+    ``map_batches(..., batch_size=None)`` sees every group whole, in one call per block rather
+    than one per group."""
+    from ray.data.context import ShuffleStrategy
+
+    if dataset.context.shuffle_strategy in (ShuffleStrategy.HASH_SHUFFLE,
+                                            ShuffleStrategy.SHUFFLE_V2):
+        return dataset.repartition(partitions, keys=[key], sort=True)
+    return dataset.sort(key)
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def shared_object(reference):
+    """``ray.get`` of an object-store reference, once per worker process (the latest one is
+    kept): how the marks of a pass reach every task without travelling in each."""
+    import ray
+
+    key = reference.hex()
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = ray.get(reference)
+    return _SHARED[key]
+
+
 def deduplicate(rows):
     """Exact deduplication of accepted texts across all shards: the earliest row (by
     ``_order``) is kept, later copies are dropped as ``synthetic_duplicate``.
 
-    Only an 8-byte key and the order of each accepted row come to the driver (16 MB per million
-    rows); the rows themselves stay in Ray Data. Much cheaper than a groupby shuffle.
+    All in Ray Data: an 8-byte key per accepted row, hash-shuffled so equal keys share a
+    block, where the later copies are found; their orders (one int64 per copy) are gathered
+    by one Ray task into the object store and marked in ``map_batches``. The driver holds
+    nothing per row.
 
     Args:
         rows: A Ray Data dataset of chain output rows with ``text``, ``_status`` and ``_order``.
     """
-    keys = rows.map_batches(_accepted_keys, batch_format="pandas").to_pandas()
-    copies = later_copies(keys) if len(keys) else frozenset()
-    return rows.map_batches(_mark_copies, fn_kwargs={"copies": copies}, batch_format="pandas")
+    import ray
+
+    keys = rows.map_batches(_accepted_keys, batch_format="pandas")
+    copies = colocate(keys, "_key", shuffle_partitions()).map_batches(
+        _later_copies_in_block, batch_size=None, batch_format="pandas")
+    orders = _sorted_orders_task().remote(*copies.to_arrow_refs())
+    return rows.map_batches(_mark_copies, fn_kwargs={"copies": [orders]}, batch_format="pandas")
 
 
 def _accepted_keys(batch: pd.DataFrame) -> pd.DataFrame:
@@ -322,9 +366,28 @@ def _accepted_keys(batch: pd.DataFrame) -> pd.DataFrame:
                          "_order": accepted["_order"].astype("int64")})
 
 
-def _mark_copies(batch: pd.DataFrame, copies: frozenset) -> pd.DataFrame:
+def _later_copies_in_block(batch: pd.DataFrame) -> pd.DataFrame:
+    if not len(batch):
+        return pd.DataFrame({"_order": np.empty(0, np.int64)})
+    return pd.DataFrame({"_order": np.array(sorted(later_copies(batch)), dtype=np.int64)})
+
+
+def _sorted_orders(*tables) -> np.ndarray:
+    parts = [t.column("_order").to_numpy() for t in tables if t.num_rows]
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def _sorted_orders_task():
+    """The Ray task form of :func:`_sorted_orders`, made on first use."""
+    import ray
+
+    return ray.remote(num_cpus=1)(_sorted_orders)
+
+
+def _mark_copies(batch: pd.DataFrame, copies: list) -> pd.DataFrame:
+    orders = shared_object(copies[0])
     batch = batch.copy()
-    hit = batch["_order"].isin(copies)
+    hit = batch["_order"].isin(orders)
     batch.loc[hit, "_status"] = "dropped"
     batch.loc[hit, "_reason"] = "synthetic_duplicate"
     batch.loc[hit, "_stage"] = "dedup"

@@ -52,6 +52,10 @@ def test_dedup_on_ray_data_keeps_the_earliest_copy_and_loses_no_row(ray_local):
                                        "accepted", "dropped", "dropped"]
     assert out["_reason"].tolist() == ["", "synthetic_duplicate", "", "empty_generation", "",
                                        "synthetic_duplicate", "too_long"]
+    # nothing accepted: nothing to shuffle, every row comes back unchanged
+    none = rows.assign(_status="dropped")
+    out = deduplicate(ray.data.from_pandas(none).repartition(2)).to_pandas()
+    assert len(out) == len(texts) and (out["_stage"] == "").all()
 
 
 def test_column_chain_names_the_stage_and_the_missing_column():

@@ -411,7 +411,8 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     """
     import ray
 
-    from raydag.stages import check_dataset_columns  # here: raydag.stages imports this package
+    # here: raydag.stages imports this package
+    from raydag.stages import check_dataset_columns, colocate, shuffle_partitions
 
     check_dataset_columns(STAGE, REQUIRED_COLUMNS, rows)
     reference_texts = list(reference_texts or [])
@@ -439,9 +440,9 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
             _signed_rows, fn_kwargs={"own": frozenset(), **settings}, batch_format="pandas"))
     signed = signed.materialize()
     checked = signed.count() - count
-    partitions = _partitions(signed)
+    partitions = shuffle_partitions(signed.size_bytes())
 
-    pairs = _colocate(signed.map_batches(_band_rows, fn_kwargs={
+    pairs = colocate(signed.map_batches(_band_rows, fn_kwargs={
         "num_perm": num_perm, "bands": bands, "rows_per_band": rows_per_band},
         batch_format="numpy"), "_band", partitions).map_batches(
             _pairs_in_buckets, batch_size=None, batch_format="numpy")
@@ -469,24 +470,6 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     marked = rows.map_batches(_mark_near_duplicates, fn_kwargs={"marks": [marks]},
                               batch_format="pandas")
     return marked, summary
-
-
-def _partitions(dataset) -> int:
-    """Shuffle partitions: two per CPU of the cluster, more when they would pass 64 MB."""
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(2 * cpus, -(-(dataset.size_bytes() or 0) // (64 << 20)))
-
-
-def _colocate(dataset, key: str, partitions: int):
-    """Rows of equal ``key`` in one block, as ``GroupedData.map_groups`` arranges them."""
-    from ray.data.context import ShuffleStrategy
-
-    if dataset.context.shuffle_strategy in (ShuffleStrategy.HASH_SHUFFLE,
-                                            ShuffleStrategy.SHUFFLE_V2):
-        return dataset.repartition(partitions, keys=[key], sort=True)
-    return dataset.sort(key)
 
 
 def _signed_rows(batch: pd.DataFrame, *, own: frozenset, num_perm: int, shingle_size: int,
@@ -548,11 +531,11 @@ def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables):
     count = len(reference_ids)
     orders = np.array(sorted(drops), dtype=np.int64)
     matched = [drops[o] for o in orders.tolist()]
-    marks = pa.table({
+    marks = pd.DataFrame({
         "_order": orders,
         "_reason": [REASON_RAW if m < 0 else REASON_SYNTHETIC for m in matched],
         "near_dup_of": [reference_ids[m + count] if m < 0 else id_of[m] for m in matched],
-        "matched": np.array(matched, dtype=np.int64)})
+        "matched": np.array(matched, dtype=np.int64)}).set_index("_order")
     raw = sum(m < 0 for m in matched)
     first = [(int(o), int(m)) for o, m in zip(orders[:MAX_EXAMPLES].tolist(),
                                               matched[:MAX_EXAMPLES])]
@@ -560,17 +543,12 @@ def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables):
                    "count": count}
 
 
-_REMOTE: dict[str, Any] = {}
-
-
 def _resolve_task():
     """The Ray task form of :func:`_resolve_task_fn`, made on first use (importing this
     module does not import Ray)."""
-    if "resolve" not in _REMOTE:
-        import ray
+    import ray
 
-        _REMOTE["resolve"] = ray.remote(num_cpus=1)(_resolve_task_fn)
-    return _REMOTE["resolve"]
+    return ray.remote(num_cpus=1)(_resolve_task_fn)
 
 
 def _examples(rows: ray.data.Dataset, first: list[tuple[int, int]],
@@ -598,22 +576,10 @@ def _rows_with_orders(batch: pd.DataFrame, orders: frozenset) -> pd.DataFrame:
     return batch.loc[keep, ["_order", "text"]]
 
 
-_MARKS_CACHE: dict[str, pd.DataFrame] = {}
-
-
-def _marks(reference) -> pd.DataFrame:
-    """The marks table of a pass, read once per worker process."""
-    import ray
-
-    key = reference.hex()
-    if key not in _MARKS_CACHE:
-        _MARKS_CACHE.clear()  # one pass at a time
-        _MARKS_CACHE[key] = ray.get(reference).to_pandas().set_index("_order")
-    return _MARKS_CACHE[key]
-
-
 def _mark_near_duplicates(batch: pd.DataFrame, marks: list) -> pd.DataFrame:
-    table = _marks(marks[0])
+    from raydag.stages import shared_object
+
+    table = shared_object(marks[0])
     batch = batch.copy()
     hit = (batch["_status"] == "accepted") & batch["_order"].isin(table.index)
     of = batch["_order"].map(table["near_dup_of"]).where(hit)
