@@ -1,9 +1,10 @@
 """Decontamination: drop generated rows that share a word n-gram with an evaluation text.
 
 Pure part: :func:`ngrams` and :class:`NgramIndex` (every n-gram of every eval text, kept as an
-8-byte digest). Ray Data part: :func:`mark_contaminated` looks every accepted row up in the
-index inside Ray Data tasks, brings one small key per accepted row to the driver for the
-summary, and marks the matches as dropped. No row is added or removed.
+8-byte digest). Ray Data part: :func:`mark_contaminated` puts the index in the object store
+once (its size grows with the eval texts, not with the rows), looks every accepted row up and
+marks the matches as dropped in one ``map_batches`` pass, then sums the matches per block for
+the summary. No row is added or removed, and nothing per row comes to the driver.
 
 A text with fewer than n words is one gram of all its words (the GPT-3 convention), so a short
 eval sentence copied whole is caught; a short eval sentence embedded in a longer text is not
@@ -30,7 +31,6 @@ STAGE = "decontam"
 REQUIRED_COLUMNS = ("text", "_status", "_order")
 MAX_EXAMPLES = 5
 _WORD = re.compile(r"\w+")  # punctuation separates words and is dropped: "parcel?" = "parcel"
-_KEY_COLUMNS = ["_order", "contaminated_by", "eval_split", "eval_index", "gram", "text"]
 
 
 def ngrams(text: str, n: int) -> set[str]:
@@ -135,14 +135,13 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
                       n: int = 13) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """Drop accepted rows whose text shares a word n-gram with any evaluation text.
 
-    The index is built on the driver and handed to the Ray Data tasks in ``fn_kwargs``; the
-    look-ups run in parallel, and only ``_order`` and the match (if any) of each accepted row
-    come back for the summary. A match becomes ``_status="dropped"``,
+    The index is built on the driver (from the eval texts) and shared through the object
+    store; the look-ups and the marking run in one parallel pass, and only per-block counts and
+    each block's five earliest matches come back for the summary. A match becomes ``_status="dropped"``,
     ``_reason="contaminated"``, ``_stage="decontam"`` and ``contaminated_by`` =
     ``"<split>:<eval index>"``; ``contaminated_by`` is null on all other rows.
 
-    ``rows`` is executed twice (look-up, marking): materialize it first if it is expensive to
-    compute. ``_order`` must be unique among accepted rows.
+    The marked dataset comes back materialized; ``rows`` is executed once.
 
     Args:
         rows: Rows with ``text``, ``_status`` and ``_order``; only ``accepted`` rows are
@@ -151,7 +150,7 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
         n: Words per gram.
 
     Returns:
-        The marked dataset (lazy) and a summary: ``method`` ("ngram"), ``n``, ``splits`` (split
+        The marked dataset (materialized) and a summary: ``method`` ("ngram"), ``n``, ``splits`` (split
         -> size), ``checked`` (accepted rows), ``matched``, ``by_split`` (split -> rows matched)
         and up to five ``examples`` (``text``, ``eval_split``, ``eval_text``, ``gram``), the
         earliest rows first.
@@ -170,58 +169,70 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
         >>> summary["matched"], marked.take(1)[0]["contaminated_by"]
         (1, 'test:0')
     """
-    from raydag.stages import check_dataset_columns  # here: raydag.stages imports this package
+    import ray
+    from ray.data.expressions import col
+
+    # here: raydag.stages imports this package
+    from raydag.stages import check_dataset_columns
 
     check_dataset_columns(STAGE, REQUIRED_COLUMNS, rows)
     index = NgramIndex(eval_texts, n)
-    keys = rows.select_columns(list(REQUIRED_COLUMNS)).map_batches(
-        _contamination_keys, fn_kwargs={"index": index}, batch_format="pandas").to_pandas()
-    keys = keys.reindex(columns=_KEY_COLUMNS)  # no accepted rows at all: no columns either
-    if keys["_order"].duplicated().any():
-        raise ValueError("decontamination: _order is not unique among accepted rows")
-    hits = keys[keys["contaminated_by"].notna()].sort_values("_order", kind="stable")
-    marks = hits.set_index("_order")["contaminated_by"]
+    shared = ray.put(index)  # one copy in the object store, read once per worker
+    marked = rows.map_batches(_mark_contaminated, fn_kwargs={"index": [shared]},
+                              batch_format="pandas").materialize()
+    hits = marked.filter(expr=col("_stage") == STAGE).select_columns(
+        ["_order", "contaminated_by", "text", "_status"])
+    blocks = hits.map_batches(_block_summary, fn_kwargs={"index": [shared]}, batch_size=None,
+                              batch_format="pandas").take_all()
+    by_split = {name: int(sum(b["by_split"].get(name, 0) for b in blocks))
+                for name in index.split_sizes}
+    first = sorted((e for b in blocks for e in b["examples"]), key=lambda e: e[0])[:MAX_EXAMPLES]
+    matched = sum(by_split.values())
     summary = {
         "method": "ngram",
         "n": n,
         "splits": dict(index.split_sizes),
-        "checked": len(keys),
-        "matched": len(hits),
-        "by_split": {name: int((hits["eval_split"] == name).sum())
-                     for name in index.split_sizes},
-        "examples": [{"text": h.text, "eval_split": h.eval_split,
-                      "eval_text": eval_texts[h.eval_split][int(h.eval_index)], "gram": h.gram}
-                     for h in hits.head(MAX_EXAMPLES).itertuples()],
+        "checked": marked.filter(expr=col("_status") == "accepted").count() + matched,
+        "matched": matched,
+        "by_split": by_split,
+        "examples": [{"text": text, "eval_split": split,
+                      "eval_text": eval_texts[split][position], "gram": gram}
+                     for _, text, split, position, gram in first],
     }
-    marked = rows.map_batches(_mark_contaminated, fn_kwargs={"marks": marks},
-                              batch_format="pandas")
     return marked, summary
 
 
-def _contamination_keys(batch: pd.DataFrame, index: NgramIndex) -> pd.DataFrame:
-    """One row per accepted row: its ``_order`` and match. Only a batch's five earliest matches
-    carry their text, which is enough for the summary's five earliest overall."""
-    accepted = batch[batch["_status"] == "accepted"]
-    found = [index.match(t) for t in accepted["text"]]
-    keys = pd.DataFrame({
-        "_order": accepted["_order"].to_numpy(dtype="int64"),
-        "contaminated_by": pd.array([f"{m[0]}:{m[1]}" if m else None for m in found],
-                                    dtype="string"),
-        "eval_split": pd.array([m[0] if m else None for m in found], dtype="string"),
-        "eval_index": pd.array([m[1] if m else None for m in found], dtype="Int64"),
-        "gram": pd.array([m[2] if m else None for m in found], dtype="string"),
-        "text": pd.array([None] * len(found), dtype="string"),
-    })
-    first = keys[keys["contaminated_by"].notna()].nsmallest(MAX_EXAMPLES, "_order").index
-    keys.loc[first, "text"] = accepted["text"].to_numpy()[first]
-    return keys
+def _block_summary(batch: pd.DataFrame, index: list) -> pd.DataFrame:
+    """One row per block of matches: rows matched by split, and the block's earliest five
+    with the gram they share (looked up again: five look-ups)."""
+    from raydag.stages import shared_object
+
+    if not len(batch):
+        return pd.DataFrame({"by_split": [{}], "examples": [[]]})
+    split = batch["contaminated_by"].astype(str).str.rsplit(":", n=1).str[0]
+    first = batch.nsmallest(MAX_EXAMPLES, "_order")
+    found = shared_object(index[0])
+    return pd.DataFrame({"by_split": [split.value_counts().to_dict()],
+                         "examples": [[(int(o), t, *found.match(t))
+                                       for o, t in zip(first["_order"], first["text"])]]})
 
 
-def _mark_contaminated(batch: pd.DataFrame, marks: pd.Series) -> pd.DataFrame:
+def _mark_contaminated(batch: pd.DataFrame, index: list) -> pd.DataFrame:
+    from raydag.stages import shared_object
+
+    found = shared_object(index[0])
     batch = batch.copy()
-    hit = (batch["_status"] == "accepted") & batch["_order"].isin(marks.index)
+    accepted = (batch["_status"] == "accepted").to_numpy()
+    by = [None] * len(batch)
+    for position, text in enumerate(batch["text"]):
+        if accepted[position]:
+            match = found.match(text)
+            if match:
+                by[position] = f"{match[0]}:{match[1]}"
+    by = pd.array(by, dtype="string")
+    hit = pd.Series(by, index=batch.index).notna()
     batch.loc[hit, "_status"] = "dropped"
     batch.loc[hit, "_reason"] = REASON
     batch.loc[hit, "_stage"] = STAGE
-    batch["contaminated_by"] = batch["_order"].map(marks).where(hit).astype("string")
+    batch["contaminated_by"] = by
     return batch
