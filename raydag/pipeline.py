@@ -427,28 +427,47 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: Path,
         rows, quality["rephrase"], extra_stats = rephrase_flagged(rows.materialize(), job, raw,
                                                                  run_dir, placement)
     rows = rows.materialize()
-    columns = ["_status", "_reason", "_stage"] + (["pii_redacted"] if "pii_redacted" in rows.columns() else [])
-    summary = rows.select_columns(columns).to_pandas()
+    columns = ["_status", "_reason"] + (["pii_redacted"] if "pii_redacted" in rows.columns() else [])
+    # counts per block, summed here: O(blocks x reasons) on the driver, nothing per row
+    counts = pd.DataFrame(rows.select_columns(columns).map_batches(
+        _status_counts, batch_size=None, batch_format="pandas").take_all())
+    if counts.empty:
+        counts = pd.DataFrame({"_status": [], "_reason": [], "rows": [], "pii": []})
+    totals = counts.groupby(["_status", "_reason"], dropna=False)["rows"].sum()
     written = []
     for status, folder in (("accepted", "synthetic"), ("dropped", "dropped"),
                            ("quarantined", "quarantine")):
-        if (summary["_status"] == status).any():
+        if status in totals.index.get_level_values(0):
             rows.filter(expr=col("_status") == status).write_parquet(
                 str(run_dir / folder), min_rows_per_file=ROWS_PER_SHARD)
             written.append(folder)
 
     def by_reason(status: str) -> dict[str, int]:
-        part = summary[summary["_status"] == status]
-        return {k: int(v) for k, v in part["_reason"].value_counts().sort_index().items()}
+        part = totals[totals.index.get_level_values(0) == status]
+        return {str(reason): int(n) for (_, reason), n in sorted(
+            part.items(), key=lambda item: str(item[0][1])) if pd.notna(reason)}
 
     pii: dict[str, int] = {}
-    for found in summary.get("pii_redacted", pd.Series(dtype=object)).dropna():
+    for found in counts["pii"]:
         for kind, count in (json.loads(found) if found else {}).items():
             pii[kind] = pii.get(kind, 0) + int(count)
     quality["pii_teacher_rows"] = dict(sorted(pii.items()))
-    return {"rows": len(summary), "accepted": int((summary["_status"] == "accepted").sum()),
+    accepted = int(totals[totals.index.get_level_values(0) == "accepted"].sum())
+    return {"rows": int(totals.sum()), "accepted": accepted,
             "dropped": by_reason("dropped"), "quarantined": by_reason("quarantined"),
             "written": written, "quality": quality, "extra_stats": extra_stats}
+
+
+def _status_counts(batch: pd.DataFrame) -> pd.DataFrame:
+    """Rows of one block by (status, reason), and its PII redactions summed (JSON, on the
+    block's first line)."""
+    counts = batch.groupby(["_status", "_reason"], dropna=False).size().rename("rows").reset_index()
+    pii: dict[str, int] = {}
+    for found in batch.get("pii_redacted", pd.Series(dtype=object)).dropna():
+        for kind, count in (json.loads(found) if found else {}).items():
+            pii[kind] = pii.get(kind, 0) + int(count)
+    counts["pii"] = [json.dumps(pii)] + [""] * (len(counts) - 1) if len(counts) else []
+    return counts
 
 
 REPHRASE_FIRST_SHARD = 10**6  # rephrase shards' numbers (and so their rows' _order) start here
@@ -788,7 +807,8 @@ def input_digests(job: JobConfig) -> dict[str, str]:
     digests = {}
     for name, path in paths.items():
         if path and Path(path).is_file():
-            digests[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            with open(path, "rb") as handle:  # streamed in chunks: files may be large
+                digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
     return digests
 
 

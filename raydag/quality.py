@@ -36,28 +36,38 @@ HUMAN_QUEUE = "human_queue"  # folder with tasks.json and label_config.xml for L
 def mark_by_order(rows, marks: dict[int, dict[str, Any]]):
     """Apply per-row updates (by ``_order``) to a Ray Data dataset of rows.
 
+    The updates go into the object store once and each task reads them from there (not
+    pickled into every task).
+
     Args:
         rows: Dataset of rows with ``_order``.
         marks: ``_order`` -> columns to set, e.g. ``{"_status": "dropped", "_reason": ...}``.
     """
+    import ray
+
     if not marks:
         return rows
     columns = sorted({column for update in marks.values() for column in update})
+    return rows.map_batches(_apply_marks, fn_kwargs={"marks": [ray.put(marks)],
+                                                     "columns": columns},
+                            batch_format="pandas")
 
-    def apply(batch: pd.DataFrame) -> pd.DataFrame:
-        batch = batch.copy()
-        for column in columns:
-            if column not in batch.columns:
-                batch[column] = None
-            batch[column] = batch[column].astype(object)
-        for position, order in enumerate(batch["_order"]):
-            update = marks.get(int(order))
-            if update:
-                for column, value in update.items():
-                    batch.iat[position, batch.columns.get_loc(column)] = value
-        return batch
 
-    return rows.map_batches(apply, batch_format="pandas")
+def _apply_marks(batch: pd.DataFrame, marks: list, columns: list[str]) -> pd.DataFrame:
+    from raydag.stages import shared_object
+
+    updates = shared_object(marks[0])
+    batch = batch.copy()
+    for column in columns:
+        if column not in batch.columns:
+            batch[column] = None
+        batch[column] = batch[column].astype(object)
+    for position, order in enumerate(batch["_order"]):
+        update = updates.get(int(order))
+        if update:
+            for column, value in update.items():
+                batch.iat[position, batch.columns.get_loc(column)] = value
+    return batch
 
 
 def _accepted(rows, columns: list[str]) -> pd.DataFrame:
