@@ -214,6 +214,7 @@ def read_labelled(
     bad: BadRows | None = None,
     max_text_chars: int = MAX_TEXT_CHARS,
     check: Callable[[str], tuple[str, str] | None] | None = None,
+    deferred_check: Callable[[str], tuple[str, str] | None] | None = None,
 ) -> pd.DataFrame:
     """Read and check a labelled file; return columns ``id``, ``text``, ``label``.
 
@@ -226,6 +227,10 @@ def read_labelled(
         max_text_chars: Longer texts are bad rows.
         check: Another check of each text: ``(reason, message)`` for a bad one, else None
             (e.g. :func:`raydag.pipeline.context_check`).
+        deferred_check: A check that does not make a row bad now: its problem, as
+            ``"<file>:<line>: <message>"``, goes into a ``_deferred`` column (None when the
+            text passes), for the caller to raise only if the row is used (e.g. a pool text
+            that is too long for the teacher matters only when it is sampled).
 
     Raises:
         DataError: naming the file and line (or column) of the first problems found.
@@ -259,6 +264,10 @@ def read_labelled(
     out = pd.DataFrame({"text": kept[text_column].astype(str).to_numpy(),
                         "label": kept[label_column].astype(str).to_numpy()})
     out.insert(0, "id", [raw_row_id(t, lab) for t, lab in zip(out["text"], out["label"])])
+    if deferred_check is not None:
+        lines = [where[i] for i in frame.index.get_indexer(kept.index)]
+        out["_deferred"] = [None if problem is None else f"{line}: {problem[1]}"
+                            for line, problem in zip(lines, map(deferred_check, out["text"]))]
     return out
 
 

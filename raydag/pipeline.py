@@ -656,7 +656,7 @@ def run_job(job: JobConfig) -> Path:
         raw, raw_pii = None, {}
         if pool is not None:
             with timer("sample"):
-                raw = stratified_sample(pool, job.raw_examples, job.seed)
+                raw = sample_raw(pool, job)
                 if job.quality.pii.enabled:  # before the teacher sees them as demonstrations
                     raw, raw_pii = redact_frame(raw, job.quality.pii.types)
                 ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(str(run_dir / "raw"))
@@ -833,9 +833,14 @@ def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | Non
                                               ["input"], bad=bad, max_text_chars=limit)
     if data is None:
         return None, None, inputs, bad.summary()
-    fits = context_check(job)  # pool texts are demonstrations; unlabelled texts are labelled
+    fits = context_check(job)  # unlabelled texts are all labelled: each must fit
+    # Pool texts reach the teacher only when sampled (demonstrations, rows a stage takes in):
+    # in error mode a pool text that does not fit fails the job only if it is sampled
+    # (sample_raw); skip mode leaves every such row out of the pool, as other bad rows.
+    deferred = data.on_bad_rows == "error"
     pool = read_labelled(data.train_path, data.text_column, data.label_column, data.labels,
-                         bad=bad, max_text_chars=limit, check=fits)
+                         bad=bad, max_text_chars=limit, check=None if deferred else fits,
+                         deferred_check=fits if deferred else None)
     test = read_labelled(data.test_path, data.text_column, data.label_column, data.labels,
                          bad=bad, max_text_chars=limit)
     if data.dev_path:
@@ -851,6 +856,24 @@ def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | Non
         raise DataError(f"{data.train_path}: raw_examples={job.raw_examples} but the pool has "
                         f"{len(pool)} rows" + (" left after skipping bad rows" if bad.rows else ""))
     return pool, test, inputs, bad.summary()
+
+
+def sample_raw(pool: pd.DataFrame, job: JobConfig) -> pd.DataFrame:
+    """The job's raw examples: a stratified sample of the pool (see
+    :func:`raydag.data.stratified_sample`).
+
+    Raises:
+        DataError: A sampled text does not fit the teacher's context (``file:line: reason``).
+    """
+    raw = stratified_sample(pool, job.raw_examples, job.seed)
+    if "_deferred" not in raw.columns:
+        return raw
+    problems = raw["_deferred"].dropna().tolist()
+    if problems:
+        raise DataError(f"{problems[0]} (a sampled raw example"
+                        + (f"; {len(problems) - 1} more sampled ones do not fit either"
+                           if len(problems) > 1 else "") + ")")
+    return raw.drop(columns="_deferred")
 
 
 def teacher_tokens_per_text(job: JobConfig) -> int:
@@ -901,6 +924,8 @@ def validate_job(job: JobConfig) -> dict[str, int]:
     check_job_models(job)
     init_ray()
     pool, test, inputs, bad_rows = read_inputs(job)
+    if pool is not None:
+        sample_raw(pool, job)  # the texts the teacher will see must fit its context
     check_output_dir(job.output_dir)
     counts = {"pool": len(pool), "test": len(test)} if pool is not None else {}
     return {**counts, **{name: len(frame) for name, frame in inputs.items()},

@@ -105,11 +105,27 @@ def test_a_text_over_the_configured_limit_and_over_the_teachers_context(ray_loca
     code, out, err = _cli(capsys, "validate", str(tiny_job_files / "job.yaml"))
     _one_clear_error(code, out, err, f"{tiny_job_files / 'train.jsonl'}:6: 'text' has 5,000,000 "
                      "characters, more than data.max_text_chars=20,000")
-    rows[5]["text"] = " ".join(f"word{i}" for i in range(2000))  # ~17k chars: under the limit
+    long_text = " ".join(f"word{i}" for i in range(2000))  # ~17k chars: under the limit
+    rows[5]["text"] = long_text
     write_jsonl(tiny_job_files / "train.jsonl", rows)
-    code, out, err = _cli(capsys, "validate", str(tiny_job_files / "job.yaml"))
+    # sampled (the whole pool is the raw sample): the teacher would see it
+    code, out, err = _cli(capsys, "validate", str(tiny_job_files / "job.yaml"), "raw_examples=30")
     line = _one_clear_error(code, out, err, f"{tiny_job_files / 'train.jsonl'}:6: the text has ")
     assert "teacher tokens" in line and "teacher.max_model_len=2048" in line
+    assert "a sampled raw example" in line
+
+    # not sampled: the teacher never sees it, so it does not stop the job
+    from raydag.data import stratified_sample
+
+    for index in range(30):
+        rows = _rows()
+        rows[index]["text"] = long_text
+        pool = read_labelled(write_jsonl(tiny_job_files / "train.jsonl", rows), "text", "label",
+                             LABELS)
+        if long_text not in set(stratified_sample(pool, 12, 0)["text"]):
+            break
+    code, out, err = _cli(capsys, "validate", str(tiny_job_files / "job.yaml"))
+    assert code == 0, err
 
 
 def test_errors_list_the_first_problems_and_count_the_rest(ray_local, tmp_path):
