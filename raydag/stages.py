@@ -189,6 +189,9 @@ def run_step(step: Step, rows: list[dict], engine: Any, carried: set[str]) -> tu
     return out_rows, stats
 
 
+_INTEGER_COLUMNS = frozenset({"seed", "tokens_in", "tokens_out"})
+
+
 def write_shard(rows: list[dict], folder: str, shard: int) -> str:
     """Write one shard's rows as ``shard-<n>.parquet``, atomically (a rerun trusts what exists)."""
     path = shard_path(folder, shard)
@@ -198,6 +201,11 @@ def write_shard(rows: list[dict], folder: str, shard: int) -> str:
     for column in frame.columns:  # one type per column, whatever a shard happens to hold
         if frame[column].map(lambda v: isinstance(v, (dict, tuple))).any():
             frame[column] = frame[column].map(json.dumps)
+    for column in _INTEGER_COLUMNS.intersection(frame.columns):
+        # a row without a value (e.g. one a stage quarantined before generating) would make
+        # pandas store the column as double in this shard and int64 in the next
+        frame[column] = pd.array(frame[column].astype(object).where(frame[column].notna(), None),
+                                 dtype="Int64")
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)
     return path

@@ -78,6 +78,10 @@ data:
   task: Route customer-support messages to an electronics shop.
 teacher:
   batch_size: {len(TEXTS)}
+  # float32: the served replica batches the texts differently from the batch stage, and bf16
+  # kernels with AMX (Xeon) give scores that depend on the batch (measured: 2.018 vs 1.960);
+  # float32 is batch-invariant to 1e-4 on both host kinds.
+  dtype: float32
 stages:
   - type: judge
     rubric: "5: a realistic, clear customer-support message to an electronics shop; 1: not a support message."
