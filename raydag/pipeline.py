@@ -447,25 +447,27 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: Path,
         return {str(reason): int(n) for (_, reason), n in sorted(
             part.items(), key=lambda item: str(item[0][1])) if pd.notna(reason)}
 
-    pii: dict[str, int] = {}
-    for found in counts["pii"]:
-        for kind, count in (json.loads(found) if found else {}).items():
-            pii[kind] = pii.get(kind, 0) + int(count)
-    quality["pii_teacher_rows"] = dict(sorted(pii.items()))
+    quality["pii_teacher_rows"] = dict(sorted(_pii_totals(counts["pii"]).items()))
     accepted = int(totals[totals.index.get_level_values(0) == "accepted"].sum())
     return {"rows": int(totals.sum()), "accepted": accepted,
             "dropped": by_reason("dropped"), "quarantined": by_reason("quarantined"),
             "written": written, "quality": quality, "extra_stats": extra_stats}
 
 
+def _pii_totals(found) -> dict[str, int]:
+    """Redactions by kind, summed over JSON objects such as ``{"EMAIL": 2}`` ("" for none)."""
+    pii: dict[str, int] = {}
+    for text in found:
+        for kind, count in (json.loads(text) if text else {}).items():
+            pii[kind] = pii.get(kind, 0) + int(count)
+    return pii
+
+
 def _status_counts(batch: pd.DataFrame) -> pd.DataFrame:
     """Rows of one block by (status, reason), and its PII redactions summed (JSON, on the
     block's first line)."""
     counts = batch.groupby(["_status", "_reason"], dropna=False).size().rename("rows").reset_index()
-    pii: dict[str, int] = {}
-    for found in batch.get("pii_redacted", pd.Series(dtype=object)).dropna():
-        for kind, count in (json.loads(found) if found else {}).items():
-            pii[kind] = pii.get(kind, 0) + int(count)
+    pii = _pii_totals(batch.get("pii_redacted", pd.Series(dtype=object)).dropna())
     counts["pii"] = [json.dumps(pii)] + [""] * (len(counts) - 1) if len(counts) else []
     return counts
 

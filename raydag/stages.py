@@ -359,8 +359,6 @@ def deduplicate(rows):
     Args:
         rows: A Ray Data dataset of chain output rows with ``text``, ``_status`` and ``_order``.
     """
-    import ray
-
     keys = rows.map_batches(_accepted_keys, batch_format="pandas")
     copies = colocate(keys, "_key", shuffle_partitions()).map_batches(
         _later_copies_in_block, batch_size=None, batch_format="pandas")

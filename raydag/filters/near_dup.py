@@ -535,12 +535,11 @@ def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables):
         "_order": orders,
         "_reason": [REASON_RAW if m < 0 else REASON_SYNTHETIC for m in matched],
         "near_dup_of": [reference_ids[m + count] if m < 0 else id_of[m] for m in matched],
-        "matched": np.array(matched, dtype=np.int64)}).set_index("_order")
+    }).set_index("_order")
     raw = sum(m < 0 for m in matched)
     first = [(int(o), int(m)) for o, m in zip(orders[:MAX_EXAMPLES].tolist(),
                                               matched[:MAX_EXAMPLES])]
-    return marks, {REASON_RAW: raw, REASON_SYNTHETIC: len(matched) - raw, "first": first,
-                   "count": count}
+    return marks, {REASON_RAW: raw, REASON_SYNTHETIC: len(matched) - raw, "first": first}
 
 
 def _resolve_task():
