@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "finished as an ordinary job under output_dir/cells/<cell>/ (job.yaml there; a stopped "
         "study goes on where it stopped). After each cell, write output_dir/study.json, study.md "
         "(tables, time per cell, and for each finding of the seed study whether it held, with "
-        "the numbers) and PNG plots from the cells finished so far. A failed cell is reported and the others still run (exit 2).")
+        "the numbers) and PNG plots from the cells finished so far. A failed cell is reported and the others still run (exit 2). "
+        "Cells run in turn; with parallel_cells=K, up to K side by side as Ray tasks on this node "
+        "(for a cluster with room for several cells' teachers and students).")
     study.add_argument("study", help="study YAML file, e.g. jobs/study.yaml")
     study.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override a study field, e.g. seeds=[0] or \"overrides=[student.min_steps=30]\"")

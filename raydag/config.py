@@ -760,6 +760,10 @@ class StudyConfig(StrictModel):
     overrides: list[str] = Field(
         default_factory=list, description="key=value overrides of the base job, applied before "
         "the cells are made from it, e.g. student.min_steps=30 or stages.0.sampling.max_tokens=100.")
+    parallel_cells: int = Field(
+        default=1, ge=1, description="Cells run side by side, as Ray tasks on the study driver's "
+        "node (each cell's engines and students spread over the cluster as usual); 1: in turn. "
+        "More than 1 pays on a cluster with room for several cells' teachers and students.")
 
 
 def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:

@@ -71,13 +71,14 @@ def init_ray() -> dict[str, float]:
             ray.init(address=address, **kwargs)
         else:
             ray.init(include_dashboard=False, **kwargs)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_operator_progress_bars = False  # one overall bar is enough on a terminal
-        # Ray 2.60's V2 Parquet reader lists footers in actors placed SPREAD, with no restarts:
-        # on an autoscaling cluster one landed on a teacher node that the autoscaler then
-        # released as idle, and the read failed ("The actor died because its node has
-        # died"). The V1 reader's tasks are retried on another node when theirs goes away.
-        ctx.use_datasource_v2 = False
+    # Per process, so also where Ray was started elsewhere (a study cell in a Ray task).
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_operator_progress_bars = False  # one overall bar is enough on a terminal
+    # Ray 2.60's V2 Parquet reader lists footers in actors placed SPREAD, with no restarts:
+    # on an autoscaling cluster one landed on a teacher node that the autoscaler then
+    # released as idle, and the read failed ("The actor died because its node has
+    # died"). The V1 reader's tasks are retried on another node when theirs goes away.
+    ctx.use_datasource_v2 = False
     return ray.cluster_resources()
 
 

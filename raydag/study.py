@@ -6,7 +6,9 @@ synthetic (M) and raw (N) examples, and the teacher as a classifier on the test 
 label operator, zero- and few-shot). Each cell is an ordinary job: its ``job.yaml`` is written
 under ``output_dir/cells/<cell>/`` (``raydag run`` reruns it by hand) and its report lies
 beside it. A cell whose report matches its job is skipped, so a stopped study goes on where it
-stopped; the teacher's shards of a half-done cell are reused too. Cells run in turn.
+stopped; the teacher's shards of a half-done cell are reused too. Cells run in turn in this
+process, or with ``parallel_cells: K`` up to K side by side as Ray tasks on the study driver's
+node (on a cluster, each cell's engines and students spread over the nodes as usual).
 
 The raw student does not depend on the creation method: it is trained once per dataset and
 raw size (in the first method's cell), so the other cells train only synthetic and mixed.
@@ -271,26 +273,101 @@ def run_study(study: StudyConfig, run: bool = True, only: list[str] | tuple[str,
                 f"{len(todo)} to run; cells in {out / 'cells'}")
     failed: dict[str, str] = {}
     started = time.time()
-    for index, cell in enumerate(todo, start=1):
-        console.say(f"[study {index}/{len(todo)}] {cell.name}: "
+    position = {cell.name: index for index, cell in enumerate(todo, start=1)}
+
+    def starting(cell: Cell) -> None:
+        console.say(f"[study {position[cell.name]}/{len(todo)}] {cell.name}: "
                     + (f"teacher labels the test sample, {cell.shots} shot(s) per label"
                        if cell.kind == "teacher" else
                        f"{cell.method}, M={cell.num_examples}, N={cell.raw_examples}, students "
                        f"{', '.join(cell.train_sets) or '-'} x seeds {study.seeds}"))
+
+    def finished(cell: Cell, error: str | None) -> None:
+        if error is not None:
+            failed[cell.name] = error
+            console.warn(f"study cell {cell.name} failed: {error} (the study goes on)")
+        write_outputs(study, cells, jobs, data, failed, out)
+        console.say(f"[study {position[cell.name]}/{len(todo)}] {cell.name} "
+                    f"{'failed' if error is not None else 'done'}; "
+                    f"{(time.time() - started) / 60:.1f} min so far; "
+                    f"{out / 'study.md'} covers the finished cells")
+
+    if study.parallel_cells > 1 and len(todo) > 1:
+        run_cells_side_by_side(todo, jobs, study.parallel_cells, starting, finished)
+    for cell in todo if study.parallel_cells == 1 or len(todo) == 1 else []:
+        starting(cell)
         try:
             run_job(jobs[cell.name])
         except RaydagError as err:
-            failed[cell.name] = str(err).splitlines()[0]
-            console.warn(f"study cell {cell.name} failed: {failed[cell.name]} (the study goes on)")
-        write_outputs(study, cells, jobs, data, failed, out)
-        console.say(f"[study {index}/{len(todo)}] done; {(time.time() - started) / 60:.1f} min "
-                    f"so far; {out / 'study.md'} covers the finished cells")
+            finished(cell, str(err).splitlines()[0])
+        else:
+            finished(cell, None)
     path = write_outputs(study, cells, jobs, data, failed, out)
     if failed:
         raise RaydagError(f"{len(failed)} of {len(cells)} study cell(s) failed: "
                           + "; ".join(f"{k}: {v}" for k, v in failed.items())
                           + f". study.json and study.md cover the others; rerun to retry them")
     return path
+
+
+def _cell_error(err: BaseException) -> str:
+    """The first line of a cell's failure: raydag's own message, else the exception's type and
+    its last line (the traceback is in the cell's log)."""
+    cause = getattr(err, "cause", None) or err  # a Ray task error carries the cell's exception
+    if isinstance(cause, RaydagError):
+        return (str(cause).splitlines() or [type(cause).__name__])[0]
+    last = (str(cause).strip().splitlines() or [""])[-1][:300]
+    return f"{type(cause).__name__}: {last}"
+
+
+def run_cells_side_by_side(todo: list[Cell], jobs: dict, parallel: int, starting, finished) -> None:
+    """Run the cells as Ray tasks, at most ``parallel`` at a time, calling ``starting(cell)``
+    as each is submitted and ``finished(cell, error_or_None)`` as each ends.
+
+    A cell task is the driver of an ordinary job (:func:`raydag.pipeline.run_job`): it asks for
+    no CPU of its own (its engines and training workers ask for theirs) and is pinned to this
+    node, where the study's output folder is; its library output goes to the cell's
+    ``output/logs/``. A failed cell does not stop the others; a cell is never retried (a rerun
+    of the study resumes it from its finished shards). On Ctrl-C the cells in flight are
+    cancelled and their finished shards kept.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raydag.pipeline import init_ray
+
+    init_ray()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    run_cell = ray.remote(num_cpus=0, max_retries=0)(_run_cell)
+    queue, running = list(todo), {}
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                cell = queue.pop(0)
+                starting(cell)
+                task = run_cell.options(name=f"study-cell:{cell.name}", scheduling_strategy=here)
+                running[task.remote(jobs[cell.name])] = cell
+            ready, _ = ray.wait(list(running), num_returns=1)
+            cell = running.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except Exception as err:  # the cell's own error, or its worker's death
+                finished(cell, _cell_error(err))
+            else:
+                finished(cell, None)
+    finally:
+        for ref in running:  # interrupted: stop the cells in flight (their shards are kept)
+            ray.cancel(ref, force=True)
+
+
+def _run_cell(job) -> str:
+    """One cell in a Ray task: the job's library output goes to its own log, as with ``raydag run``."""
+    from raydag.pipeline import claim_output_dir, run_job
+
+    out = claim_output_dir(job.output_dir)
+    log = out / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    with console.capture(log):
+        return str(run_job(job))
 
 
 def write_outputs(study: StudyConfig, cells: list[Cell], jobs: dict, data: dict,

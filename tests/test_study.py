@@ -10,9 +10,9 @@ import pytest
 from raydag.chain import label_demonstrations
 from raydag.cli import main
 from raydag.config import load_study
-from raydag.errors import ConfigError
+from raydag.errors import ConfigError, DataError
 from raydag.ops.label import LabelOp
-from raydag.study import (cell_job_tree, create_settings, findings, plan_cells, select_cells,
+from raydag.study import (_cell_error, cell_job_tree, create_settings, findings, plan_cells, select_cells,
                           spearman)
 
 from conftest import ROOT
@@ -38,6 +38,21 @@ def test_study_config_is_strict():
         load_study(SMOKE, ["methods=[two_shot]"])
     with pytest.raises(ConfigError, match="sweep sizes"):
         load_study(SMOKE, ["sweep.num_examples=[0]"])
+    with pytest.raises(ConfigError, match="parallel_cells"):
+        load_study(SMOKE, ["parallel_cells=0"])
+    assert load_study(SMOKE).parallel_cells == 1  # in turn unless asked
+
+
+def test_a_failed_cell_is_named_by_its_own_error():
+    class TaskError(Exception):  # what ray.get raises: the cell's exception as its cause
+        def __init__(self, cause):
+            super().__init__("ray.exceptions.RayTaskError(...)\nTraceback ...")
+            self.cause = cause
+
+    assert _cell_error(DataError("train.jsonl:3: not valid JSON\nmore")) == "train.jsonl:3: not valid JSON"
+    assert _cell_error(TaskError(DataError("no rows left"))) == "no rows left"
+    assert _cell_error(TaskError(MemoryError("first\nout of memory"))) == "MemoryError: out of memory"
+    assert _cell_error(RuntimeError("the worker died")) == "RuntimeError: the worker died"
 
 
 def test_create_settings_of_the_five_methods():
@@ -252,3 +267,21 @@ def test_smoke_study_runs_every_cell_writes_its_outputs_and_resumes(ray_local, t
             assert path.stat().st_mtime_ns == mtime, path
     again = json.loads((out / "study.json").read_text())
     assert again["datasets"]["quickstart"]["teacher"]["0"] == ds["teacher"]["0"]  # greedy labels
+
+    # parallel_cells=2: the two teacher cells run again side by side, as Ray tasks.
+    teacher_reports = sorted(out.glob("cells/*.teacher.*/output/report.json"))
+    assert len(teacher_reports) == 2
+    for path in teacher_reports:
+        path.unlink()
+    assert main(["study", str(SMOKE), f"output_dir={out}", "parallel_cells=2"]) == 0
+    spans = [json.loads(p.read_text()) for p in teacher_reports]
+    spans = [(pd.Timestamp(r["started_at"]), pd.Timestamp(r["finished_at"])) for r in spans]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans  # they overlapped
+    for path in teacher_reports:  # each cell's library output went to its own log
+        assert list((path.parent / "logs").glob("run-*.log"))
+    for path, mtime in reports.items():
+        if "teacher" not in path.parent.parent.name:
+            assert path.stat().st_mtime_ns == mtime, path
+    side_by_side = json.loads((out / "study.json").read_text())
+    assert [c["status"] for c in side_by_side["cells"]] == ["done"] * 6
+    assert side_by_side["datasets"]["quickstart"]["teacher"] == again["datasets"]["quickstart"]["teacher"]
