@@ -78,14 +78,15 @@ def _plain_vllm(job, op, plan, batch_size: int) -> dict:
 
 
 def _ours(job, op, plan) -> dict:
-    """The teacher stage exactly as `raydag run` builds it (:func:`raydag.pipeline.generate`):
+    """The teacher stage exactly as `raydag run` builds it (:func:`raydag.teacher.generate`):
     shards through ChainRunner actors, parsed, lineage added and written as Parquet."""
     import tempfile
 
     import ray
 
     from raydag.chain import shard_rows
-    from raydag.pipeline import generate, init_ray, plan_placement
+    from raydag.resources import init_ray, plan_placement
+    from raydag.teacher import generate
     from raydag.stages import Step, with_status
 
     placement = plan_placement(job, init_ray())
@@ -108,7 +109,7 @@ def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
     from transformers import AutoTokenizer
 
     from raydag.models import resolve_model
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
 
     init_ray()
     path = resolve_model(job.teacher.model)
@@ -155,7 +156,7 @@ def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
     job, op, plan = _plan(num_requests, batch_size)
     print(f"teacher benchmark: {num_requests} few-shot requests in {rounds} paired rounds, "
           f"batch {batch_size}, model {job.teacher.model}", flush=True)
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
 
     init_ray()
     per_round = -(-len(plan) // rounds)

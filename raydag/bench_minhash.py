@@ -138,7 +138,7 @@ def bench_minhash(rows: int = 100_000, *, seed: int = 0) -> float:
     import ray
 
     from raydag.filters.near_dup import REASON_SYNTHETIC, mark_near_duplicates
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
 
     init_ray()
     blocks = -(-rows // ROWS_PER_BLOCK)

@@ -94,7 +94,7 @@ def bench_serve(clients: int = 32, seconds: float = 60.0, per_request: int = 1,
     from ray import serve
 
     from raydag.config import load_job
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
     from raydag.serve import APP_NAME, start
 
     port = _free_port()

@@ -52,7 +52,7 @@ def bench_students(datasets: list[str], data: Path, raw_examples: int, seeds: li
     from raydag.data import stratified_sample
     from raydag.evaluate import summarise_students
     from raydag.models import resolve_model
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
     from raydag.resources import student_precision
     from raydag.train import fit_students, student_runs
 

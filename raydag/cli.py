@@ -166,7 +166,7 @@ def _serve(args: argparse.Namespace, job) -> int:
 
     from ray import serve
 
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
     from raydag.serve import APP_NAME, start
 
     init_ray()
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import-labels":
             from pathlib import Path
 
-            from raydag.pipeline import existing_run_dir
+            from raydag.outputs import existing_run_dir
             from raydag.quality import import_labels
 
             run_dir = existing_run_dir(job)
@@ -238,7 +238,7 @@ def _study(args: argparse.Namespace, owns_ray: bool) -> int:
 
     from raydag import console
     from raydag.config import load_study
-    from raydag.pipeline import claim_output_dir
+    from raydag.outputs import claim_output_dir
     from raydag.study import plan_cells, run_study, select_cells
 
     study = load_study(args.study, args.overrides)
@@ -283,7 +283,8 @@ def _run_or_validate(args: argparse.Namespace, job, owns_ray: bool) -> int:
     import ray
 
     from raydag import console
-    from raydag.pipeline import claim_output_dir, run_job, validate_job
+    from raydag.outputs import claim_output_dir
+    from raydag.pipeline import run_job, validate_job
 
     out = claim_output_dir(job.output_dir)
     log = out / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"

@@ -10,17 +10,23 @@ by :class:`BadRows`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from raydag.errors import DataError
+from raydag.models import resolve_model
+
+if TYPE_CHECKING:  # config imports this module
+    from raydag.config import JobConfig
 
 MAX_TEXT_CHARS = 20_000  # default of data.max_text_chars
 _READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -226,7 +232,7 @@ def read_labelled(
         bad: Collects bad rows; None (or an ``error``-mode collector) raises on the first ones.
         max_text_chars: Longer texts are bad rows.
         check: Another check of each text: ``(reason, message)`` for a bad one, else None
-            (e.g. :func:`raydag.pipeline.context_check`).
+            (e.g. :func:`context_check`).
         deferred_check: A check that does not make a row bad now: its problem, as
             ``"<file>:<line>: <message>"``, goes into a ``_deferred`` column (None when the
             text passes), for the caller to raise only if the row is used (e.g. a pool text
@@ -346,3 +352,111 @@ def raw_lineage(raw: pd.DataFrame, seed: int, method: str = "raw") -> pd.DataFra
     frame["sampling"] = ""
     frame["seed"] = seed
     return frame[LINEAGE_COLUMNS + [c for c in frame.columns if c not in LINEAGE_COLUMNS]]
+
+
+def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None,
+                                         dict[str, pd.DataFrame], dict[str, Any]]:
+    """Read and check the training pool, the test split and the stages' own inputs.
+
+    Returns:
+        The pool, the test split, the stages' inputs by name, and the bad rows left out
+        (``data.on_bad_rows: skip``; see :meth:`raydag.data.BadRows.summary`).
+
+    Raises:
+        DataError: a bad file, or (with ``on_bad_rows: error``) bad rows, naming file and line.
+    """
+    inputs: dict[str, pd.DataFrame] = {}
+    data = job.data
+    bad = BadRows(data.on_bad_rows if data is not None else "error")
+    limit = data.max_text_chars if data is not None else MAX_TEXT_CHARS
+    for stage in job.stages:
+        if stage.type == "self_instruct":
+            inputs["seed_tasks"] = read_texts(stage.seed_tasks_path, ["instruction", "output"],
+                                              ["input"], bad=bad, max_text_chars=limit)
+    if data is None:
+        return None, None, inputs, bad.summary()
+    fits = context_check(job)  # unlabelled texts are all labelled: each must fit
+    # Pool texts reach the teacher only when sampled (demonstrations, rows a stage takes in):
+    # in error mode a pool text that does not fit fails the job only if it is sampled
+    # (sample_raw); skip mode leaves every such row out of the pool, as other bad rows.
+    deferred = data.on_bad_rows == "error"
+    pool = read_labelled(data.train_path, data.text_column, data.label_column, data.labels,
+                         bad=bad, max_text_chars=limit, check=None if deferred else fits,
+                         deferred_check=fits if deferred else None)
+    test = read_labelled(data.test_path, data.text_column, data.label_column, data.labels,
+                         bad=bad, max_text_chars=limit)
+    if data.dev_path:
+        inputs["dev"] = read_labelled(data.dev_path, data.text_column, data.label_column,
+                                      data.labels, bad=bad, max_text_chars=limit)
+        if len(inputs["dev"]) > job.student.max_dev_examples:
+            inputs["dev"] = stratified_sample(inputs["dev"], job.student.max_dev_examples, job.seed)
+    if data.unlabelled_path:
+        inputs["unlabelled"] = read_texts(data.unlabelled_path, [data.text_column], bad=bad,
+                                          max_text_chars=limit, check=fits).rename(
+            columns={data.text_column: "text"})
+    if job.raw_examples > len(pool):
+        raise DataError(f"{data.train_path}: raw_examples={job.raw_examples} but the pool has "
+                        f"{len(pool)} rows" + (" left after skipping bad rows" if bad.rows else ""))
+    return pool, test, inputs, bad.summary()
+
+
+def sample_raw(pool: pd.DataFrame, job: JobConfig) -> pd.DataFrame:
+    """The job's raw examples: a stratified sample of the pool (see
+    :func:`raydag.data.stratified_sample`).
+
+    Raises:
+        DataError: A sampled text does not fit the teacher's context (``file:line: reason``).
+    """
+    raw = stratified_sample(pool, job.raw_examples, job.seed)
+    if "_deferred" not in raw.columns:
+        return raw
+    problems = raw["_deferred"].dropna().tolist()
+    if problems:
+        raise DataError(f"{problems[0]} (a sampled raw example"
+                        + (f"; {len(problems) - 1} more sampled ones do not fit either"
+                           if len(problems) > 1 else "") + ")")
+    return raw.drop(columns="_deferred")
+
+
+def teacher_tokens_per_text(job: JobConfig) -> int:
+    """Most teacher tokens one input text may have: the context (``teacher.max_model_len``)
+    less room for instructions and output, shared by the texts one request shows (the
+    demonstrations of a few-shot request)."""
+    from raydag.ops.create import CreateOp  # it imports this module
+
+    first = job.stages[0]
+    texts = CreateOp.demonstrations(first.method, first.shots) if first.type == "create" else 1
+    output = max((s.sampling.max_tokens for s in job.stages if hasattr(s, "sampling")), default=80)
+    return max(16, (job.teacher.max_model_len - 256 - output) // max(texts, 1))
+
+
+def context_check(job: JobConfig):
+    """A check of one input text against the teacher's context (see
+    :func:`teacher_tokens_per_text`): returns ``(reason, message)`` for a text that is too
+    long, else None. Only texts with more UTF-8 bytes than the limit can have more tokens, so
+    most texts are never tokenised, and the tokenizer loads only when one is needed."""
+    limit = teacher_tokens_per_text(job)
+
+    @functools.cache
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(resolve_model(job.teacher.model),
+                                                 local_files_only=True)
+        except Exception:  # a hub id not downloaded here: the engine checks it on the cluster
+            return None
+
+    def check(text: str):
+        if job.teacher.engine != "vllm" or len(text.encode("utf-8")) <= limit:
+            return None
+        if tokenizer() is None:
+            return None
+        count = len(tokenizer()(text, add_special_tokens=False)["input_ids"])
+        if count <= limit:
+            return None
+        return "text_over_context", (
+            f"the text has {count:,} teacher tokens, more than the {limit:,} one text may take "
+            f"in the teacher's context (teacher.max_model_len={job.teacher.max_model_len})")
+
+    return check

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
+from raydag import console
+from raydag.config import JobConfig
 from raydag.errors import RaydagError
+from raydag.models import cache_dir
 
 # vLLM's default share of a GPU's memory for one engine that owns the whole GPU.
 _FULL_GPU_MEMORY_SHARE = 0.9
@@ -239,3 +243,88 @@ def student_precision(requested: str, use_gpu: bool, flags: set[str] | None = No
     """
     return _resolve_auto(requested, "student.precision", use_gpu, ("bf16", "bf16", "fp32"),
                          "auto: GPU", flags)
+
+
+def init_ray() -> dict[str, float]:
+    """Start Ray in-process, or join the cluster in ``RAY_ADDRESS``; return its resources."""
+    import ray
+
+    if not ray.is_initialized():
+        cache = cache_dir()
+        env = {
+            "RAYDAG_CACHE": str(cache),
+            "TORCH_EXTENSIONS_DIR": os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions")),
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print shows twice
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        }
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(include_dashboard=False, **kwargs)
+    # Per process, so also where Ray was started elsewhere (a study cell in a Ray task).
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_operator_progress_bars = False  # one overall bar is enough on a terminal
+    # Ray 2.60's V2 Parquet reader lists footers in actors placed SPREAD, with no restarts:
+    # on an autoscaling cluster one landed on a teacher node that the autoscaler then
+    # released as idle, and the read failed ("The actor died because its node has
+    # died"). The V1 reader's tasks are retried on another node when theirs goes away.
+    ctx.use_datasource_v2 = False
+    return ray.cluster_resources()
+
+
+def may_autoscale() -> bool:
+    """A cluster named by ``RAY_ADDRESS`` may grow; the local one started here cannot."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
+    """Decide and check every resource request before any work runs.
+
+    Raises:
+        RaydagError: a request the cluster cannot grant (at once on the local cluster, after
+            ``resource_timeout_s`` on one that may autoscale), or fp16 without GPUs.
+    """
+    teacher, student = job.teacher, job.student
+    gpus = cluster.get("GPU", 0.0)
+    engine = teacher_placement(teacher, gpus)
+    per_actor = engine["teacher_actor"]
+    workers, use_gpu = student_workers(student.num_workers, student.use_gpu, gpus)
+    if workers != student.num_workers:
+        console.say(f"the cluster has {gpus:g} GPU(s): training students on {workers} GPU "
+                    f"worker(s) instead of student.num_workers={student.num_workers}")
+    precision, precision_reason = student_precision(student.precision, use_gpu)
+    if precision == "fp16" and not use_gpu:
+        raise RaydagError("student.precision=fp16 needs GPUs; use auto, bf16 or fp32 on CPU hosts")
+    fixed = not may_autoscale()
+    low = teacher.pool_size[0]  # a pool that may grow needs its minimum to start
+    wait_for_resources(bundle(per_actor), low, f"the teacher pool ({low} engine actor(s))",
+                       fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
+    wait_for_resources(bundle({"num_cpus": 1.0, "num_gpus": 1.0 if use_gpu else 0.0}), workers,
+                       f"the students ({workers} Ray Train worker(s))",
+                       fixed_cluster=fixed, timeout_s=job.resource_timeout_s)
+    return {**engine,
+            "student": student.model_copy(update={"num_workers": workers, "use_gpu": use_gpu,
+                                                  "precision": precision}),
+            "student_precision": {"precision": precision, "reason": precision_reason}}
+
+
+def teacher_placement(teacher, cluster_gpus: float) -> dict[str, Any]:
+    """One engine actor's resources, CPU threads and GPU memory share (the batch stage's
+    actors and the scoring endpoint's replicas alike)."""
+    if teacher.engine == "openai":  # the model runs elsewhere: an actor is an HTTP client
+        per_actor = {"num_cpus": 1.0, "num_gpus": 0.0}
+    else:
+        per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
+                                            cluster_gpus, teacher.resources)
+    dtype, dtype_reason = (("", "the model runs behind teacher.base_url") if teacher.engine == "openai"
+                           else teacher_dtype(teacher.dtype, per_actor["num_gpus"] > 0))
+    return {"teacher_actor": per_actor,
+            "teacher_dtype": {"dtype": dtype, "reason": dtype_reason},
+            "teacher_cpu_threads": (None if teacher.engine == "openai"
+                                    else teacher_cpu_threads(per_actor, teacher.cpu_threads)),
+            "teacher_gpu_memory": teacher_gpu_memory_share(per_actor["num_gpus"],
+                                                           teacher.gpu_memory_utilization)}

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -398,3 +399,19 @@ def _mark_copies(batch: pd.DataFrame, copies: list) -> pd.DataFrame:
     batch.loc[hit, "_reason"] = "synthetic_duplicate"
     batch.loc[hit, "_stage"] = "dedup"
     return batch
+
+
+def finished_shards(shard_dir: Path, shards: list[int]) -> dict[int, list[dict]]:
+    """Those of ``shards`` already written (the Parquet file is renamed into place last)."""
+    done = {}
+    for index in shards:
+        if os.path.exists(shard_path(shard_dir, index)):
+            done[index] = json.loads(Path(shard_path(shard_dir, index, "stats.json")).read_text())
+    return done
+
+
+def total_stats(finished: dict[int, list[dict]]) -> list[dict]:
+    stats: list[dict] = []
+    for shard_stats in finished.values():
+        stats = merge_stats(stats, shard_stats)
+    return stats

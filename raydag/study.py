@@ -259,7 +259,8 @@ def run_study(study: StudyConfig, run: bool = True, only: list[str] | tuple[str,
     Returns:
         The path of ``study.json``.
     """
-    from raydag.pipeline import claim_output_dir, run_job
+    from raydag.outputs import claim_output_dir
+    from raydag.pipeline import run_job
 
     out = claim_output_dir(study.output_dir)
     cells = plan_cells(study)
@@ -306,7 +307,7 @@ def run_study(study: StudyConfig, run: bool = True, only: list[str] | tuple[str,
     if failed:
         raise RaydagError(f"{len(failed)} of {len(cells)} study cell(s) failed: "
                           + "; ".join(f"{k}: {v}" for k, v in failed.items())
-                          + f". study.json and study.md cover the others; rerun to retry them")
+                          + ". study.json and study.md cover the others; rerun to retry them")
     return path
 
 
@@ -334,7 +335,7 @@ def run_cells_side_by_side(todo: list[Cell], jobs: dict, parallel: int, starting
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
 
     init_ray()
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -362,7 +363,8 @@ def run_cells_side_by_side(todo: list[Cell], jobs: dict, parallel: int, starting
 
 def _run_cell(job) -> str:
     """One cell in a Ray task: the job's library output goes to its own log, as with ``raydag run``."""
-    from raydag.pipeline import claim_output_dir, run_job
+    from raydag.outputs import claim_output_dir
+    from raydag.pipeline import run_job
 
     out = claim_output_dir(job.output_dir)
     log = out / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"

@@ -21,7 +21,7 @@ def ray_local():
     """A local Ray started through raydag's own init (the way `raydag run` starts it)."""
     import ray
 
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
 
     resources = init_ray()
     yield resources

@@ -89,7 +89,7 @@ def test_teacher_pool_launches_fake_gpu_nodes_and_releases_them(tmp_path, monkey
     cluster.start()
     try:
         monkeypatch.setenv("RAY_ADDRESS", "auto")  # raydag joins it and may ask it to grow
-        from raydag.pipeline import init_ray
+        from raydag.resources import init_ray
 
         resources = init_ray()
         assert resources.get("fake_gpu", 0) == 0  # no worker yet: the job must make them

@@ -272,7 +272,7 @@ def test_index_stores_digests_and_reports_the_first_eval_text():
 
 @pytest.fixture(scope="module")
 def ray_up():
-    from raydag.pipeline import init_ray
+    from raydag.resources import init_ray
 
     return init_ray()
 

@@ -201,7 +201,8 @@ def test_rephrase_rewrites_rows_that_carry_a_planted_shortcut_word(ray_local, tm
     import ray
 
     from raydag.config import load_job
-    from raydag.pipeline import plan_placement, rephrase_flagged
+    from raydag.resources import plan_placement
+    from raydag.teacher import rephrase_flagged
 
     job = load_job(ROOT / "jobs" / "quickstart.yaml", [f"output_dir={tmp_path}", "teacher.batch_size=8"])
     raw_rows = read_jsonl(QUICK / "train.jsonl")[:60]

@@ -55,6 +55,10 @@ import bisect
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PII_TYPES = ("email", "phone", "card", "ip", "person")
 
@@ -467,3 +471,16 @@ def redact_columns(row: dict, columns: list[str],
         for pii_type, number in found.items():
             counts[pii_type] += number
     return out, {t: n for t, n in counts.items() if n}
+
+
+def redact_frame(frame: pd.DataFrame, types: list[str]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows with PII redacted in ``text``, and the counts by type."""
+    frame, total = frame.copy(), {}
+    texts = []
+    for text in frame["text"].astype(str):
+        text, counts = redact(text, tuple(types))
+        texts.append(text)
+        for kind, count in counts.items():
+            total[kind] = total.get(kind, 0) + count
+    frame["text"] = texts
+    return frame, dict(sorted(total.items()))

@@ -1,0 +1,332 @@
+"""The teacher stage: shards of requests through the engine actors, resumable by shard.
+
+:func:`run_teacher` plans the first stage's rows into shards, skips the shards a run with the
+same settings already wrote, and streams the rest through :func:`generate` (Ray Data
+``map_batches`` over :class:`raydag.stages.ChainRunner` actors, one engine each). The teacher's
+other calls go through the same path: the topic list of ``zero_shot_topic``
+(:func:`ensure_topics`), self-instruct growth between rounds (:func:`novel_tasks`) and the
+rewrite of rows with shortcut words (:func:`rephrase_flagged`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from raydag import console
+from raydag.chain import build_steps, check_contract, create_op, first_rows, shard_rows
+from raydag.config import JobConfig
+from raydag.data import stable_hash
+from raydag.errors import RaydagError
+from raydag.filters.exact import normalize_text
+from raydag.ops.create import TopicsOp
+from raydag.report import StageTimer
+from raydag.resources import actor_pool, teacher_runtime_env
+from raydag.stages import ChainRunner, Step, finished_shards, merge_stats, shard_path, total_stats, with_status
+
+
+def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
+    """Arguments of :func:`raydag.engines.make_engine` for the job's teacher."""
+    teacher = job.teacher
+    if teacher.engine == "openai":
+        return {"engine": "openai", "model": teacher.model, "base_url": teacher.base_url,
+                "api_key_env": teacher.api_key_env, "max_concurrency": teacher.max_concurrency,
+                "timeout_s": teacher.request_timeout_s, "max_retries": teacher.max_retries}
+    return {
+        "engine": "vllm",
+        "model": teacher.model,
+        "dtype": placement["teacher_dtype"]["dtype"],
+        "max_model_len": teacher.max_model_len,
+        "seed": job.seed,
+        "tensor_parallel_size": teacher.tensor_parallel_size,
+        "cpu_kv_cache_gib": teacher.cpu_kv_cache_gib,
+        "cpu_threads": placement["teacher_cpu_threads"],
+        "gpu_memory_utilization": placement["teacher_gpu_memory"],
+    }
+
+
+def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any], shard_dir: Path):
+    """The teacher stage: shard rows -> ChainRunner engine actors -> one summary row per shard.
+
+    Args:
+        shards: A Ray Data dataset of shard rows (see :func:`raydag.chain.shard_rows`).
+        steps: The operator chain (see :func:`raydag.chain.build_steps`).
+        job: The job; its ``teacher`` section sets the engine and the actor pool.
+        placement: From :func:`raydag.resources.plan_placement`.
+        shard_dir: Where the actors write the shard files.
+
+    Returns:
+        The lazy Ray Data dataset of shard summaries (``shard``, ``rows``, ``stats``, ``seconds``).
+    """
+    return shards.map_batches(
+        ChainRunner,
+        fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
+                               "shard_dir": str(shard_dir),
+                               "pii_types": job.quality.pii.types if job.quality.pii.enabled else []},
+        batch_size=1,
+        batch_format="pandas",
+        concurrency=actor_pool(job.teacher.pool_size),
+        runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
+        **placement["teacher_actor"],
+    )
+
+
+def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> list[str] | None:
+    """For ``zero_shot_topic``: the teacher's topic list, written once as ``topics.json``."""
+    import ray
+
+    stage = job.stages[0]
+    if stage.type != "create" or stage.method != "zero_shot_topic":
+        return None
+    path = run_dir / "topics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    op = TopicsOp(task=job.data.task, num_topics=stage.num_topics)
+    # A small teacher sometimes repeats itself; a list with fewer than half the topics asked
+    # for is tried again with a new seed (3 tries), and the longest list is kept.
+    attempts, wanted = 3, max(2, -(-stage.num_topics // 2))
+    best: list[str] = []
+    for attempt in range(attempts):
+        seed = job.seed if attempt == 0 else int(stable_hash(job.seed, "topics", attempt, length=8), 16)
+        shard_dir = run_dir / "topics_shard" / str(attempt)
+        summary = generate(ray.data.from_items(shard_rows(
+            with_status([{"request_id": "topics", "request_seed": seed}]), 1)),
+            [Step(name="0:create.topics", op=op)], job, placement, shard_dir).take_all()
+        frame = pd.read_parquet(shard_path(shard_dir, 0))
+        topics = [str(t) for t in frame["topics"].iloc[0]] if "topics" in frame else []
+        best = max(best, topics, key=len)
+        if len(topics) >= wanted:
+            break
+        raw_text = frame["_raw_generation"].iloc[0] if "_raw_generation" in frame else ""
+        console.warn(f"[topics] try {attempt + 1}/{attempts}: the teacher wrote {len(topics)} "
+                     f"distinct topic(s) of {stage.num_topics} (raw: {str(raw_text)[:100]!r}); "
+                     + ("trying a new seed" if attempt + 1 < attempts
+                        else f"keeping the longest list ({len(best)})"))
+    topics = best
+    if len(topics) < 2:
+        raise RaydagError(f"the teacher wrote fewer than 2 usable topics for zero_shot_topic in "
+                          f"{attempts} tries; try another method or teacher")
+    path.write_text(json.dumps(topics, indent=2))
+    console.say(f"[topics] {len(topics)} topics ({summary[0]['seconds']:.1f}s): "
+                f"{'; '.join(topics[:5])}...")
+    return topics
+
+
+def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | None,
+                inputs: dict[str, pd.DataFrame], run_dir: Path, placement: dict[str, Any],
+                timer: StageTimer) -> dict[str, Any]:
+    """Run the chain over every unfinished shard (the outputs are written by finish_outputs)."""
+    import ray
+
+    def norms(frame, on: bool) -> frozenset:
+        return frozenset(frame["text"].map(normalize_text)) if on and frame is not None else frozenset()
+
+    text_filters = {"raw_norms": norms(raw, job.filters.drop_raw_duplicates),
+                    "test_norms": norms(test, job.filters.drop_test_copies),
+                    "min_chars": job.filters.min_chars, "max_chars": job.filters.max_chars}
+    first = job.stages[0]
+    topics = ensure_topics(job, placement, run_dir)
+    shots = create_op(job, topics).shots if first.type == "create" else 0
+    if shots and raw is not None:
+        per_label = raw["label"].value_counts()
+        for label in job.data.labels:
+            if int(per_label.get(label, 0)) < shots:
+                console.warn(f"label '{label}' has {int(per_label.get(label, 0))} raw "
+                             f"example(s), fewer than {shots} shot(s); its requests get fewer "
+                             "demonstrations")
+    steps = build_steps(job, text_filters, topics, raw)
+    rounds = first.rounds if first.type == "self_instruct" else 1
+    shard_dir = run_dir / "shards"
+    max_tokens = job.budget.max_tokens
+    shards: list[dict] = []
+    resumed, planned, grown = 0, 0, []
+    stats: list[dict] = []
+
+    def used() -> int:
+        return sum(s["tokens_in"] + s["tokens_out"] for s in stats)
+
+    with timer("teacher"):
+        for round_index in range(rounds):
+            rows = first_rows(job, raw, inputs, topics, round_index, grown, planned)
+            if round_index == 0:
+                if not rows:
+                    raise RaydagError(f"stage 1 ({first.type}) has no input rows")
+                check_contract(rows, steps)
+            new = shard_rows(rows, job.teacher.batch_size, first=len(shards))
+            shards += new
+            planned += len(rows)
+            done = finished_shards(shard_dir, [s["shard"] for s in new])
+            resumed += len(done)
+            stats = total_stats(finished_shards(shard_dir, [s["shard"] for s in shards]))
+            todo = [s for s in new if s["shard"] not in done]
+            label = f"teacher round {round_index + 1}" if rounds > 1 else "teacher"
+            console.say(f"[{label}] {len(rows)} rows in {len(new)} shard(s) of "
+                        f"{job.teacher.batch_size}; {len(done)} already done, {len(todo)} to run")
+            if todo and not (max_tokens and used() >= max_tokens):
+                progress = console.Progress(label, len(rows), done=len(rows) - sum(
+                    len(json.loads(s["rows"])) for s in todo))
+                stream = generate(ray.data.from_items(todo), steps, job, placement, shard_dir)
+                for summary in stream.iter_rows():
+                    shard_stats = json.loads(summary["stats"])
+                    stats = merge_stats(stats, shard_stats)
+                    progress.update(progress.done + shard_stats[0]["rows_in"]
+                                    + shard_stats[0]["passed_through"])
+                    if max_tokens and used() >= max_tokens:
+                        console.warn(f"[teacher] token budget reached ({used()} >= "
+                                     f"{max_tokens}); no new shards start")
+                        break
+                progress.close()
+            if max_tokens and used() >= max_tokens:
+                break
+            if round_index + 1 < rounds:
+                grown = novel_tasks(job, inputs, shard_dir, [s["shard"] for s in shards])
+    finished = finished_shards(shard_dir, [s["shard"] for s in shards])
+    unrun = [s for s in shards if s["shard"] not in finished]
+    budget_exhausted = bool(max_tokens and used() >= max_tokens)
+    if unrun and not budget_exhausted:
+        raise RaydagError(f"{len(unrun)} shard(s) did not finish: {[s['shard'] for s in unrun][:10]}")
+    if not finished:
+        raise RaydagError("no shard finished before the token budget ran out; raise budget.max_tokens")
+    stats = total_stats(finished)
+    not_run = sum(len(json.loads(s["rows"])) for s in unrun)
+    return {"stats": stats, "finished": sorted(finished), "shard_dir": shard_dir,
+            "planned": planned, "not_run": not_run,
+            "shards": {"total": len(shards), "resumed": resumed,
+                       "run": len(finished) - resumed, "not_run": len(unrun)},
+            "budget_exhausted": budget_exhausted, "steps": steps}
+
+
+def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: Path,
+                shards: list[int]) -> list[dict]:
+    """Self-instruct growth: the accepted tasks so far whose instruction passes the novelty
+    filter against the seed tasks and the tasks kept before it (in row order)."""
+    from raydag.ops.instruct import novelty_filter
+
+    stage = job.stages[0]
+    columns = ["id", "instruction", "input", "output", "_status", "_order"]
+    frames = [pd.read_parquet(shard_path(shard_dir, i), columns=columns) for i in shards]
+    tasks = pd.concat(frames, ignore_index=True)
+    tasks = tasks[tasks["_status"] == "accepted"].sort_values("_order")
+    verdicts = novelty_filter(tasks["instruction"].tolist(),
+                              inputs["seed_tasks"]["instruction"].tolist(), stage.novelty_threshold)
+    kept = tasks[[ok for ok, _, _ in verdicts]]
+    return kept[["id", "instruction", "input", "output"]].to_dict("records")
+
+
+REPHRASE_FIRST_SHARD = 10**6  # rephrase shards' numbers (and so their rows' _order) start here
+
+
+def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
+                     placement: dict[str, Any]) -> tuple[Any, dict[str, Any], list[dict]]:
+    """Rewrite accepted rows that contain a shortcut word of their label (see
+    :func:`raydag.measures.bias.bias_report`) with :class:`raydag.ops.reform.RephraseOp`.
+
+    The rewrites run through the same ChainRunner actors into their own resumable shards
+    (``runs/<signature>/rephrase/<digest>/``); the flagged rows are replaced by the shard rows
+    (the original dropped as ``rephrased`` or kept, plus the rewrite).
+
+    Returns:
+        The rows, a summary, and the rephrase step's counters (for the report and the counts).
+    """
+    import ray
+    from ray.data.expressions import col
+
+    from raydag.data import stable_hash
+    from raydag.measures.bias import bias_report, flag_rows
+    from raydag.ops.reform import RephraseOp
+
+    accepted = rows.filter(expr=col("_status") == "accepted").to_pandas()
+    teacher_rows = accepted[accepted["method"] != "raw"]
+    settings = job.quality.bias
+    report = bias_report(raw["text"].astype(str).tolist(), raw["label"].astype(str).tolist(),
+                         teacher_rows["text"].astype(str).tolist(),
+                         teacher_rows["label"].astype(str).tolist(),
+                         z_min=settings.z_min, min_count=settings.min_count, margin=settings.margin)
+    words = flag_rows(teacher_rows["text"].astype(str).tolist(),
+                      teacher_rows["label"].astype(str).tolist(), report["shortcut_words"])
+    flagged = teacher_rows.assign(shortcut_words=words)
+    flagged = flagged[flagged["shortcut_words"].map(len) > 0]
+    summary = {"shortcut_words": len(report["shortcut_words"]), "flagged_rows": len(flagged)}
+    if flagged.empty:
+        return rows, {**summary, "rephrased": 0, "kept_original": 0}, []
+    first = [{k: v for k, v in row.items() if k != "_order" and not (
+        isinstance(v, float) and pd.isna(v))} for row in flagged.to_dict("records")]
+    for row in first:
+        row["shortcut_words"] = list(row["shortcut_words"])
+    op = RephraseOp(labels=job.data.labels)
+    steps = [Step(name="rephrase", op=op)]
+    folder = run_dir / "rephrase" / stable_hash(sorted(flagged["id"]), report["shortcut_words"], length=12)
+    shards = shard_rows(first, job.teacher.batch_size, first=REPHRASE_FIRST_SHARD)
+    done = finished_shards(folder, [s["shard"] for s in shards])
+    todo = [s for s in shards if s["shard"] not in done]
+    console.say(f"[rephrase] {len(first)} rows with shortcut words in {len(shards)} shard(s); "
+                f"{len(done)} already done")
+    if todo:
+        for _ in generate(ray.data.from_items(todo), steps, job, placement, folder).iter_rows():
+            pass
+    finished = finished_shards(folder, [s["shard"] for s in shards])
+    if len(finished) != len(shards):
+        raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
+    new = pd.concat([pd.read_parquet(shard_path(folder, i)) for i in sorted(finished)],
+                    ignore_index=True)
+    new["shortcut_words"] = new["shortcut_words"].map(  # one type per column: a JSON list
+        lambda words: json.dumps(list(words)) if words is not None and not isinstance(words, str) else words)
+    base_columns = rows.columns()
+    for column in base_columns:
+        if column not in new.columns:
+            new[column] = None
+    extra = [c for c in new.columns if c not in base_columns]
+    orders = frozenset(int(o) for o in flagged["_order"])
+
+    def without_flagged(batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch[~batch["_order"].isin(orders)].copy()
+        for column in extra:
+            batch[column] = None
+        return batch[base_columns + extra]
+
+    new = new[base_columns + extra]
+    for column in new.columns:
+        new[column] = new[column].astype(object)
+    merged = rows.map_batches(without_flagged, batch_format="pandas").union(
+        ray.data.from_pandas(new)).materialize()
+    stats = total_stats(finished)
+    originals = new[new["id"].isin(flagged["id"])]
+    return merged, {**summary, "rephrased": int((originals["_reason"] == "rephrased").sum()),
+                    "kept_original": int((originals["_status"] == "accepted").sum())}, stats
+
+
+def teacher_totals(stats: list[dict]) -> dict[str, Any]:
+    """Requests, tokens and throughput of the teacher over every step."""
+    tokens_in = sum(s["tokens_in"] for s in stats)
+    tokens_out = sum(s["tokens_out"] for s in stats)
+    engine_seconds = max(sum(s["engine_seconds"] for s in stats), 1e-9)
+    return {"requests": sum(s["requests"] for s in stats), "tokens_in": tokens_in,
+            "tokens_out": tokens_out, "engine_seconds": round(engine_seconds, 2),
+            # Output tokens per second of engine generate time (start-up excluded).
+            "tokens_per_s": round(tokens_out / engine_seconds, 2)}
+
+
+def cost_report(job: JobConfig, totals: dict, accepted: int, placement: dict[str, Any],
+                teacher_seconds: float) -> dict[str, Any]:
+    """Cost of the teacher from the job's prices: GPU-hours (the whole actor pool for the
+    stage's wall time) and tokens; and per accepted example. Unpriced parts are left out."""
+    prices = job.cost
+    # A pool that autoscales is priced at its largest size: an upper bound.
+    gpus = placement["teacher_actor"]["num_gpus"] * job.teacher.pool_size[1]
+    gpu_hours = gpus * teacher_seconds / 3600
+    parts = {}
+    if prices.usd_per_gpu_hour is not None:
+        parts["gpu_usd"] = gpu_hours * prices.usd_per_gpu_hour
+    if prices.usd_per_million_input_tokens is not None:
+        parts["input_tokens_usd"] = totals["tokens_in"] / 1e6 * prices.usd_per_million_input_tokens
+    if prices.usd_per_million_output_tokens is not None:
+        parts["output_tokens_usd"] = totals["tokens_out"] / 1e6 * prices.usd_per_million_output_tokens
+    report: dict[str, Any] = {"gpu_hours": round(gpu_hours, 6), **{k: round(v, 6) for k, v in parts.items()}}
+    if parts:
+        total = sum(parts.values())
+        report["total_usd"] = round(total, 6)
+        report["usd_per_accepted_example"] = round(total / accepted, 8) if accepted else None
+    return report
