@@ -24,7 +24,7 @@ export TORCH_EXTENSIONS_DIR ?= $(RAYDAG_CACHE)/torch_extensions
 export VLLM_LOGGING_LEVEL ?= WARNING
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test study bench bench-serve bench-students clean
+.PHONY: install run test study bench bench-serve bench-students bench-scale clean
 
 install: $(STAMP)
 
@@ -82,6 +82,13 @@ CLIENTS ?= 32
 SECONDS ?= 60
 bench-serve: install
 	$(PY) -m raydag.bench serve --clients $(CLIENTS) --seconds $(SECONDS)
+
+# The data plane at scale: a real label job (every data pass on, the instant benchmark engine)
+# over SIZES rows beside a bare Ray Data pipeline, then the MinHash pass alone at 1M rows;
+# one line per size: scale rows= rows_per_s= driver_peak_rss_mb= ref_rows_per_s=
+SIZES ?= 10000,100000,1000000
+bench-scale: install
+	$(PY) -m raydag.bench scale --sizes $(SIZES)
 
 clean:
 	rm -rf runs .pytest_cache

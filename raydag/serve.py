@@ -255,9 +255,8 @@ def judge_deployment(job: JobConfig, cluster: dict[str, float]):
     """The bound Serve application for ``job``'s judge: replica resources, autoscaling and
     batching from the job (see :mod:`raydag.resources` for the placement math)."""
     from raydag.chain import judge_op_kwargs
-    from raydag.resources import teacher_placement
+    from raydag.resources import judge_replica_options, teacher_placement
     from raydag.teacher import engine_spec
-    from raydag.resources import judge_replica_options
 
     if job.teacher.engine != "vllm":
         raise RaydagError("raydag serve runs the judge on a vLLM engine (teacher.engine: vllm)")

