@@ -67,7 +67,8 @@ def with_status(rows: Iterable[dict]) -> list[dict]:
 
 
 def shard_path(folder: str | os.PathLike, shard: int, suffix: str = "parquet") -> str:
-    """Where shard ``shard`` keeps its rows (``parquet``) or its step counters (``stats.json``)."""
+    """Where shard ``shard`` keeps its rows and step counters (``parquet``); ``stats.json``
+    held the counters of shards written before they moved into the Parquet footer."""
     return os.path.join(folder, f"shard-{int(shard):05d}.{suffix}")
 # Columns the runner adds to every row an operator creates.
 RUNNER_ADDS = ("method", "teacher_model", "prompt_hash", "sampling", "seed", "_raw_generation",
@@ -193,8 +194,18 @@ def run_step(step: Step, rows: list[dict], engine: Any, carried: set[str]) -> tu
 _INTEGER_COLUMNS = frozenset({"seed", "tokens_in", "tokens_out"})
 
 
-def write_shard(rows: list[dict], folder: str, shard: int) -> str:
-    """Write one shard's rows as ``shard-<n>.parquet``, atomically (a rerun trusts what exists)."""
+SHARD_STATS_KEY = b"raydag.stats"  # the step counters, in the shard file's Parquet metadata
+
+
+def write_shard(rows: list[dict], folder: str, shard: int, stats: list[dict] | None = None) -> str:
+    """Write one shard's rows as ``shard-<n>.parquet``, atomically (a rerun trusts what exists).
+
+    The shard's step counters (``stats``) go into the file's own Parquet metadata, so a
+    finished shard is one file, published by one rename.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = shard_path(folder, shard)
     tmp = f"{path}.tmp-{os.getpid()}"
     frame = pd.DataFrame(rows)
@@ -207,9 +218,24 @@ def write_shard(rows: list[dict], folder: str, shard: int) -> str:
         # pandas store the column as double in this shard and int64 in the next
         frame[column] = pd.array(frame[column].astype(object).where(frame[column].notna(), None),
                                  dtype="Int64")
-    frame.to_parquet(tmp, index=False)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if stats is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               SHARD_STATS_KEY: json.dumps(stats).encode()})
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
+
+
+def shard_stats(path: str) -> list[dict]:
+    """A written shard's step counters: from its Parquet footer (only the footer is read), or
+    from the ``stats.json`` beside it that shards written before raydag kept them inside had."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    if SHARD_STATS_KEY in metadata:
+        return json.loads(metadata[SHARD_STATS_KEY])
+    return json.loads(Path(path.removesuffix(".parquet") + ".stats.json").read_text())
 
 
 # Free-text columns that operators and the runner write; PII redaction looks at these.
@@ -281,11 +307,7 @@ class ChainRunner:
                 stats.append(step_stats)
             if self.pii_types:
                 rows = [redact_row(row, self.pii_types) for row in rows]
-            stats_path = shard_path(self.shard_dir, shard, "stats.json")
-            with open(f"{stats_path}.tmp", "w") as handle:
-                json.dump(stats, handle)
-            os.replace(f"{stats_path}.tmp", stats_path)
-            write_shard(rows, self.shard_dir, int(shard))  # last: its file marks the shard done
+            write_shard(rows, self.shard_dir, int(shard), stats)  # its file marks the shard done
             seconds = time.perf_counter() - started
             tokens = sum(s["tokens_out"] for s in stats)
             print(f"raydag: [teacher] shard {int(shard)}: {len(rows)} rows in {seconds:.1f}s "
@@ -402,11 +424,12 @@ def _mark_copies(batch: pd.DataFrame, copies: list) -> pd.DataFrame:
 
 
 def finished_shards(shard_dir: Path, shards: list[int]) -> dict[int, list[dict]]:
-    """Those of ``shards`` already written (the Parquet file is renamed into place last)."""
+    """Those of ``shards`` already written, with their step counters (one footer read each)."""
     done = {}
     for index in shards:
-        if os.path.exists(shard_path(shard_dir, index)):
-            done[index] = json.loads(Path(shard_path(shard_dir, index, "stats.json")).read_text())
+        path = shard_path(shard_dir, index)
+        if os.path.exists(path):
+            done[index] = shard_stats(path)
     return done
 
 

@@ -146,6 +146,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
     shards: list[dict] = []
     resumed, planned, grown = 0, 0, []
     stats: list[dict] = []
+    finished: dict[int, list[dict]] = {}  # shard -> step counters; each shard's read once
 
     def used() -> int:
         return sum(s["tokens_in"] + s["tokens_out"] for s in stats)
@@ -162,7 +163,8 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
             planned += len(rows)
             done = finished_shards(shard_dir, [s["shard"] for s in new])
             resumed += len(done)
-            stats = total_stats(finished_shards(shard_dir, [s["shard"] for s in shards]))
+            finished.update(done)
+            stats = total_stats(finished)
             todo = [s for s in new if s["shard"] not in done]
             label = f"teacher round {round_index + 1}" if rounds > 1 else "teacher"
             console.say(f"[{label}] {len(rows)} rows in {len(new)} shard(s) of "
@@ -173,6 +175,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                 stream = generate(ray.data.from_items(todo), steps, job, placement, shard_dir)
                 for summary in stream.iter_rows():
                     shard_stats = json.loads(summary["stats"])
+                    finished[int(summary["shard"])] = shard_stats
                     stats = merge_stats(stats, shard_stats)
                     progress.update(progress.done + shard_stats[0]["rows_in"]
                                     + shard_stats[0]["passed_through"])
@@ -185,7 +188,8 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                 break
             if round_index + 1 < rounds:
                 grown = novel_tasks(job, inputs, shard_dir, [s["shard"] for s in shards])
-    finished = finished_shards(shard_dir, [s["shard"] for s in shards])
+    # Shards that were in flight when the budget stopped the stream may have finished since.
+    finished.update(finished_shards(shard_dir, [s["shard"] for s in shards if s["shard"] not in finished]))
     unrun = [s for s in shards if s["shard"] not in finished]
     budget_exhausted = bool(max_tokens and used() >= max_tokens)
     if unrun and not budget_exhausted:
@@ -266,10 +270,10 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
     todo = [s for s in shards if s["shard"] not in done]
     console.say(f"[rephrase] {len(first)} rows with shortcut words in {len(shards)} shard(s); "
                 f"{len(done)} already done")
+    finished = dict(done)
     if todo:
-        for _ in generate(ray.data.from_items(todo), steps, job, placement, folder).iter_rows():
-            pass
-    finished = finished_shards(folder, [s["shard"] for s in shards])
+        for summary in generate(ray.data.from_items(todo), steps, job, placement, folder).iter_rows():
+            finished[int(summary["shard"])] = json.loads(summary["stats"])
     if len(finished) != len(shards):
         raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
     new = pd.concat([pd.read_parquet(shard_path(folder, i)) for i in sorted(finished)],

@@ -25,7 +25,7 @@ from raydag.ops.create import CreateOp, TopicsOp
 from raydag.ops.judge import SCORES, JudgeOp
 from raydag.ops.label import LabelOp
 from raydag.ops.reform import CounterfactualOp, ParaphraseOp
-from raydag.stages import ChainRunner, Step, empty_stats, merge_stats, run_step, write_shard
+from raydag.stages import ChainRunner, Step, empty_stats, merge_stats, run_step, shard_stats, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -289,10 +289,11 @@ def test_chain_runner_writes_shards_and_summaries(tmp_path):
         frame = pd.read_parquet(folder / f"shard-{shard:05d}.parquet")
         assert len(frame) == size
         assert list(frame["_order"]) == [shard * 10_000_000 + i for i in range(size)]
-        on_disk = json.loads((folder / f"shard-{shard:05d}.stats.json").read_text())
+        on_disk = shard_stats(str(folder / f"shard-{shard:05d}.parquet"))  # in the file's footer
         assert on_disk == json.loads(summary["stats"].iloc[shard])
         assert [s["stage"] for s in on_disk] == ["1:create.few_shot_2", "2:label.verify"]
     assert not list(folder.glob("*.tmp*"))
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
 
     frame = pd.concat([pd.read_parquet(folder / f"shard-{s:05d}.parquet") for s in (0, 1)])
     # Creation request k mentions another label when k % 3 == 2: verify drops those. Shard 0's
@@ -344,6 +345,19 @@ def test_write_shard_json_encodes_dicts_and_orders_rows(tmp_path):
     assert Path(path).name == "shard-00003.parquet"
     assert list(frame["_order"]) == [30_000_000, 30_000_001]
     assert json.loads(frame["extra"][0]) == {"k": 1}
+
+
+def test_a_shard_is_one_file_with_its_counters_and_older_shards_still_resume(tmp_path):
+    from raydag.stages import finished_shards
+
+    stats = [{**empty_stats("1:a"), "rows_in": 2, "accepted": 2}]
+    write_shard([{"id": "a"}, {"id": "b"}], str(tmp_path), 0, stats)
+    # A shard written before the counters moved into the footer: counters in stats.json beside it.
+    write_shard([{"id": "c"}], str(tmp_path), 1)
+    legacy = [{**empty_stats("1:a"), "rows_in": 1, "accepted": 1}]
+    (tmp_path / "shard-00001.stats.json").write_text(json.dumps(legacy))
+    assert finished_shards(tmp_path, [0, 1, 2]) == {0: stats, 1: legacy}  # 2 was never written
+    assert len(pd.read_parquet(tmp_path / "shard-00000.parquet")) == 2
 
 
 # --------------------------------------------------------------------------- merge_stats
