@@ -11,6 +11,8 @@ rewrite of rows with shortcut words (:func:`rephrase_flagged`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +119,76 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> l
     return topics
 
 
+@dataclass
+class ShardPlan:
+    """One round of the first stage's rows, cut into shards of ``teacher.batch_size``.
+
+    Attributes:
+        sizes: Rows per shard, by shard number.
+        sample: The first rows, for the column contract.
+        dataset: Shard numbers -> the Ray Data dataset of those shards (``shard``, ``rows``:
+            a JSON list of row dicts).
+    """
+
+    sizes: dict[int, int]
+    sample: list[dict]
+    dataset: Callable[[list[int]], Any]
+
+
+def plan_round(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.DataFrame],
+               topics: list[str] | None, round_index: int, grown: list[dict], planned: int,
+               first_shard: int) -> ShardPlan:
+    """The shards of a round. A ``create`` stage's requests are planned by Ray Data tasks,
+    each making the requests of its own shards (:meth:`CreateOp.plan_range`) from the raw
+    rows in the object store, so the driver holds the shard sizes, not the requests; other
+    first stages (row-in stages, self-instruct rounds) plan their rows here
+    (:func:`raydag.chain.first_rows`)."""
+    import ray
+
+    size = job.teacher.batch_size
+    first = job.stages[0]
+    if first.type != "create":
+        shards = shard_rows(first_rows(job, raw, inputs, topics, round_index, grown, planned),
+                            size, first=first_shard)
+        by_number = {s["shard"]: s for s in shards}
+        return ShardPlan(sizes={s["shard"]: len(json.loads(s["rows"])) for s in shards},
+                         sample=json.loads(shards[0]["rows"])[:8] if shards else [],
+                         dataset=lambda todo: ray.data.from_items([by_number[s] for s in todo]))
+    op = create_op(job, topics)
+    total = op.request_count(first.num_examples)
+    if job.budget.max_requests is not None:
+        total = min(total, max(job.budget.max_requests - planned, 0))
+    raw_rows = raw.to_dict("records")
+    sizes = {first_shard + i: min(size, total - i * size) for i in range(-(-total // size))}
+
+    def dataset(todo: list[int]):
+        settings = {"op": op, "raw_rows": [ray.put(raw_rows)], "num_examples": first.num_examples,
+                    "seed": job.seed, "size": size, "first_shard": first_shard, "total": total}
+        return ray.data.from_items([{"shard": s} for s in todo]).map_batches(
+            _plan_create_shards, fn_kwargs=settings, batch_size=16, batch_format="pandas")
+
+    sample = with_status(op.plan_range(raw_rows, first.num_examples, job.seed, 0, min(total, 8)))
+    return ShardPlan(sizes=sizes, sample=sample, dataset=dataset)
+
+
+def _plan_create_shards(batch: pd.DataFrame, *, op, raw_rows: list, num_examples: int, seed: int,
+                        size: int, first_shard: int, total: int) -> pd.DataFrame:
+    """Ray Data task: the request rows of these shards of a create plan."""
+    from raydag.stages import shared_object
+
+    raw = shared_object(raw_rows[0])
+    out = []
+    for shard in batch["shard"].tolist():
+        start = (int(shard) - first_shard) * size
+        rows = with_status(op.plan_range(raw, num_examples, seed, start, min(start + size, total)))
+        out.append({"shard": int(shard), "rows": json.dumps(rows)})
+    return pd.DataFrame(out)
+
+
 def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | None,
                 inputs: dict[str, pd.DataFrame], run_dir: Path, placement: dict[str, Any],
                 timer: StageTimer) -> dict[str, Any]:
     """Run the chain over every unfinished shard (the outputs are written by finish_outputs)."""
-    import ray
-
     def norms(frame, on: bool) -> frozenset:
         return frozenset(frame["text"].map(normalize_text)) if on and frame is not None else frozenset()
 
@@ -143,7 +209,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
     rounds = first.rounds if first.type == "self_instruct" else 1
     shard_dir = run_dir / "shards"
     max_tokens = job.budget.max_tokens
-    shards: list[dict] = []
+    shards: dict[int, int] = {}  # rows per shard, every round's
     resumed, planned, grown = 0, 0, []
     stats: list[dict] = []
     finished: dict[int, list[dict]] = {}  # shard -> step counters; each shard's read once
@@ -153,26 +219,26 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
 
     with timer("teacher"):
         for round_index in range(rounds):
-            rows = first_rows(job, raw, inputs, topics, round_index, grown, planned)
+            plan = plan_round(job, raw, inputs, topics, round_index, grown, planned,
+                              first_shard=len(shards))
             if round_index == 0:
-                if not rows:
+                if not plan.sizes:
                     raise RaydagError(f"stage 1 ({first.type}) has no input rows")
-                check_contract(rows, steps)
-            new = shard_rows(rows, job.teacher.batch_size, first=len(shards))
-            shards += new
-            planned += len(rows)
-            done = finished_shards(shard_dir, [s["shard"] for s in new])
+                check_contract(plan.sample, steps)
+            rows = sum(plan.sizes.values())
+            shards.update(plan.sizes)
+            planned += rows
+            done = finished_shards(shard_dir, list(plan.sizes))
             resumed += len(done)
             finished.update(done)
             stats = total_stats(finished)
-            todo = [s for s in new if s["shard"] not in done]
+            todo = [s for s in plan.sizes if s not in done]
             label = f"teacher round {round_index + 1}" if rounds > 1 else "teacher"
-            console.say(f"[{label}] {len(rows)} rows in {len(new)} shard(s) of "
+            console.say(f"[{label}] {rows} rows in {len(plan.sizes)} shard(s) of "
                         f"{job.teacher.batch_size}; {len(done)} already done, {len(todo)} to run")
             if todo and not (max_tokens and used() >= max_tokens):
-                progress = console.Progress(label, len(rows), done=len(rows) - sum(
-                    len(json.loads(s["rows"])) for s in todo))
-                stream = generate(ray.data.from_items(todo), steps, job, placement, shard_dir)
+                progress = console.Progress(label, rows, done=rows - sum(plan.sizes[s] for s in todo))
+                stream = generate(plan.dataset(todo), steps, job, placement, shard_dir)
                 for summary in stream.iter_rows():
                     shard_stats = json.loads(summary["stats"])
                     finished[int(summary["shard"])] = shard_stats
@@ -187,17 +253,17 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
             if max_tokens and used() >= max_tokens:
                 break
             if round_index + 1 < rounds:
-                grown = novel_tasks(job, inputs, shard_dir, [s["shard"] for s in shards])
+                grown = novel_tasks(job, inputs, shard_dir, list(shards))
     # Shards that were in flight when the budget stopped the stream may have finished since.
-    finished.update(finished_shards(shard_dir, [s["shard"] for s in shards if s["shard"] not in finished]))
-    unrun = [s for s in shards if s["shard"] not in finished]
+    finished.update(finished_shards(shard_dir, [s for s in shards if s not in finished]))
+    unrun = [s for s in shards if s not in finished]
     budget_exhausted = bool(max_tokens and used() >= max_tokens)
     if unrun and not budget_exhausted:
-        raise RaydagError(f"{len(unrun)} shard(s) did not finish: {[s['shard'] for s in unrun][:10]}")
+        raise RaydagError(f"{len(unrun)} shard(s) did not finish: {unrun[:10]}")
     if not finished:
         raise RaydagError("no shard finished before the token budget ran out; raise budget.max_tokens")
     stats = total_stats(finished)
-    not_run = sum(len(json.loads(s["rows"])) for s in unrun)
+    not_run = sum(shards[s] for s in unrun)
     return {"stats": stats, "finished": sorted(finished), "shard_dir": shard_dir,
             "planned": planned, "not_run": not_run,
             "shards": {"total": len(shards), "resumed": resumed,

@@ -516,6 +516,32 @@ def test_first_rows_honours_max_requests(chain_yaml):
     assert all(r["method"] == "raw" and r["parent_ids"] == [] for r in rows)
 
 
+@pytest.mark.slow
+def test_a_create_plan_is_sized_on_the_driver_and_planned_by_shard(chain_yaml, ray_local):
+    """The teacher's plan of a create round: shard sizes on the driver (with the budget's cap),
+    the requests of each shard made by a planning task, equal to the pure plan's."""
+    import ray
+
+    from raydag.chain import create_op as make_create_op
+    from raydag.teacher import _plan_create_shards, plan_round
+
+    job = load_job(chain_yaml, ["budget.max_requests=11", "teacher.batch_size=4"])
+    plan = plan_round(job, raw_frame(), {}, None, 0, [], 0, first_shard=3)
+    assert plan.sizes == {3: 4, 4: 4, 5: 3}
+    everything = first_rows(job, raw_frame(), {})
+    assert plan.sample == everything[:8]
+    op = make_create_op(job)  # the task's raw rows come from the object store
+    settings = {"op": op, "raw_rows": [ray.put(raw_frame().to_dict("records"))],
+                "num_examples": job.stages[0].num_examples, "seed": job.seed, "size": 4,
+                "first_shard": 3, "total": 11}
+    shards = _plan_create_shards(pd.DataFrame({"shard": [5, 3, 4]}), **settings)
+    planned = {s: json.loads(r) for s, r in zip(shards["shard"], shards["rows"])}
+    assert [row for s in (3, 4, 5) for row in planned[s]] == everything
+    # The same through Ray Data, for any subset of the shards (a resumed run plans only those).
+    through_ray = plan.dataset([5, 3]).take_all()
+    assert {r["shard"]: json.loads(r["rows"]) for r in through_ray} == {5: planned[5], 3: planned[3]}
+
+
 def test_full_chain_runs_and_reconciles_with_a_scripted_teacher(chain_yaml, tmp_path):
     job = load_job(chain_yaml)
     steps = build_steps(job, NO_FILTERS)

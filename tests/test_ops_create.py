@@ -107,3 +107,33 @@ def test_one_example_per_request_keeps_its_plan_and_prompt():
     one = op()
     assert "request_items" not in one.plan_requests(RAW, 3, seed=0)[0]
     assert one.build_requests(one.plan_requests(RAW, 3, seed=0)[0])[0].stop == ("\n",)
+
+
+def _interleaved_order(op: CreateOp, num_examples: int) -> list[tuple[str, int]]:
+    """The plan's order as it was built before plan_range existed: every label's item counts
+    listed, then taken round by round."""
+    k = op.examples_per_request
+    remaining = {label: [min(k, count - start) for start in range(0, count, k)]
+                 for label, count in op.label_counts(num_examples).items()}
+    order = []
+    while any(remaining.values()):
+        for label in op.labels:
+            if remaining[label]:
+                order.append((label, remaining[label].pop(0)))
+    return order
+
+
+def test_plan_range_cuts_the_same_plan_anywhere():
+    labels = ["a", "b", "c", "d", "e"]
+    raw = [{"id": f"r{i}", "text": f"text {i}", "label": labels[i % 4]} for i in range(40)]  # no "e"
+    for k, distribution, m in ((1, None, 37), (3, {"a": 0.6, "b": 0.3, "c": 0.1}, 101),
+                               (4, {"a": 0.05, "b": 0.05, "c": 0.1, "d": 0.4, "e": 0.4}, 250)):
+        creator = CreateOp(task="t", labels=labels, method="few_shot", shots=2,
+                           label_distribution=distribution, examples_per_request=k)
+        plan = creator.plan_requests(raw, m, seed=3)
+        assert [(r["target_label"], r.get("request_items", 1)) for r in plan] == _interleaved_order(creator, m)
+        assert len(plan) == creator.request_count(m)
+        assert sum(r.get("request_items", 1) for r in plan) == m
+        for cuts in ((0, 7, 7, 50, len(plan)), (0, 1, 2, len(plan) + 5)):
+            parts = [creator.plan_range(raw, m, 3, a, b) for a, b in zip(cuts, cuts[1:])]
+            assert [row for part in parts for row in part] == plan

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from raydag.config import SamplingConfig
 from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest, Completion
@@ -165,6 +167,11 @@ class CreateOp:
         """Requests per label (see :func:`label_counts`)."""
         return label_counts(self.labels, num_examples, self.label_distribution)
 
+    def request_count(self, num_examples: int) -> int:
+        """Requests the plan of ``num_examples`` examples has: ceil(c / k) per label."""
+        k = self.examples_per_request
+        return sum(-(-count // k) for count in self.label_counts(num_examples).values())
+
     def plan_requests(self, raw_rows: list[dict], num_examples: int, seed: int) -> list[dict]:
         """Plan the request rows for ``num_examples`` examples, each request naming its target
         label, its demonstrations and how many new texts it asks for (``request_items``).
@@ -178,21 +185,22 @@ class CreateOp:
         Returns:
             Request rows in a fixed, interleaved label order.
         """
+        return self.plan_range(raw_rows, num_examples, seed, 0, self.request_count(num_examples))
+
+    def plan_range(self, raw_rows: list[dict], num_examples: int, seed: int, start: int,
+                   stop: int) -> list[dict]:
+        """Requests ``start`` to ``stop - 1`` of :meth:`plan_requests`'s plan, computed without
+        the rest: planning tasks each make their own part of a large plan.
+
+        The order interleaves the labels round by round (every label with requests left gets
+        one per round, in label order), so every prefix of the run follows the distribution;
+        a label's requests ask for k items each, its last one for the remainder.
+        """
         by_label: dict[str, list[dict]] = {label: [] for label in self.labels}
         for row in raw_rows:
             by_label.setdefault(row["label"], []).append(row)
-        k = self.examples_per_request
-        # Items per request, per label: k, k, ..., then the remainder.
-        remaining = {label: [min(k, count - start) for start in range(0, count, k)]
-                     for label, count in self.label_counts(num_examples).items()}
-        # Interleave labels so every batch (and every prefix of the run) follows the distribution.
-        order: list[tuple[str, int]] = []
-        while any(remaining.values()):
-            for label in self.labels:
-                if remaining[label]:
-                    order.append((label, remaining[label].pop(0)))
         plan = []
-        for index, (label, items) in enumerate(order):
+        for index, label, items in self._order(num_examples, start, stop):
             request_seed = int(stable_hash(seed, index, label, length=8), 16)
             rng = random.Random(request_seed)
             pool = by_label.get(label, [])
@@ -206,10 +214,32 @@ class CreateOp:
                 "request_seed": request_seed,
                 "topic": rng.choice(self.topics) if self.topics else "",
             }
-            if k > 1:  # one-example plans keep their old rows (and their run signatures' ids)
+            if self.examples_per_request > 1:  # one-example plans keep their old rows (and ids)
                 row["request_items"] = items
             plan.append(row)
         return plan
+
+    def _order(self, num_examples: int, start: int, stop: int):
+        """``(index, label, items)`` of the requests ``start <= index < stop``: round r holds
+        the labels that have more than r requests, so its size and start come from the sorted
+        request counts, without listing the earlier rounds."""
+        k = self.examples_per_request
+        counts = self.label_counts(num_examples)
+        requests = {label: -(-counts[label] // k) for label in self.labels}
+        sorted_requests = np.sort(np.array(list(requests.values()), dtype=np.int64))
+        rounds = int(sorted_requests[-1]) if len(sorted_requests) else 0
+        sizes = len(self.labels) - np.searchsorted(sorted_requests, np.arange(rounds), side="right")
+        ends = np.cumsum(sizes)
+        stop = min(stop, int(ends[-1]) if rounds else 0)
+        index = start
+        while index < stop:
+            round_ = int(np.searchsorted(ends, index, side="right"))
+            first = int(ends[round_] - sizes[round_])
+            active = [label for label in self.labels if requests[label] > round_]
+            for label in active[index - first : stop - first]:
+                last = round_ == requests[label] - 1
+                yield index, label, (counts[label] - k * round_) if last else k
+                index += 1
 
     def build_requests(self, row: dict) -> list[ChatRequest]:
         """One chat request that continues a numbered list of texts of the target label."""
