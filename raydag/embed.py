@@ -36,18 +36,19 @@ class TextEncoder:
         path = resolve_model(model)
         local = os.path.isdir(path)
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        self._model = AutoModel.from_pretrained(path, local_files_only=local).eval()
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU actor sees its GPU
+        self._model = AutoModel.from_pretrained(path, local_files_only=local).eval().to(self._device)
         self._max_length = max_length
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
         enc = self._tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
-                              max_length=self._max_length, return_tensors="pt")
+                              max_length=self._max_length, return_tensors="pt").to(self._device)
         with torch.no_grad():
             hidden = self._model(**enc).last_hidden_state
         pooled = pool_states(hidden, enc["attention_mask"], "mean")
-        pooled = torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
         out = batch.copy()
         out["_embedding"] = list(pooled)
         return out
@@ -68,7 +69,8 @@ def pool_states(hidden, attention_mask, mode: str):
 
 def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
                  threads: int | None = None, cache: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """Embed texts with :class:`TextEncoder` in one Ray Data actor; rows keep their order.
+    """Embed texts with :class:`TextEncoder` actors (one per GPU on GPU clusters, else one
+    CPU actor; see :func:`raydag.stages.map_with_model`); rows keep their order.
 
     Args:
         texts: The texts.
@@ -82,7 +84,7 @@ def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
     Returns:
         A float32 array of shape (len(texts), dim), rows L2-normalised.
     """
-    from raydag.stages import map_in_one_actor
+    from raydag.stages import map_with_model
 
     if not texts:
         return np.zeros((0, 0), dtype=np.float32)
@@ -92,7 +94,7 @@ def encode_texts(texts: list[str], model: str, *, batch_size: int = 64,
     if todo:
         # Texts of similar length share a batch, so batches pad little; order is restored.
         by_length = sorted(range(len(todo)), key=lambda i: len(todo[i]))
-        out = map_in_one_actor(pd.DataFrame({"text": [todo[i] for i in by_length]}), TextEncoder,
+        out = map_with_model(pd.DataFrame({"text": [todo[i] for i in by_length]}), TextEncoder,
                                {"model": model}, batch_size=batch_size, threads=threads)
         vectors = np.empty((len(todo), len(out["_embedding"].iloc[0])), dtype=np.float32)
         vectors[by_length] = np.stack(out["_embedding"].to_numpy())

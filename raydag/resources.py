@@ -91,6 +91,22 @@ def teacher_runtime_env(threads: int | None) -> dict | None:
     return {"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None
 
 
+def model_actor_options(cluster_gpus: float, threads: int) -> dict:
+    """Ray Data ``map_batches`` options of the small models' actors (the encoder of the
+    embedding passes and measures, the PVI scorer): on a cluster with GPUs, a pool of up to one
+    actor per GPU, each on a GPU; on CPU hosts one actor with ``threads`` torch threads.
+
+    Example:
+        >>> model_actor_options(4, threads=2)["concurrency"], model_actor_options(0, threads=2)["num_gpus"]
+        ((1, 4), 0)
+    """
+    gpus = int(cluster_gpus)
+    if gpus >= 1:
+        return {"num_cpus": 1, "num_gpus": 1, "concurrency": (1, gpus)}
+    return {"num_cpus": 1, "num_gpus": 0, "concurrency": 1,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
+
+
 def student_workers(num_workers: int, use_gpu: bool | None, cluster_gpus: float) -> tuple[int, bool]:
     """Ray Train workers and whether they use GPUs.
 

@@ -317,19 +317,22 @@ class ChainRunner:
         return pd.DataFrame(summaries)
 
 
-def map_in_one_actor(frame: pd.DataFrame, actor: type, constructor_kwargs: dict, *,
-                     batch_size: int = 64, threads: int | None = None) -> pd.DataFrame:
-    """Run a Ray Data actor class (a model: the encoder, a student) over a frame in one actor
-    with ``threads`` torch threads (default: this machine's cores); rows come back in order."""
+def map_with_model(frame: pd.DataFrame, actor: type, constructor_kwargs: dict, *,
+                   batch_size: int = 64, threads: int | None = None) -> pd.DataFrame:
+    """Run a Ray Data actor class that holds a small model (the encoder, a student) over a
+    frame: one actor per GPU on a cluster with GPUs, else one actor with ``threads`` torch
+    threads (default: this machine's cores; see :func:`raydag.resources.model_actor_options`).
+    Rows come back in order."""
     import ray
+
+    from raydag.resources import model_actor_options
 
     threads = threads or len(os.sched_getaffinity(0))
     frame = frame.assign(_position=range(len(frame)))
+    options = model_actor_options(ray.cluster_resources().get("GPU", 0.0), threads)
     out = ray.data.from_pandas(frame).map_batches(
         actor, fn_constructor_kwargs=constructor_kwargs, batch_size=batch_size,
-        batch_format="pandas", concurrency=1, num_cpus=1,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
-    ).to_pandas()
+        batch_format="pandas", **options).to_pandas()
     return out.sort_values("_position").drop(columns="_position").reset_index(drop=True)
 
 

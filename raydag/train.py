@@ -645,14 +645,16 @@ class StudentScorer:
     def __init__(self, checkpoint: str, max_length: int = 128) -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         self._tokenizer, self._model, labels = load_student(checkpoint)
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU actor sees its GPU
+        self._model = self._model.to(self._device)
         self._label2id = {label: i for i, label in enumerate(labels)}
         self._max_length = max_length
 
     def __call__(self, batch):
         enc = self._tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
-                              max_length=self._max_length, return_tensors="pt")
+                              max_length=self._max_length, return_tensors="pt").to(self._device)
         with torch.no_grad():
-            logp = torch.log_softmax(self._model(**enc), dim=-1)
+            logp = torch.log_softmax(self._model(**enc).float(), dim=-1).cpu()
         index = torch.tensor([self._label2id[str(label)] for label in batch["label"]])
         out = batch.copy()
         out["log2_p_label"] = (logp[torch.arange(len(index)), index] / np.log(2)).numpy()
@@ -661,14 +663,15 @@ class StudentScorer:
 
 def student_log2_probs(texts: list[str], labels: list[str], checkpoint: str, *,
                        threads: int | None = None) -> np.ndarray:
-    """log2 p(label | text) under a trained student, scored in one Ray Data actor."""
+    """log2 p(label | text) under a trained student, scored by Ray Data actors (one per GPU on
+    GPU clusters, else one CPU actor)."""
     import pandas as pd
 
-    from raydag.stages import map_in_one_actor
+    from raydag.stages import map_with_model
 
     if not texts:
         return np.zeros(0)
-    out = map_in_one_actor(pd.DataFrame({"text": texts, "label": labels}), StudentScorer,
+    out = map_with_model(pd.DataFrame({"text": texts, "label": labels}), StudentScorer,
                            {"checkpoint": checkpoint}, threads=threads)
     return out["log2_p_label"].to_numpy(dtype=float)
 

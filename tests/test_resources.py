@@ -39,6 +39,16 @@ def test_student_workers_bundles_and_gpu_memory_shares():
     assert teacher_gpu_memory_share(0.5, 0.3) == 0.3
 
 
+def test_small_model_actors_take_a_gpu_each_where_the_cluster_has_them():
+    from raydag.resources import model_actor_options
+
+    assert model_actor_options(4, threads=2) == {"num_cpus": 1, "num_gpus": 1, "concurrency": (1, 4)}
+    assert model_actor_options(0.5, threads=2)["num_gpus"] == 0  # a GPU share is the teacher's
+    cpu = model_actor_options(0, threads=3)
+    assert (cpu["num_gpus"], cpu["concurrency"]) == (0, 1)
+    assert cpu["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "3"
+
+
 def test_cpu_engine_threads_are_set_before_the_actor_starts():
     cpu_actor, gpu_actor = {"num_cpus": 1.0, "num_gpus": 0.0}, {"num_cpus": 1.0, "num_gpus": 1.0}
     assert teacher_cpu_threads(cpu_actor, 3) == 3
