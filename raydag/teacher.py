@@ -164,8 +164,10 @@ def plan_round(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
     def dataset(todo: list[int]):
         settings = {"op": op, "raw_rows": [ray.put(raw_rows)], "num_examples": first.num_examples,
                     "seed": job.seed, "size": size, "first_shard": first_shard, "total": total}
+        # One shard per planning task, so each shard reaches the engine actors as its own
+        # block: a budget that runs out stops new shards (a block of many would run them all).
         return ray.data.from_items([{"shard": s} for s in todo]).map_batches(
-            _plan_create_shards, fn_kwargs=settings, batch_size=16, batch_format="pandas")
+            _plan_create_shards, fn_kwargs=settings, batch_size=1, batch_format="pandas")
 
     sample = with_status(op.plan_range(raw_rows, first.num_examples, job.seed, 0, min(total, 8)))
     return ShardPlan(sizes=sizes, sample=sample, dataset=dataset)
