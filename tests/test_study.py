@@ -114,6 +114,7 @@ def test_cell_jobs_are_ordinary_jobs():
     assert teacher["stages"] == [{"type": "label", "mode": "annotate", "shots": 1}]
     assert teacher["data"]["unlabelled_path"] == "/d/eval.jsonl"
     assert teacher["quality"]["decontam"]["enabled"] is False  # it labels test texts on purpose
+    assert teacher["quality"]["pii"]["enabled"] is False  # redacted texts would not join their gold labels
     assert teacher["student"]["train_sets"] == []
     create = cell_job_tree(study, base, cells["quickstart.few_shot_3.m12.n30"], data)
     assert create["stages"] == [{"type": "create", "method": "few_shot", "shots": 3, "num_examples": 12,
