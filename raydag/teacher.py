@@ -340,8 +340,8 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
                 f"{len(done)} already done")
     finished = dict(done)
     if todo:
-        for summary in generate(ray.data.from_items(todo), steps, job, placement, folder).iter_rows():
-            finished[int(summary["shard"])] = json.loads(summary["stats"])
+        for done_shard in generate(ray.data.from_items(todo), steps, job, placement, folder).iter_rows():
+            finished[int(done_shard["shard"])] = json.loads(done_shard["stats"])
     if len(finished) != len(shards):
         raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
     new = pd.concat([pd.read_parquet(shard_path(folder, i)) for i in sorted(finished)],
