@@ -91,9 +91,9 @@ def scale_job(folder: Path, paths: dict[str, str]) -> Path:
     return path
 
 
-def _drive(job_path: str, result: str) -> None:
-    """One measured driver (run in its own process): the job, or with ``reference`` the bare
-    Ray Data pipeline over the job's unlabelled file."""
+def _drive(job_path: str, side: str, result: str) -> None:
+    """One measured driver (run in its own process): ``ours``, the job, or ``reference``, the
+    bare Ray Data pipeline over the job's unlabelled file."""
     from raydag import console
     from raydag.bench_minhash import driver_peak_rss_mb
     from raydag.config import load_job
@@ -101,10 +101,10 @@ def _drive(job_path: str, result: str) -> None:
 
     job = load_job(job_path)
     out = Path(job.output_dir)
-    with console.capture(out.parent / f"{Path(result).stem}.log"):
+    with console.capture(out.parent / f"{side}.log"):
         init_ray()
         started = time.perf_counter()
-        if Path(result).stem == "reference":
+        if side == "reference":
             rows = _reference(job, str(out.parent / "reference"))
         else:
             from raydag.pipeline import run_job
@@ -150,7 +150,7 @@ def _measure(job_path: Path, which: str, timeout_s: float) -> dict:
     result = job_path.parent / f"{which}.json"
     result.unlink(missing_ok=True)
     subprocess.run([sys.executable, "-m", "raydag.bench_scale", "--drive", str(job_path),
-                    "--result", str(result)], check=True, timeout=timeout_s)
+                    "--side", which, "--result", str(result)], check=True, timeout=timeout_s)
     return json.loads(result.read_text())
 
 
@@ -198,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows of the MinHash pass alone (0: skip)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per driver run")
     parser.add_argument("--drive", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.drive:
-        _drive(args.drive, args.result)
+        _drive(args.drive, args.side, args.result)
         return 0
     import tempfile
 

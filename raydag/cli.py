@@ -232,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _study(args: argparse.Namespace, owns_ray: bool) -> int:
     """``raydag study``: plan, or run the cells in turn and write the study's outputs."""
-    import time
 
     import ray
 
@@ -256,7 +255,7 @@ def _study(args: argparse.Namespace, owns_ray: bool) -> int:
             print(f"{cell.name}: {what}")
         return 0
     out = claim_output_dir(study.output_dir)
-    log = out / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    log = console.new_log_file(out, "study")
     with console.capture(log, verbose=args.verbose):
         console.say(f"study {args.study}: library output goes to {log}")
         try:
@@ -277,7 +276,6 @@ def _study(args: argparse.Namespace, owns_ray: bool) -> int:
 def _run_or_validate(args: argparse.Namespace, job, owns_ray: bool) -> int:
     """``raydag run`` and ``raydag validate``: raydag's lines on the terminal, everything the
     libraries print in ``output_dir/logs/<command>-<time>.log`` (live too with --verbose)."""
-    import time
     import traceback
 
     import ray
@@ -287,7 +285,7 @@ def _run_or_validate(args: argparse.Namespace, job, owns_ray: bool) -> int:
     from raydag.pipeline import run_job, validate_job
 
     out = claim_output_dir(job.output_dir)
-    log = out / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    log = console.new_log_file(out, args.command)
     with console.capture(log, verbose=args.verbose):
         console.say(f"{args.command} {args.job}: library output goes to {log}"
                     + (" (shown live: --verbose)" if args.verbose else " (--verbose shows it)"))

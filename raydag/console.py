@@ -81,6 +81,11 @@ def is_tty() -> bool:
         return False
 
 
+def new_log_file(folder: str | os.PathLike, command: str) -> Path:
+    """``<folder>/logs/<command>-<UTC time>.log``: where a command's library output goes."""
+    return Path(folder) / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+
+
 def log_path() -> str | None:
     """The log file of the current capture, if any."""
     return getattr(_log, "name", None) if _log is not None else None

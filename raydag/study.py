@@ -298,14 +298,15 @@ def run_study(study: StudyConfig, run: bool = True, only: list[str] | tuple[str,
 
     if study.parallel_cells > 1 and len(todo) > 1:
         run_cells_side_by_side(todo, jobs, study.parallel_cells, starting, finished)
-    for cell in todo if study.parallel_cells == 1 or len(todo) == 1 else []:
-        starting(cell)
-        try:
-            run_job(jobs[cell.name])
-        except RaydagError as err:
-            finished(cell, str(err).splitlines()[0])
-        else:
-            finished(cell, None)
+    else:
+        for cell in todo:
+            starting(cell)
+            try:
+                run_job(jobs[cell.name])
+            except RaydagError as err:
+                finished(cell, str(err).splitlines()[0])
+            else:
+                finished(cell, None)
     path = write_outputs(study, cells, jobs, data, failed, out)
     if failed:
         raise RaydagError(f"{len(failed)} of {len(cells)} study cell(s) failed: "
@@ -369,9 +370,7 @@ def _run_cell(job) -> str:
     from raydag.outputs import claim_output_dir
     from raydag.pipeline import run_job
 
-    out = claim_output_dir(job.output_dir)
-    log = out / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
-    with console.capture(log):
+    with console.capture(console.new_log_file(claim_output_dir(job.output_dir), "run")):
         return str(run_job(job))
 
 

@@ -147,19 +147,19 @@ def plan_round(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
 
     size = job.teacher.batch_size
     first = job.stages[0]
+    def sizes(total: int) -> dict[int, int]:
+        return {first_shard + i: min(size, total - i * size) for i in range(-(-total // size))}
+
     if first.type != "create":
-        shards = shard_rows(first_rows(job, raw, inputs, topics, round_index, grown, planned),
-                            size, first=first_shard)
-        by_number = {s["shard"]: s for s in shards}
-        return ShardPlan(sizes={s["shard"]: len(json.loads(s["rows"])) for s in shards},
-                         sample=json.loads(shards[0]["rows"])[:8] if shards else [],
+        rows = first_rows(job, raw, inputs, topics, round_index, grown, planned)
+        by_number = {s["shard"]: s for s in shard_rows(rows, size, first=first_shard)}
+        return ShardPlan(sizes=sizes(len(rows)), sample=rows[:8],
                          dataset=lambda todo: ray.data.from_items([by_number[s] for s in todo]))
     op = create_op(job, topics)
     total = op.request_count(first.num_examples)
     if job.budget.max_requests is not None:
         total = min(total, max(job.budget.max_requests - planned, 0))
     raw_rows = raw.to_dict("records")
-    sizes = {first_shard + i: min(size, total - i * size) for i in range(-(-total // size))}
 
     def dataset(todo: list[int]):
         settings = {"op": op, "raw_rows": [ray.put(raw_rows)], "num_examples": first.num_examples,
@@ -170,7 +170,7 @@ def plan_round(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
             _plan_create_shards, fn_kwargs=settings, batch_size=1, batch_format="pandas")
 
     sample = with_status(op.plan_range(raw_rows, first.num_examples, job.seed, 0, min(total, 8)))
-    return ShardPlan(sizes=sizes, sample=sample, dataset=dataset)
+    return ShardPlan(sizes=sizes(total), sample=sample, dataset=dataset)
 
 
 def _plan_create_shards(batch: pd.DataFrame, *, op, raw_rows: list, num_examples: int, seed: int,
