@@ -36,7 +36,8 @@ _RESOURCE_FIELDS = {
     "quality": {"near_dup", "decontam", "consistency", "diversity", "bias", "coannotation"},
     "teacher": {"concurrency", "resources", "num_gpus", "tensor_parallel_size", "cpu_kv_cache_gib",
                 "gpu_memory_utilization", "cpu_threads", "max_concurrency", "request_timeout_s",
-                "max_retries", "api_key_env"},
+                "max_retries", "api_key_env",
+                "rows_per_shard"},  # the resume unit: the rows do not depend on it (layout.json)
 }
 
 
@@ -86,7 +87,8 @@ def first_rows(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
     - ``create``: planned requests (target label, demonstrations, seed) from the raw rows.
     - ``self_instruct``: round ``round_index``'s planned requests, demonstrations drawn from the
       seed tasks (``inputs["seed_tasks"]``) plus the tasks earlier rounds ``grown``.
-    - ``label`` in annotate mode: the unlabelled texts (``inputs["unlabelled"]``).
+    - ``label`` in annotate mode: the unlabelled texts (``inputs["unlabelled"]``, a frame; the
+      teacher stage plans a job's :class:`raydag.data.InputRows` in Ray Data instead).
     - any other stage: the raw rows themselves (for example, paraphrasing the raw examples).
     """
     first = job.stages[0]

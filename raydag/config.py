@@ -122,8 +122,14 @@ class TeacherConfig(StrictModel):
         "slower), the model's own dtype on GPUs. The report records the choice and why.")
     max_model_len: int = Field(default=2048, ge=128, description="Engine context length.")
     batch_size: int = Field(
-        default=64, ge=1, description="Rows per shard: the unit an engine actor takes as one "
-        "batch, writes as one file, and a rerun of an interrupted job skips when done.")
+        default=64, ge=1, description="Rows an engine actor gives its engine in one call (the "
+        "engine batch); every stage of the chain runs batch by batch.")
+    rows_per_shard: int | None = Field(
+        default=None, ge=1, description="Rows per shard: the resume unit (a rerun skips "
+        "finished shards) and one Parquet file, a whole number of engine batches. None: sized "
+        "from the rows, batch_size while a stage has at most 64 batches, then growing so a "
+        "stage makes about 64 shards, up to 16,384 rows (files of tens of MB). A run folder "
+        "keeps the sizes it was started with (shards/layout.json); the rows do not depend on it.")
     concurrency: int | tuple[int, int] = Field(
         default=1, description="Engine actors in the pool: a number, or [min, max] for a pool "
         "that Ray Data grows while shards wait and shrinks when actors idle (on an autoscaling "
@@ -155,6 +161,9 @@ class TeacherConfig(StrictModel):
         if low < 1 or high < low:
             raise ValueError(f"teacher.concurrency must be a number >= 1 or [min, max] with "
                              f"1 <= min <= max, got {self.concurrency}")
+        if self.rows_per_shard is not None and self.rows_per_shard % self.batch_size:
+            raise ValueError(f"teacher.rows_per_shard ({self.rows_per_shard}) must be a multiple "
+                             f"of teacher.batch_size ({self.batch_size})")
         if any(value <= 0 for value in self.resources.values()) or {"CPU", "GPU"} & set(self.resources):
             raise ValueError("teacher.resources: custom resources with amounts > 0 (CPUs and "
                              "GPUs go in teacher.num_gpus and tensor_parallel_size)")

@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,12 @@ class BadRows:
         if on_bad_rows not in ("error", "skip"):
             raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
         self.on_bad_rows = on_bad_rows
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # the rows named one by one
+        self.unlisted: dict[str, int] = {}  # more bad rows, counted by reason (a Ray Data read)
+
+    @property
+    def total(self) -> int:
+        return len(self.rows) + sum(self.unlisted.values())
 
     def add(self, where: str, reason: str, message: str) -> None:
         """Record one bad row (``message`` says what is wrong, after ``where``)."""
@@ -63,11 +69,11 @@ class BadRows:
 
     def raise_if_any(self, shown: int = 5) -> None:
         """In ``error`` mode, raise the first ``shown`` problems (and how many more there are)."""
-        if self.on_bad_rows != "error" or not self.rows:
+        if self.on_bad_rows != "error" or not self.total:
             return
         lines = [row["message"] for row in self.rows[:shown]]
-        if len(self.rows) > shown:
-            lines.append(f"... and {len(self.rows) - shown} more bad row(s); fix them, or set "
+        if self.total > len(lines):
+            lines.append(f"... and {self.total - len(lines)} more bad row(s); fix them, or set "
                          "data.on_bad_rows=skip to leave bad rows out (counted in the report)")
         raise DataError("\n".join(lines))
 
@@ -76,8 +82,10 @@ class BadRows:
         by_reason: dict[str, list[str]] = {}
         for row in self.rows:
             by_reason.setdefault(row["reason"], []).append(row["where"])
-        return {"total": len(self.rows),
-                "by_reason": {k: len(v) for k, v in sorted(by_reason.items())},
+        counts = {k: len(v) for k, v in by_reason.items()}
+        for reason, count in self.unlisted.items():
+            counts[reason] = counts.get(reason, 0) + count
+        return {"total": self.total, "by_reason": dict(sorted(counts.items())),
                 "rows": {k: v[:listed] for k, v in sorted(by_reason.items())}}
 
 
@@ -97,28 +105,32 @@ def _jsonl_records(path: Path, bad: BadRows) -> tuple[list[dict], list[int]]:
     offset = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                bad.add(where, "not_utf8", _not_utf8(raw, err, offset))
-                offset += len(raw)
-                continue
+            value = _json_line(raw, offset)
             offset += len(raw)
-            if not line.strip():
-                bad.add(where, "blank_line", "blank line in a JSONL file")
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                bad.add(where, "not_json", f"not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(value, dict):
-                bad.add(where, "not_an_object", f"expected a JSON object, got {type(value).__name__}")
+            if isinstance(value, tuple):
+                bad.add(f"{path}:{number}", *value)
                 continue
             records.append(value)
             numbers.append(number)
     return records, numbers
+
+
+def _json_line(raw: bytes, offset: int) -> dict | tuple[str, str]:
+    """One JSONL line (``offset``: where it starts in the file): the object, or ``(reason,
+    message)`` for a line that is not UTF-8, blank, not JSON or not an object."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return "not_utf8", _not_utf8(raw, err, offset)
+    if not line.strip():
+        return "blank_line", "blank line in a JSONL file"
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        return "not_json", f"not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(value, dict):
+        return "not_an_object", f"expected a JSON object, got {type(value).__name__}"
+    return value
 
 
 def _check_csv_encoding(path: Path) -> None:
@@ -340,6 +352,178 @@ def read_texts(path: str | os.PathLike, required: list[str], optional: list[str]
     return out
 
 
+READ_CHUNK_BYTES = 16 << 20  # a Ray Data read task's part of a JSONL file
+
+
+@dataclass
+class InputRows:
+    """A file of texts read and checked by Ray Data tasks, never held on the driver.
+
+    Attributes:
+        path: The file.
+        dataset: The good rows, materialised in the object store: ``id`` (a hash of the
+            text), ``text`` and ``_row`` (the row's number among the good rows, in file order).
+        count: How many good rows.
+    """
+
+    path: str
+    dataset: Any
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def head(self, n: int) -> pd.DataFrame:
+        """The first ``n`` rows (``id``, ``text``), in file order."""
+        from ray.data.expressions import col
+
+        frame = self.dataset.filter(expr=col("_row") < n).to_pandas()
+        return frame.sort_values("_row")[["id", "text"]].reset_index(drop=True)
+
+
+def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
+                      max_text_chars: int = MAX_TEXT_CHARS,
+                      check: Callable[[str], tuple[str, str] | None] | None = None,
+                      chunk_bytes: int = READ_CHUNK_BYTES) -> InputRows:
+    """:func:`read_texts` of one text column of a JSONL file, in Ray Data tasks.
+
+    The file is cut into byte ranges of ``chunk_bytes``; a first pass counts each range's
+    lines (so every bad row is named by ``file:line``), a second parses and checks its lines.
+    The driver holds one number per range and the bad rows it reports (the first 20 of each
+    reason; the rest counted). A file of another type is read by :func:`read_texts`.
+
+    Raises:
+        DataError: as :func:`read_texts`.
+    """
+    import ray
+
+    path = Path(path)
+    if _READERS.get(path.suffix.lower()) != "json" or not path.is_file() or path.stat().st_size == 0:
+        frame = read_texts(path, [column], bad=bad, max_text_chars=max_text_chars, check=check)
+        frame = frame.rename(columns={column: "text"}).assign(_row=np.arange(len(frame)))
+        return InputRows(str(path), ray.data.from_pandas(frame).materialize(), len(frame))
+    size = path.stat().st_size
+    starts = list(range(0, size, chunk_bytes))
+    chunks = pd.DataFrame({"chunk": range(len(starts)), "start": starts,
+                           "end": starts[1:] + [size]})
+    newlines = ray.data.from_pandas(chunks).map_batches(
+        _count_newlines, fn_kwargs={"path": str(path)}, batch_size=1, batch_format="pandas")
+    by_chunk = dict(sorted((int(r["chunk"]), int(r["newlines"])) for r in newlines.take_all()))
+    chunks["first_line"] = np.cumsum([0] + list(by_chunk.values())[:-1]) + 1
+    parsed = ray.data.from_pandas(chunks).map_batches(
+        _parse_jsonl_chunk, batch_size=1, batch_format="pandas", fn_kwargs={
+            "path": str(path), "column": column, "max_text_chars": max_text_chars,
+            "check": check}).materialize()
+    _collect_bad_rows(parsed, path, bad)
+    good_per_chunk: dict[int, int] = {}
+    for part in parsed.map_batches(_good_per_chunk, batch_size=None, batch_format="pandas").take_all():
+        good_per_chunk[int(part["_chunk"])] = good_per_chunk.get(int(part["_chunk"]), 0) + int(part["rows"])
+    count = sum(good_per_chunk.values())
+    if not count:
+        raise DataError(f"{path}: no usable rows ({bad.total} bad row(s) left out)")
+    offsets, total = {}, 0
+    for chunk in sorted(good_per_chunk):
+        offsets[chunk], total = total, total + good_per_chunk[chunk]
+    rows = parsed.map_batches(_numbered_good_rows, fn_kwargs={"offsets": offsets},
+                              batch_format="pandas").materialize()
+    return InputRows(str(path), rows, count)
+
+
+def _count_newlines(batch: pd.DataFrame, path: str) -> pd.DataFrame:
+    with open(path, "rb") as handle:
+        handle.seek(int(batch["start"].iloc[0]))
+        data = handle.read(int(batch["end"].iloc[0]) - int(batch["start"].iloc[0]))
+    return pd.DataFrame({"chunk": batch["chunk"], "newlines": [data.count(b"\n")]})
+
+
+_PARSED_COLUMNS = ("id", "text", "_chunk", "_local", "_line", "_bad_reason", "_bad_message")
+
+
+def _parse_jsonl_chunk(batch: pd.DataFrame, path: str, column: str, max_text_chars: int,
+                       check) -> pd.DataFrame:
+    """The lines that start in one byte range of a JSONL file, parsed and checked: good rows
+    (``_bad_reason`` "") numbered in the range (``_local``), bad ones with their reason."""
+    chunk, start, end = (int(batch[k].iloc[0]) for k in ("chunk", "start", "end"))
+    line = int(batch["first_line"].iloc[0])  # the number of the line holding byte ``start``
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        data = handle.read(end - start)
+        if data and not data.endswith(b"\n"):
+            data += handle.readline()  # the line that starts here and ends past ``end``
+        if start > 0:
+            handle.seek(start - 1)
+            if handle.read(1) != b"\n":  # byte ``start`` is inside a line of the range before
+                skip = data.find(b"\n") + 1
+                if not skip:
+                    return pd.DataFrame({c: [] for c in _PARSED_COLUMNS})
+                data, start, line = data[skip:], start + skip, line + 1
+    rows = {c: [] for c in _PARSED_COLUMNS}
+    offset, local = start, 0
+    for raw in _lines(data):
+        value = _json_line(raw, offset)
+        problem = value if isinstance(value, tuple) else None
+        if problem is None:
+            text = value.get(column)
+            problem = _text_problem(text, column, max_text_chars, check)
+        rows["_line"].append(line)
+        rows["_chunk"].append(chunk)
+        if problem:
+            rows["id"].append(""), rows["text"].append(""), rows["_local"].append(-1)
+            rows["_bad_reason"].append(problem[0]), rows["_bad_message"].append(problem[1])
+        else:
+            rows["id"].append(stable_hash(text)), rows["text"].append(text)
+            rows["_local"].append(local)
+            rows["_bad_reason"].append(""), rows["_bad_message"].append("")
+            local += 1
+        offset += len(raw)
+        line += 1
+    return pd.DataFrame(rows)
+
+
+def _lines(data: bytes):
+    """The lines of ``data``, each with its ``\\n``, as a file opened in binary mode yields them
+    (``bytes.splitlines`` would also break at a lone ``\\r``)."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start) + 1 or len(data)
+        yield data[start:end]
+        start = end
+
+
+def _collect_bad_rows(parsed, path: Path, bad: BadRows, listed: int = 20) -> None:
+    """The bad rows of a Ray Data read into ``bad``: the first ``listed`` of each reason by
+    line, the others counted; raised in error mode."""
+    from ray.data.expressions import col
+
+    bad_rows = parsed.filter(expr=col("_bad_reason") != "")
+    if not bad_rows.count():
+        return
+    counts = {r["_bad_reason"]: int(r["count()"]) for r in bad_rows.groupby("_bad_reason").count().take_all()}
+    named = []
+    for reason, count in sorted(counts.items()):
+        first = bad_rows.filter(expr=col("_bad_reason") == reason).select_columns(
+            ["_line", "_bad_message"]).to_pandas().nsmallest(listed, "_line")
+        named += [(int(line), reason, message) for line, message in zip(first["_line"], first["_bad_message"])]
+        if count > len(first):
+            bad.unlisted[reason] = bad.unlisted.get(reason, 0) + count - len(first)
+    for line, reason, message in sorted(named):  # in file order, as a read on the driver
+        bad.add(f"{path}:{line}", reason, message)
+    bad.raise_if_any()
+
+
+def _good_per_chunk(batch: pd.DataFrame) -> pd.DataFrame:
+    good = batch[batch["_bad_reason"] == ""]
+    counts = good.groupby("_chunk").size()
+    return pd.DataFrame({"_chunk": counts.index.astype("int64"), "rows": counts.to_numpy()})
+
+
+def _numbered_good_rows(batch: pd.DataFrame, offsets: dict[int, int]) -> pd.DataFrame:
+    good = batch[batch["_bad_reason"] == ""]
+    row = good["_chunk"].map(offsets).astype("int64") + good["_local"].astype("int64")
+    return pd.DataFrame({"id": good["id"].to_numpy(), "text": good["text"].to_numpy(),
+                         "_row": row.to_numpy()})
+
+
 def raw_lineage(raw: pd.DataFrame, seed: int, method: str = "raw") -> pd.DataFrame:
     """Lineage columns for rows that come from input files (``method=raw``, no parents)."""
     frame = raw.copy()
@@ -355,11 +539,12 @@ def raw_lineage(raw: pd.DataFrame, seed: int, method: str = "raw") -> pd.DataFra
 
 
 def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None,
-                                         dict[str, pd.DataFrame], dict[str, Any]]:
+                                         dict[str, Any], dict[str, Any]]:
     """Read and check the training pool, the test split and the stages' own inputs.
 
     Returns:
-        The pool, the test split, the stages' inputs by name, and the bad rows left out
+        The pool, the test split, the stages' inputs by name (the unlabelled texts as
+        :class:`InputRows`, read in Ray Data), and the bad rows left out
         (``data.on_bad_rows: skip``; see :meth:`raydag.data.BadRows.summary`).
 
     Raises:
@@ -390,10 +575,9 @@ def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | Non
                                       data.labels, bad=bad, max_text_chars=limit)
         if len(inputs["dev"]) > job.student.max_dev_examples:
             inputs["dev"] = stratified_sample(inputs["dev"], job.student.max_dev_examples, job.seed)
-    if data.unlabelled_path:
-        inputs["unlabelled"] = read_texts(data.unlabelled_path, [data.text_column], bad=bad,
-                                          max_text_chars=limit, check=fits).rename(
-            columns={data.text_column: "text"})
+    if data.unlabelled_path:  # the one input that grows with the job: read in Ray Data
+        inputs["unlabelled"] = read_texts_in_ray(data.unlabelled_path, data.text_column, bad=bad,
+                                                 max_text_chars=limit, check=fits)
     if job.raw_examples > len(pool):
         raise DataError(f"{data.train_path}: raw_examples={job.raw_examples} but the pool has "
                         f"{len(pool)} rows" + (" left after skipping bad rows" if bad.rows else ""))

@@ -21,13 +21,14 @@ import pandas as pd
 from raydag import console
 from raydag.chain import build_steps, check_contract, create_op, first_rows, shard_rows
 from raydag.config import JobConfig
-from raydag.data import stable_hash
+from raydag.data import InputRows, raw_lineage, stable_hash
 from raydag.errors import RaydagError
 from raydag.filters.exact import normalize_text
 from raydag.ops.create import TopicsOp
 from raydag.report import StageTimer
 from raydag.resources import actor_pool, teacher_runtime_env
-from raydag.stages import ChainRunner, Step, finished_shards, merge_stats, shard_path, total_stats, with_status
+from raydag.stages import (ChainRunner, Step, finished_shards, merge_stats, rows_per_shard,
+                           shard_layout, shard_path, total_stats, with_status)
 
 
 def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
         ChainRunner,
         fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
                                "shard_dir": str(shard_dir),
-                               "pii_types": job.quality.pii.types if job.quality.pii.enabled else []},
+                               "pii_types": job.quality.pii.types if job.quality.pii.enabled else [],
+                               "batch_size": job.teacher.batch_size},
         batch_size=1,
         batch_format="pandas",
         concurrency=actor_pool(job.teacher.pool_size),
@@ -121,15 +123,18 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> l
 
 @dataclass
 class ShardPlan:
-    """One round of the first stage's rows, cut into shards of ``teacher.batch_size``.
+    """One round of the first stage's rows, cut into shards (see
+    :func:`raydag.stages.rows_per_shard`).
 
     Attributes:
+        size: Rows per shard (the last one may hold fewer).
         sizes: Rows per shard, by shard number.
         sample: The first rows, for the column contract.
         dataset: Shard numbers -> the Ray Data dataset of those shards (``shard``, ``rows``:
             a JSON list of row dicts).
     """
 
+    size: int
     sizes: dict[int, int]
     sample: list[dict]
     dataset: Callable[[list[int]], Any]
@@ -137,7 +142,7 @@ class ShardPlan:
 
 def plan_round(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.DataFrame],
                topics: list[str] | None, round_index: int, grown: list[dict], planned: int,
-               first_shard: int) -> ShardPlan:
+               first_shard: int, shard_dir: Path) -> ShardPlan:
     """The shards of a round. A ``create`` stage's requests are planned by Ray Data tasks,
     each making the requests of its own shards (:meth:`CreateOp.plan_range`) from the raw
     rows in the object store, so the driver holds the shard sizes, not the requests; other
@@ -145,20 +150,27 @@ def plan_round(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
     (:func:`raydag.chain.first_rows`)."""
     import ray
 
-    size = job.teacher.batch_size
     first = job.stages[0]
-    def sizes(total: int) -> dict[int, int]:
-        return {first_shard + i: min(size, total - i * size) for i in range(-(-total // size))}
 
+    def layout(total: int) -> tuple[int, dict[int, int]]:
+        size = shard_layout(shard_dir, f"round-{round_index}", legacy=job.teacher.batch_size,
+                            wanted=rows_per_shard(total, job.teacher.batch_size,
+                                                  job.teacher.rows_per_shard))
+        return size, {first_shard + i: min(size, total - i * size) for i in range(-(-total // size))}
+
+    if first.type == "label" and first.mode == "annotate":
+        return _plan_input_rows(job, inputs["unlabelled"], planned, first_shard, layout)
     if first.type != "create":
         rows = first_rows(job, raw, inputs, topics, round_index, grown, planned)
+        size, sizes = layout(len(rows))
         by_number = {s["shard"]: s for s in shard_rows(rows, size, first=first_shard)}
-        return ShardPlan(sizes=sizes(len(rows)), sample=rows[:8],
+        return ShardPlan(size=size, sizes=sizes, sample=rows[:8],
                          dataset=lambda todo: ray.data.from_items([by_number[s] for s in todo]))
     op = create_op(job, topics)
     total = op.request_count(first.num_examples)
     if job.budget.max_requests is not None:
         total = min(total, max(job.budget.max_requests - planned, 0))
+    size, sizes = layout(total)
     raw_rows = raw.to_dict("records")
 
     def dataset(todo: list[int]):
@@ -170,7 +182,44 @@ def plan_round(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
             _plan_create_shards, fn_kwargs=settings, batch_size=1, batch_format="pandas")
 
     sample = with_status(op.plan_range(raw_rows, first.num_examples, job.seed, 0, min(total, 8)))
-    return ShardPlan(sizes=sizes(total), sample=sample, dataset=dataset)
+    return ShardPlan(size=size, sizes=sizes, sample=sample, dataset=dataset)
+
+
+def _plan_input_rows(job: JobConfig, unlabelled: InputRows, planned: int, first_shard: int,
+                     layout: Callable[[int], tuple[int, dict[int, int]]]) -> ShardPlan:
+    """The shards of a label stage over the unlabelled input: its rows, read and numbered in
+    Ray Data (:func:`raydag.data.read_texts_in_ray`), grouped into shards by Ray Data
+    (``groupby`` on the shard number), so no row passes through the driver."""
+    from ray.data.expressions import col
+
+    total = unlabelled.count
+    if job.budget.max_requests is not None:
+        total = min(total, max(job.budget.max_requests - planned, 0))
+    size, sizes = layout(total)
+    sample = with_status(raw_lineage(unlabelled.head(8), job.seed, method="input").to_dict("records"))
+
+    def dataset(todo: list[int]):
+        settings = {"size": size, "first_shard": first_shard, "todo": frozenset(todo)}
+        shards = unlabelled.dataset.filter(expr=col("_row") < total).map_batches(
+            _with_shard, fn_kwargs=settings, batch_format="pandas").groupby("shard").map_groups(
+            _input_shard, fn_kwargs={"seed": job.seed}, batch_format="pandas")
+        # One shard per block, so a token budget that runs out stops new shards.
+        return shards.repartition(len(todo))
+
+    return ShardPlan(size=size, sizes=sizes, sample=sample, dataset=dataset)
+
+
+def _with_shard(batch: pd.DataFrame, size: int, first_shard: int, todo: frozenset) -> pd.DataFrame:
+    batch = batch.assign(shard=first_shard + batch["_row"] // size)
+    return batch[batch["shard"].isin(todo)]
+
+
+def _input_shard(group: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Ray Data task: one shard's rows of the unlabelled input, in file order, as the chain
+    takes them (lineage and status columns)."""
+    group = group.sort_values("_row")
+    rows = with_status(raw_lineage(group[["id", "text"]], seed, method="input").to_dict("records"))
+    return pd.DataFrame({"shard": [int(group["shard"].iloc[0])], "rows": [json.dumps(rows)]})
 
 
 def _plan_create_shards(batch: pd.DataFrame, *, op, raw_rows: list, num_examples: int, seed: int,
@@ -222,7 +271,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
     with timer("teacher"):
         for round_index in range(rounds):
             plan = plan_round(job, raw, inputs, topics, round_index, grown, planned,
-                              first_shard=len(shards))
+                              first_shard=len(shards), shard_dir=shard_dir)
             if round_index == 0:
                 if not plan.sizes:
                     raise RaydagError(f"stage 1 ({first.type}) has no input rows")
@@ -236,8 +285,9 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
             stats = total_stats(finished)
             todo = [s for s in plan.sizes if s not in done]
             label = f"teacher round {round_index + 1}" if rounds > 1 else "teacher"
-            console.say(f"[{label}] {rows} rows in {len(plan.sizes)} shard(s) of "
-                        f"{job.teacher.batch_size}; {len(done)} already done, {len(todo)} to run")
+            console.say(f"[{label}] {rows} rows in {len(plan.sizes)} shard(s) of {plan.size} "
+                        f"(engine batches of {job.teacher.batch_size}); {len(done)} already "
+                        f"done, {len(todo)} to run")
             if todo and not (max_tokens and used() >= max_tokens):
                 progress = console.Progress(label, rows, done=rows - sum(plan.sizes[s] for s in todo))
                 stream = generate(plan.dataset(todo), steps, job, placement, shard_dir)
@@ -333,7 +383,10 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
     op = RephraseOp(labels=job.data.labels)
     steps = [Step(name="rephrase", op=op)]
     folder = run_dir / "rephrase" / stable_hash(sorted(flagged["id"]), report["shortcut_words"], length=12)
-    shards = shard_rows(first, job.teacher.batch_size, first=REPHRASE_FIRST_SHARD)
+    size = shard_layout(folder, "rephrase", legacy=job.teacher.batch_size,
+                        wanted=rows_per_shard(len(first), job.teacher.batch_size,
+                                              job.teacher.rows_per_shard))
+    shards = shard_rows(first, size, first=REPHRASE_FIRST_SHARD)
     done = finished_shards(folder, [s["shard"] for s in shards])
     todo = [s for s in shards if s["shard"] not in done]
     console.say(f"[rephrase] {len(first)} rows with shortcut words in {len(shards)} shard(s); "

@@ -312,6 +312,52 @@ def test_chain_runner_writes_shards_and_summaries(tmp_path):
     assert total[1]["dropped"] == {"label_disagreement": 2}
 
 
+def test_a_shard_of_several_engine_batches_makes_the_rows_of_one_shard_per_batch(tmp_path):
+    """The resume unit apart from the engine batch: one shard of 7 rows run in engine batches
+    of 4 gives the engine the calls, and the rows, that shards of 4 gave it."""
+    steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS),
+             Step(name="2:label.verify", op=LabelOp(task=TASK, labels=LABELS, mode="verify"))]
+    frames, calls = {}, {}
+    for name, shard_size, batch_size in (("one per batch", 4, None), ("one shard", 7, 4)):
+        engine = ScriptedEngine(scripted_teacher)
+        runner = ChainRunner(steps, engine_spec={}, shard_dir=str(tmp_path / name), engine=engine,
+                             batch_size=batch_size)
+        summary = runner(pd.DataFrame(shard_rows(plan(7), shard_size)))
+        frames[name] = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / name).glob("*.parquet"))],
+                                 ignore_index=True)
+        calls[name] = [[r.messages for r in call] for call in engine.calls]
+    assert len(summary) == 1 and summary["rows"].iloc[0] == 7
+    assert calls["one shard"] == calls["one per batch"] and max(map(len, calls["one shard"])) == 4
+    same = ["id", "_status", "_reason", "_stage", "text", "label"]
+    pd.testing.assert_frame_equal(frames["one shard"][same], frames["one per batch"][same])
+    assert list(frames["one shard"]["_order"]) == list(range(7))  # still the row order
+    stats = json.loads(summary["stats"].iloc[0])
+    assert (stats[0]["rows_in"], stats[1]["accepted"], stats[1]["dropped"]) == (7, 5, {"label_disagreement": 2})
+
+
+def test_the_shard_size_grows_with_the_rows_and_a_run_folder_keeps_its_own(tmp_path):
+    from raydag.stages import MAX_ROWS_PER_SHARD, rows_per_shard, shard_layout
+
+    assert rows_per_shard(1000, 64) == 64  # a small job: one engine batch per shard
+    assert rows_per_shard(64 * 64, 64) == 64 and rows_per_shard(64 * 64 + 1, 64) == 128
+    big = rows_per_shard(1_000_000, 64)
+    assert big % 64 == 0 and 60 <= -(-1_000_000 // big) <= 64
+    assert rows_per_shard(100_000_000, 64) == MAX_ROWS_PER_SHARD  # files of tens of MB
+    assert rows_per_shard(10, 100) == 100 and rows_per_shard(10**6, 64, setting=640) == 640
+
+    folder = tmp_path / "shards"
+    assert shard_layout(folder, "round-0", wanted=128, legacy=64) == 128  # recorded
+    assert shard_layout(folder, "round-0", wanted=256, legacy=64) == 128  # the folder's own
+    assert shard_layout(folder, "round-1", wanted=256, legacy=64) == 256
+    old = tmp_path / "old"  # shards written before layout.json: one engine batch each
+    old.mkdir()
+    (old / "shard-00000.parquet").write_bytes(b"")
+    assert shard_layout(old, "round-0", wanted=640, legacy=64) == 64
+    assert shard_layout(old, "round-1", wanted=640, legacy=64) == 64
+    with pytest.raises(ConfigError, match="multiple of teacher.batch_size"):
+        load_job(QUICKSTART, ["teacher.rows_per_shard=100", "teacher.batch_size=64"])
+
+
 def test_chain_runner_created_rows_do_not_inherit_annotations(tmp_path):
     steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS),
              Step(name="2:judge.rubric", op=JudgeOp(rubric="r")),
@@ -517,7 +563,7 @@ def test_first_rows_honours_max_requests(chain_yaml):
 
 
 @pytest.mark.slow
-def test_a_create_plan_is_sized_on_the_driver_and_planned_by_shard(chain_yaml, ray_local):
+def test_a_create_plan_is_sized_on_the_driver_and_planned_by_shard(chain_yaml, ray_local, tmp_path):
     """The teacher's plan of a create round: shard sizes on the driver (with the budget's cap),
     the requests of each shard made by a planning task, equal to the pure plan's."""
     import ray
@@ -526,7 +572,7 @@ def test_a_create_plan_is_sized_on_the_driver_and_planned_by_shard(chain_yaml, r
     from raydag.teacher import _plan_create_shards, plan_round
 
     job = load_job(chain_yaml, ["budget.max_requests=11", "teacher.batch_size=4"])
-    plan = plan_round(job, raw_frame(), {}, None, 0, [], 0, first_shard=3)
+    plan = plan_round(job, raw_frame(), {}, None, 0, [], 0, first_shard=3, shard_dir=tmp_path)
     assert plan.sizes == {3: 4, 4: 4, 5: 3}
     everything = first_rows(job, raw_frame(), {})
     assert plan.sample == everything[:8]
@@ -540,6 +586,28 @@ def test_a_create_plan_is_sized_on_the_driver_and_planned_by_shard(chain_yaml, r
     # The same through Ray Data, for any subset of the shards (a resumed run plans only those).
     through_ray = plan.dataset([5, 3]).take_all()
     assert {r["shard"]: json.loads(r["rows"]) for r in through_ray} == {5: planned[5], 3: planned[3]}
+
+
+@pytest.mark.slow
+def test_a_label_plan_over_the_unlabelled_input_is_made_in_ray_data(ray_local, tmp_path):
+    """An annotate stage's shards: the unlabelled file read in Ray Data tasks and grouped into
+    shards by Ray Data, equal to the driver's plan of the same rows (any subset of shards)."""
+    from raydag.data import BadRows, read_texts, read_texts_in_ray, raw_lineage
+    from raydag.teacher import plan_round
+
+    path = tmp_path / "unlabelled.jsonl"
+    path.write_text("".join(json.dumps({"text": f"message number {i}"}) + "\n" for i in range(23)))
+    job = load_job(ROOT / "jobs" / "label_unlabelled.yaml", [
+        "teacher.batch_size=4", "teacher.rows_per_shard=8", "budget.max_requests=21",
+        f"data.unlabelled_path={path}"])
+    inputs = {"unlabelled": read_texts_in_ray(path, "text", bad=BadRows(), chunk_bytes=100)}
+    plan = plan_round(job, None, inputs, None, 0, [], 0, first_shard=2, shard_dir=tmp_path / "shards")
+    assert (plan.size, plan.sizes) == (8, {2: 8, 3: 8, 4: 5})
+    driver = raw_lineage(read_texts(path, ["text"]), job.seed, method="input").to_dict("records")
+    expected = [{**row, "_status": "accepted", "_reason": "", "_stage": ""} for row in driver[:21]]
+    assert plan.sample == expected[:8]
+    shards = {r["shard"]: json.loads(r["rows"]) for r in plan.dataset([4, 2]).take_all()}
+    assert shards == {2: expected[:8], 4: expected[16:21]}
 
 
 def test_full_chain_runs_and_reconciles_with_a_scripted_teacher(chain_yaml, tmp_path):

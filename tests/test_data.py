@@ -1,4 +1,5 @@
 """Reading labelled files with Ray Data: formats, clear errors, stratified sampling."""
+import json
 
 import pandas as pd
 import pytest
@@ -92,3 +93,60 @@ def test_csv_rows_are_named_by_their_line(ray_local, tmp_path):
     pd.DataFrame([{"text": "fine", "label": "a"}, {"text": "odd", "label": "q"}]).to_csv(path, index=False)
     with pytest.raises(DataError, match=rf"{path}:3: label 'q'"):
         read_labelled(path, "text", "label", LABELS)
+
+
+def _unlabelled_file(path):
+    """A JSONL file of texts with every kind of bad line, some long lines, CRLF endings and
+    no newline at the end."""
+    lines = []
+    for i in range(120):
+        if i % 17 == 3:
+            lines.append(b"not json")
+        elif i % 29 == 5:
+            lines.append(b"")
+        elif i % 31 == 7:
+            lines.append(b'{"text": "caf\xe9"}')  # Latin-1, not UTF-8
+        elif i % 37 == 9:
+            lines.append(b'{"text": ""}')
+        elif i % 41 == 11:
+            lines.append(b'{"other": "x"}')
+        else:
+            text = f"note {i} " + "word " * (i % 13)
+            lines.append(json.dumps({"text": text}).encode() + (b"\r" if i % 7 == 0 else b"")
+                         + (b" \r " if i % 11 == 0 else b""))  # a lone CR is not a line end
+    path.write_bytes(b"\n".join(lines))  # no newline after the last line
+    return path
+
+
+@pytest.mark.parametrize("chunk_bytes", [37, 256, 1 << 20])
+def test_a_text_file_read_in_ray_tasks_equals_the_driver_read(ray_local, tmp_path, chunk_bytes):
+    """Cut into byte ranges that split lines anywhere, the Ray Data read gives the driver
+    read's rows in file order, and names the same bad rows by file and line."""
+    from raydag.data import BadRows, read_texts, read_texts_in_ray
+
+    path = _unlabelled_file(tmp_path / "unlabelled.jsonl")
+    driver_bad, ray_bad = BadRows("skip"), BadRows("skip")
+    expected = read_texts(path, ["text"], bad=driver_bad)
+    rows = read_texts_in_ray(path, "text", bad=ray_bad, chunk_bytes=chunk_bytes)
+    got = rows.dataset.to_pandas().sort_values("_row")
+    assert rows.count == len(expected) == len(got)
+    assert list(got["_row"]) == list(range(len(expected)))
+    assert list(got["id"]) == list(expected["id"]) and list(got["text"]) == list(expected["text"])
+    assert rows.head(3)["text"].tolist() == expected["text"].head(3).tolist()
+    assert ray_bad.summary() == driver_bad.summary()
+    assert set(ray_bad.summary()["by_reason"]) == {"not_json", "blank_line", "not_utf8", "empty_text"}
+
+    with pytest.raises(DataError, match=r"unlabelled.jsonl:4: not valid JSON") as err:
+        read_texts_in_ray(path, "text", bad=BadRows("error"), chunk_bytes=chunk_bytes)
+    assert "more bad row(s)" in str(err.value)
+
+
+def test_a_text_file_read_in_ray_names_an_unusable_file(ray_local, tmp_path):
+    from raydag.data import BadRows, read_texts_in_ray
+
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"other": 1}\n{"other": 2}\n')
+    with pytest.raises(DataError, match="texts.jsonl: no usable rows"):
+        read_texts_in_ray(path, "text", bad=BadRows("skip"), chunk_bytes=8)
+    with pytest.raises(DataError, match="file not found"):
+        read_texts_in_ray(tmp_path / "nope.jsonl", "text", bad=BadRows())

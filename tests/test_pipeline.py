@@ -188,17 +188,19 @@ FIXED_JOB_ROWS = "db6dd593fecbd55c21df456472df83f4aedc9cafd5bb3e5ae10a5f3f1accd2
 @pytest.mark.slow
 def test_a_fixed_job_makes_the_same_rows(ray_local, tmp_path):
     """The quickstart's create job on the instant engine (deterministic on any host): the same
-    ids, statuses and reasons as before, and again when rerun from its shards."""
+    ids, statuses and reasons as before, again when rerun from its shards, and with shards of
+    several engine batches."""
     import hashlib
 
     from raydag.pipeline import run_job
 
-    job = load_job(QUICKSTART, [
-        f"output_dir={tmp_path}", "teacher.engine=instant", "teacher.model=instant",
-        "stages.0.num_examples=300", "teacher.batch_size=32", "student.train_sets=[]",
-        "quality.diversity.embeddings=false", "quality.decontam.embedding_threshold=null"])
+    def fixed_job(output_dir, *more):
+        return load_job(QUICKSTART, [
+            f"output_dir={output_dir}", "teacher.engine=instant", "teacher.model=instant",
+            "stages.0.num_examples=300", "teacher.batch_size=32", "student.train_sets=[]",
+            "quality.diversity.embeddings=false", "quality.decontam.embedding_threshold=null", *more])
 
-    def digest() -> tuple[str, dict]:
+    def digest(job) -> tuple[str, dict]:
         report = json.loads(Path(run_job(job)).read_text())
         run_dir = Path(report["run_dir"])
         rows = pd.concat([pd.read_parquet(run_dir / folder) for folder in
@@ -207,8 +209,14 @@ def test_a_fixed_job_makes_the_same_rows(ray_local, tmp_path):
                                                        rows["_reason"].fillna("")))
         return hashlib.sha256("\n".join(key).encode()).hexdigest(), report
 
-    first, report = digest()
+    first, report = digest(fixed_job(tmp_path / "a"))
     assert report["counts"]["ran"] == 300 and report["shards"]["total"] == 10
     assert first == FIXED_JOB_ROWS
-    again, report = digest()  # every shard resumed, nothing regenerated
+    again, report = digest(fixed_job(tmp_path / "a"))  # every shard resumed, nothing regenerated
     assert report["shards"]["resumed"] == 10 and again == FIXED_JOB_ROWS
+    # Shards of three engine batches: the same rows, in 4 files.
+    bigger, report = digest(fixed_job(tmp_path / "b", "teacher.rows_per_shard=96"))
+    assert report["shards"]["total"] == 4 and bigger == FIXED_JOB_ROWS
+    # A rerun with another shard size resumes with the folder's own (shards/layout.json).
+    again, report = digest(fixed_job(tmp_path / "b", "teacher.rows_per_shard=160"))
+    assert report["shards"]["resumed"] == 4 and again == FIXED_JOB_ROWS
