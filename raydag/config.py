@@ -379,6 +379,10 @@ class DiversityConfig(StrictModel):
 
     sample_size: int = Field(default=200, ge=2, description="Rows sampled (seeded) for self-BLEU and embedding distance.")
     embeddings: bool = Field(default=True, description="Mean pairwise cosine distance with the student encoder.")
+    max_rows: int = Field(
+        default=10_000, ge=2, description="Most accepted rows per method the measures (diversity "
+        "and the shortcut report) read: every row up to this, a seeded sample beyond it, so "
+        "the driver holds at most this many rows per method.")
 
 
 class BiasConfig(StrictModel):

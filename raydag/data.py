@@ -10,7 +10,6 @@ by :class:`BadRows`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -385,12 +384,14 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
                       max_text_chars: int = MAX_TEXT_CHARS,
                       check: Callable[[str], tuple[str, str] | None] | None = None,
                       chunk_bytes: int = READ_CHUNK_BYTES) -> InputRows:
-    """:func:`read_texts` of one text column of a JSONL file, in Ray Data tasks.
+    """:func:`read_texts` of one text column of a JSONL or Parquet file, in Ray Data tasks.
 
-    The file is cut into byte ranges of ``chunk_bytes``; a first pass counts each range's
+    A JSONL file is cut into byte ranges of ``chunk_bytes``; a first pass counts each range's
     lines (so every bad row is named by ``file:line``), a second parses and checks its lines.
-    The driver holds one number per range and the bad rows it reports (the first 20 of each
-    reason; the rest counted). A file of another type is read by :func:`read_texts`.
+    A Parquet file is read by row group, numbered from its footer. The driver holds one number
+    per range or row group and the bad rows it reports (the first 20 of each reason; the rest
+    counted). A CSV file (whose quoted fields may hold line breaks) is read by
+    :func:`read_texts` on the driver and handed over.
 
     Raises:
         DataError: as :func:`read_texts`.
@@ -398,23 +399,27 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
     import ray
 
     path = Path(path)
-    if _READERS.get(path.suffix.lower()) != "json" or not path.is_file() or path.stat().st_size == 0:
+    kind = _READERS.get(path.suffix.lower())
+    if kind == "csv" or kind is None or not path.is_file() or path.stat().st_size == 0:
         frame = read_texts(path, [column], bad=bad, max_text_chars=max_text_chars, check=check)
         frame = frame.rename(columns={column: "text"}).assign(_row=np.arange(len(frame)))
         return InputRows(str(path), ray.data.from_pandas(frame).materialize(), len(frame))
-    size = path.stat().st_size
-    starts = list(range(0, size, chunk_bytes))
-    chunks = pd.DataFrame({"chunk": range(len(starts)), "start": starts,
-                           "end": starts[1:] + [size]})
-    newlines = ray.data.from_pandas(chunks).map_batches(
-        _count_newlines, fn_kwargs={"path": str(path)}, batch_size=1, batch_format="pandas")
-    by_chunk = dict(sorted((int(r["chunk"]), int(r["newlines"])) for r in newlines.take_all()))
-    chunks["first_line"] = np.cumsum([0] + list(by_chunk.values())[:-1]) + 1
+    settings = {"path": str(path), "column": column, "max_text_chars": max_text_chars, "check": check}
+    if kind == "parquet":
+        chunks, parse, where = _parquet_row_groups(path, column), _parse_parquet_group, "{path}: row {n}"
+    else:
+        size = path.stat().st_size
+        starts = list(range(0, size, chunk_bytes))
+        chunks = pd.DataFrame({"chunk": range(len(starts)), "start": starts,
+                               "end": starts[1:] + [size]})
+        newlines = ray.data.from_pandas(chunks).map_batches(
+            _count_newlines, fn_kwargs={"path": str(path)}, batch_size=1, batch_format="pandas")
+        by_chunk = dict(sorted((int(r["chunk"]), int(r["newlines"])) for r in newlines.take_all()))
+        chunks["first_line"] = np.cumsum([0] + list(by_chunk.values())[:-1]) + 1
+        parse, where = _parse_jsonl_chunk, "{path}:{n}"
     parsed = ray.data.from_pandas(chunks).map_batches(
-        _parse_jsonl_chunk, batch_size=1, batch_format="pandas", fn_kwargs={
-            "path": str(path), "column": column, "max_text_chars": max_text_chars,
-            "check": check}).materialize()
-    _collect_bad_rows(parsed, path, bad)
+        parse, batch_size=1, batch_format="pandas", fn_kwargs=settings).materialize()
+    _collect_bad_rows(parsed, path, bad, where)
     good_per_chunk: dict[int, int] = {}
     for part in parsed.map_batches(_good_per_chunk, batch_size=None, batch_format="pandas").take_all():
         good_per_chunk[int(part["_chunk"])] = good_per_chunk.get(int(part["_chunk"]), 0) + int(part["rows"])
@@ -427,6 +432,53 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
     rows = parsed.map_batches(_numbered_good_rows, fn_kwargs={"offsets": offsets},
                               batch_format="pandas").materialize()
     return InputRows(str(path), rows, count)
+
+
+def _parquet_row_groups(path: Path, column: str) -> pd.DataFrame:
+    """A Parquet file's row groups (``chunk``) and the number of each one's first row."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"{path}: cannot be read as parquet: {str(err)[:300]}") from None
+    names = metadata.schema.to_arrow_schema().names
+    if column not in names:
+        raise DataError(f"{path}: missing column(s) ['{column}'] (columns found: {', '.join(names)})")
+    sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    return pd.DataFrame({"chunk": range(len(sizes)),
+                         "first_line": np.cumsum([0] + sizes[:-1], dtype=np.int64)})
+
+
+def _parse_parquet_group(batch: pd.DataFrame, path: str, column: str, max_text_chars: int,
+                         check) -> pd.DataFrame:
+    """One row group of a Parquet file, checked and numbered as :func:`_parse_jsonl_chunk`."""
+    import pyarrow.parquet as pq
+
+    chunk, first = int(batch["chunk"].iloc[0]), int(batch["first_line"].iloc[0])
+    values = pq.ParquetFile(path).read_row_group(chunk, columns=[column]).column(0).to_pylist()
+    return _checked_rows(((first + i, v) for i, v in enumerate(values)), chunk, column,
+                         max_text_chars, check)
+
+
+def _checked_rows(numbered, chunk: int, column: str, max_text_chars: int, check) -> pd.DataFrame:
+    """Rows of one read task from ``(number, value or (reason, message))`` pairs: good rows
+    (``_bad_reason`` "") numbered in the task (``_local``), bad ones with their reason."""
+    rows = {c: [] for c in _PARSED_COLUMNS}
+    local = 0
+    for number, value in numbered:
+        problem = value if isinstance(value, tuple) else _text_problem(value, column, max_text_chars, check)
+        rows["_line"].append(number)
+        rows["_chunk"].append(chunk)
+        if problem:
+            rows["id"].append(""), rows["text"].append(""), rows["_local"].append(-1)
+            rows["_bad_reason"].append(problem[0]), rows["_bad_message"].append(problem[1])
+        else:
+            rows["id"].append(stable_hash(value)), rows["text"].append(value)
+            rows["_local"].append(local)
+            rows["_bad_reason"].append(""), rows["_bad_message"].append("")
+            local += 1
+    return pd.DataFrame(rows)
 
 
 def _count_newlines(batch: pd.DataFrame, path: str) -> pd.DataFrame:
@@ -457,27 +509,14 @@ def _parse_jsonl_chunk(batch: pd.DataFrame, path: str, column: str, max_text_cha
                 if not skip:
                     return pd.DataFrame({c: [] for c in _PARSED_COLUMNS})
                 data, start, line = data[skip:], start + skip, line + 1
-    rows = {c: [] for c in _PARSED_COLUMNS}
-    offset, local = start, 0
-    for raw in _lines(data):
-        value = _json_line(raw, offset)
-        problem = value if isinstance(value, tuple) else None
-        if problem is None:
-            text = value.get(column)
-            problem = _text_problem(text, column, max_text_chars, check)
-        rows["_line"].append(line)
-        rows["_chunk"].append(chunk)
-        if problem:
-            rows["id"].append(""), rows["text"].append(""), rows["_local"].append(-1)
-            rows["_bad_reason"].append(problem[0]), rows["_bad_message"].append(problem[1])
-        else:
-            rows["id"].append(stable_hash(text)), rows["text"].append(text)
-            rows["_local"].append(local)
-            rows["_bad_reason"].append(""), rows["_bad_message"].append("")
-            local += 1
-        offset += len(raw)
-        line += 1
-    return pd.DataFrame(rows)
+    def numbered():
+        offset = start
+        for number, raw in enumerate(_lines(data), start=line):
+            value = _json_line(raw, offset)
+            offset += len(raw)
+            yield number, value if isinstance(value, tuple) else value.get(column)
+
+    return _checked_rows(numbered(), chunk, column, max_text_chars, check)
 
 
 def _lines(data: bytes):
@@ -490,7 +529,7 @@ def _lines(data: bytes):
         start = end
 
 
-def _collect_bad_rows(parsed, path: Path, bad: BadRows, listed: int = 20) -> None:
+def _collect_bad_rows(parsed, path: Path, bad: BadRows, where: str, listed: int = 20) -> None:
     """The bad rows of a Ray Data read into ``bad``: the first ``listed`` of each reason by
     line, the others counted; raised in error mode."""
     from ray.data.expressions import col
@@ -507,7 +546,7 @@ def _collect_bad_rows(parsed, path: Path, bad: BadRows, listed: int = 20) -> Non
         if count > len(first):
             bad.unlisted[reason] = bad.unlisted.get(reason, 0) + count - len(first)
     for line, reason, message in sorted(named):  # in file order, as a read on the driver
-        bad.add(f"{path}:{line}", reason, message)
+        bad.add(where.format(path=path, n=line), reason, message)
     bad.raise_if_any()
 
 
@@ -614,33 +653,43 @@ def teacher_tokens_per_text(job: JobConfig) -> int:
     return max(16, (job.teacher.max_model_len - 256 - output) // max(texts, 1))
 
 
-def context_check(job: JobConfig):
+def context_check(job: JobConfig) -> "ContextCheck":
     """A check of one input text against the teacher's context (see
-    :func:`teacher_tokens_per_text`): returns ``(reason, message)`` for a text that is too
-    long, else None. Only texts with more UTF-8 bytes than the limit can have more tokens, so
-    most texts are never tokenised, and the tokenizer loads only when one is needed."""
-    limit = teacher_tokens_per_text(job)
+    :func:`teacher_tokens_per_text` and :class:`ContextCheck`)."""
+    return ContextCheck(teacher_tokens_per_text(job), job.teacher.model, job.teacher.max_model_len,
+                        active=job.teacher.engine == "vllm")
 
-    @functools.cache
-    def tokenizer():
-        from transformers import AutoTokenizer
 
-        try:
-            return AutoTokenizer.from_pretrained(resolve_model(job.teacher.model),
-                                                 local_files_only=True)
-        except Exception:  # a hub id not downloaded here: the engine checks it on the cluster
-            return None
+class ContextCheck:
+    """Called with a text: ``(reason, message)`` for one with more teacher tokens than
+    ``limit``, else None. Only texts with more UTF-8 bytes than the limit can have more
+    tokens, so most texts are never tokenised, and the tokenizer loads only when one is
+    needed. Picklable, so Ray Data read tasks check texts where they read them."""
 
-    def check(text: str):
-        if job.teacher.engine != "vllm" or len(text.encode("utf-8")) <= limit:
+    def __init__(self, limit: int, model: str, max_model_len: int, active: bool = True) -> None:
+        self.limit, self.model, self.max_model_len, self.active = limit, model, max_model_len, active
+        self._tokenizer: Any = False  # False: not loaded yet; None: not available here
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokenizer": False}
+
+    def tokenizer(self):
+        if self._tokenizer is False:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.model),
+                                                                local_files_only=True)
+            except Exception:  # a hub id not downloaded here: the engine checks it on the cluster
+                self._tokenizer = None
+        return self._tokenizer
+
+    def __call__(self, text: str) -> tuple[str, str] | None:
+        if not self.active or len(text.encode("utf-8")) <= self.limit or self.tokenizer() is None:
             return None
-        if tokenizer() is None:
-            return None
-        count = len(tokenizer()(text, add_special_tokens=False)["input_ids"])
-        if count <= limit:
+        count = len(self.tokenizer()(text, add_special_tokens=False)["input_ids"])
+        if count <= self.limit:
             return None
         return "text_over_context", (
-            f"the text has {count:,} teacher tokens, more than the {limit:,} one text may take "
-            f"in the teacher's context (teacher.max_model_len={job.teacher.max_model_len})")
-
-    return check
+            f"the text has {count:,} teacher tokens, more than the {self.limit:,} one text may "
+            f"take in the teacher's context (teacher.max_model_len={self.max_model_len})")

@@ -209,6 +209,54 @@ def _mark_not_novel(batch: pd.DataFrame, ids: frozenset) -> pd.DataFrame:
     return batch
 
 
+def accepted_for_measures(run_dir: Path, written: list[str], max_per_method: int,
+                          seed: int) -> pd.DataFrame:
+    """The accepted teacher rows the measures read (``text``, ``label``, ``method``): every
+    row of a method with at most ``max_per_method`` rows, a seeded sample of that many
+    beyond; in row order (``_order``).
+
+    Ray Data tasks count the rows per method and keep each row with the chance its method's
+    sample needs (a seeded hash of its id), so the driver holds about ``max_per_method`` rows
+    per method, whatever the run's size.
+    """
+    import ray
+
+    columns = ["text", "label", "method"]
+    if "synthetic" not in written:
+        return pd.DataFrame(columns=columns)
+    rows = ray.data.read_parquet(str(run_dir / "synthetic"),
+                                 columns=["id", "_order", *columns]).materialize()
+    counts: dict[str, int] = {}
+    for part in rows.map_batches(_method_counts, batch_size=None, batch_format="pandas").take_all():
+        counts[part["method"]] = counts.get(part["method"], 0) + int(part["rows"])
+    # 1.2x the sample's share and 50 rows of slack: a method comes back short with a
+    # vanishing chance; the exact sample is then cut on the driver
+    rates = {m: 1.0 if n <= max_per_method else min(1.0, (1.2 * max_per_method + 50) / n)
+             for m, n in counts.items()}
+    kept = rows.map_batches(_keep_by_rate, fn_kwargs={"rates": rates, "seed": seed},
+                            batch_format="pandas").to_pandas()
+    if kept.empty:
+        return pd.DataFrame(columns=columns)
+    kept = kept.sort_values("_u").groupby("method", group_keys=False).head(max_per_method)
+    for column in columns:
+        kept[column] = kept[column].fillna("")
+    return kept.sort_values("_order")[columns].reset_index(drop=True)
+
+
+def _method_counts(batch: pd.DataFrame) -> pd.DataFrame:
+    counts = batch.loc[batch["method"] != "raw", "method"].value_counts()
+    return pd.DataFrame({"method": counts.index.astype(str), "rows": counts.to_numpy()})
+
+
+def _keep_by_rate(batch: pd.DataFrame, rates: dict[str, float], seed: int) -> pd.DataFrame:
+    batch = batch[batch["method"] != "raw"]
+    key = f"{seed:016d}"[-16:]  # the hash's 16-character key: one sample per seed
+    uniform = pd.util.hash_pandas_object(batch["id"].astype(str), index=False,
+                                         hash_key=key).to_numpy() / 2.0**64
+    batch = batch.assign(_u=uniform)
+    return batch[batch["_u"] < batch["method"].map(rates).astype(float)]
+
+
 def read_accepted(run_dir: Path, written: list[str]) -> pd.DataFrame:
     """The accepted teacher rows (``text``, ``label``, ``method``), without raw rows a stage
     passed on; an empty frame when none was accepted."""

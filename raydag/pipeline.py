@@ -29,8 +29,8 @@ from raydag.errors import RaydagError
 from raydag.evaluate import student_comparisons
 from raydag.filters.pii import redact_frame
 from raydag.models import check_model
-from raydag.outputs import (check_output_dir, discard_stale_report, finish_outputs, input_digests,
-                            prepare_run_dir, read_accepted)
+from raydag.outputs import (accepted_for_measures, check_output_dir, discard_stale_report,
+                            finish_outputs, input_digests, prepare_run_dir, read_accepted)
 from raydag.quality import eval_splits, measure
 from raydag.report import StageTimer, students_table, write_datacard, write_report
 from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
@@ -90,11 +90,13 @@ def run_job(job: JobConfig) -> Path:
                 placement=placement, embeddings=embeddings)
         teacher["stats"] = teacher["stats"] + teacher["outputs"]["extra_stats"]
         counts = reconcile(teacher, pool, test, raw)
-        synthetic = read_accepted(run_dir, teacher["outputs"]["written"])
         quality = {**teacher["outputs"]["quality"], "pii_raw": raw_pii}
         with timer("measures"):
-            quality.update(measure(job, synthetic, raw, embeddings=embeddings))
+            quality.update(measure(job, accepted_for_measures(
+                run_dir, teacher["outputs"]["written"], job.quality.diversity.max_rows, job.seed),
+                raw, embeddings=embeddings))
         if job.student.train_sets:
+            synthetic = read_accepted(run_dir, teacher["outputs"]["written"])
             students.update(run_students(job, raw, synthetic, test, dev, run_dir,
                                          placement["student"], timer,
                                          only=[s for s in job.student.train_sets

@@ -216,65 +216,171 @@ def _pvi_filter(rows, job: JobConfig, raw: pd.DataFrame | None, raw_student: str
 
 
 def _coannotate(rows, job: JobConfig, run_dir: Path):
-    from raydag.ops.coannotate import (
-        label_studio_config,
-        label_studio_tasks,
-        route,
-        uncertainty,
-    )
+    """Co-annotation routing in Ray Data: each labelled accepted row's uncertainty is scored in
+    ``map_batches``; each block sends the driver its route counts and its ``human_budget`` most
+    uncertain candidates for people, of which the driver keeps the most uncertain; a second
+    ``map_batches`` marks every row by its route. The driver holds O(blocks x human_budget)
+    numbers and the human queue, nothing per row."""
+    import ray
+
+    from raydag.errors import RaydagError
+    from raydag.ops.coannotate import label_studio_config, label_studio_tasks
 
     config = job.quality.coannotation
-    columns = ["id", "text", "label", "label_confidence", "label_margin", "label_agreement",
-               "label_votes", "_order"]
-    accepted = _accepted(rows, columns)
-    if "label_margin" not in accepted.columns and "label_votes" not in accepted.columns:
-        from raydag.errors import RaydagError
-
+    if not {"label_margin", "label_votes"} & set(rows.columns()):
         raise RaydagError("quality.coannotation needs a label stage (label_margin or label_votes "
                           "columns); add one to stages or switch coannotation off")
-    def labelled(row: dict) -> bool:  # rows the label stage did not score stay as they are
-        margin, votes = row.get("label_margin"), row.get("label_votes")
-        has_margin = margin is not None and not (isinstance(margin, float) and np.isnan(margin))
-        has_votes = votes is not None and not (isinstance(votes, float) and np.isnan(votes))
-        return has_margin or has_votes
-
-    records = [row for row in accepted.to_dict("records") if labelled(row)]
-    try:
-        scores = [uncertainty(row, measure=config.measure, num_labels=len(job.data.labels))
-                  for row in records]
-    except ValueError as err:
-        from raydag.errors import RaydagError
-
-        raise RaydagError(f"quality.coannotation (measure {config.measure}): {err}") from None
-    decisions = route(scores, accept_below=config.accept_below, drop_above=config.drop_above,
-                      human_budget=config.human_budget, overflow=config.overflow)
+    if not 0.0 <= config.accept_below <= config.drop_above <= 1.0:
+        raise RaydagError(f"quality.coannotation: thresholds must satisfy 0 <= accept_below <= "
+                          f"drop_above <= 1, got {config.accept_below} and {config.drop_above}")
+    scored = rows.map_batches(_score_uncertainty, fn_kwargs={
+        "measure": config.measure, "num_labels": len(job.data.labels)},
+        batch_format="pandas").materialize()
+    settings = {"accept_below": config.accept_below, "drop_above": config.drop_above}
+    parts = scored.map_batches(_route_summary, fn_kwargs={**settings, "budget": config.human_budget},
+                               batch_size=None, batch_format="pandas").take_all()
+    errors = [p["error"] for p in parts if p["error"]]
+    if errors:
+        raise RaydagError(f"quality.coannotation (measure {config.measure}): {errors[0]}")
+    totals = {key: sum(int(p[key]) for p in parts) for key in ("accepted", "auto", "human", "drop")}
+    # the most uncertain candidates for people; equal uncertainties: the earlier row first
+    candidates = sorted(((-p["score"], p["order"]) for part in parts
+                         for p in json.loads(part["candidates"])))
+    chosen = frozenset(int(order) for _, order in candidates[:config.human_budget])
+    overflow = totals["human"] - len(chosen)
+    counts = {"auto": totals["auto"], "human": len(chosen), "drop": totals["drop"]}
+    counts["auto" if config.overflow == "accept" else "drop"] += overflow
+    queued = _chosen_rows(scored, chosen)
     human = _human_labels(run_dir)
-    marks, queue, merged = {}, [], 0
-    for row, score, decision in zip(records, scores, decisions):
-        update: dict[str, Any] = {"label_uncertainty": round(float(score), 4), "route": decision}
-        if decision == "human" and row["id"] in human:
-            answer = human[row["id"]]
-            update.update(teacher_label=row["label"], label=answer["label"], label_source="human",
-                          annotator=str(answer["annotator"]), annotated_at=str(answer["annotated_at"]))
-            merged += 1
-        elif decision == "human":
-            update.update(_status="quarantined", _reason="human_review", _stage="coannotation")
-            queue.append(row)
-        elif decision == "drop":
-            update.update(_drop("uncertain_label", "coannotation"))
-        marks[int(row["_order"])] = update
+    answered = {row["id"]: human[row["id"]] for row in queued if row["id"] in human}
+    queue = [row for row in queued if row["id"] not in answered]
+    marked = scored.map_batches(_route_rows, fn_kwargs={
+        **settings, "chosen": [ray.put(chosen)], "overflow": config.overflow,
+        "answers": answered, "answer_columns": bool(answered)}, batch_format="pandas")
     folder = run_dir / HUMAN_QUEUE
     folder.mkdir(parents=True, exist_ok=True)
     tasks = label_studio_tasks(queue, model_version=job.teacher.model)
     (folder / "tasks.json").write_text(json.dumps(tasks, indent=1, default=str))
     (folder / "label_config.xml").write_text(label_studio_config(job.data.labels))
-    counts = {name: decisions.count(name) for name in ("auto", "human", "drop")}
-    return mark_by_order(rows, marks).materialize(), {
-        "scored": len(records), "not_scored": len(accepted) - len(records),
+    scored_rows = totals["auto"] + totals["human"] + totals["drop"]
+    return marked.materialize(), {
+        "scored": scored_rows, "not_scored": totals["accepted"] - scored_rows,
         "measure": config.measure, "accept_below": config.accept_below,
         "drop_above": config.drop_above, "human_budget": config.human_budget,
-        "overflow": config.overflow, "routed": counts, "human_labels_merged": merged,
+        "overflow": config.overflow, "routed": counts, "human_labels_merged": len(answered),
         "human_queue": len(queue), "tasks_file": str(folder / "tasks.json")}
+
+
+_QUEUE_COLUMNS = ["id", "text", "label", "label_confidence", "label_margin", "label_agreement",
+                  "label_votes", "_order"]
+
+
+def _is_set(value) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value))
+
+
+def _score_uncertainty(batch: pd.DataFrame, measure: str, num_labels: int) -> pd.DataFrame:
+    """Ray Data task: ``label_uncertainty`` of each accepted row a label stage scored (NaN for
+    the others); a row whose columns cannot be scored leaves the reason in ``_uncertainty_error``."""
+    from raydag.ops.coannotate import uncertainty
+
+    batch = batch.copy()
+    scores, errors = [], []
+    present = [c for c in ("label_margin", "label_votes") if c in batch.columns]
+    for status, values in zip(batch["_status"], batch[present].itertuples(index=False)):
+        row = dict(zip(present, values))
+        if status != "accepted" or not any(_is_set(v) for v in row.values()):
+            scores.append(np.nan), errors.append("")
+            continue
+        try:
+            score = uncertainty(row, measure=measure, num_labels=num_labels)
+            if not 0.0 <= score <= 1.0:
+                raise ValueError(f"uncertainty must be in [0, 1], got {score}")
+            scores.append(score), errors.append("")
+        except ValueError as err:
+            scores.append(np.nan), errors.append(str(err))
+    batch["label_uncertainty"] = np.asarray(scores, dtype=float)
+    batch["_uncertainty_error"] = errors
+    return batch
+
+
+def _route_of(uncertainty: pd.Series, accept_below: float, drop_above: float) -> pd.Series:
+    route = pd.Series("human", index=uncertainty.index, dtype=object)
+    route[uncertainty < accept_below] = "auto"
+    route[uncertainty > drop_above] = "drop"
+    route[uncertainty.isna()] = ""
+    return route
+
+
+def _route_summary(batch: pd.DataFrame, accept_below: float, drop_above: float,
+                   budget: int) -> pd.DataFrame:
+    """Ray Data task: a block's accepted rows, rows per route, its ``budget`` most uncertain
+    candidates for people (JSON) and the first scoring error."""
+    route = _route_of(batch["label_uncertainty"], accept_below, drop_above)
+    human = batch[route == "human"]
+    top = human.assign(_neg=-human["label_uncertainty"]).sort_values(["_neg", "_order"]).head(budget)
+    errors = [e for e in batch["_uncertainty_error"] if e]
+    return pd.DataFrame({"accepted": [int((batch["_status"] == "accepted").sum())],
+                         "auto": [int((route == "auto").sum())], "human": [len(human)],
+                         "drop": [int((route == "drop").sum())],
+                         "candidates": [json.dumps([{"score": float(u), "order": int(o)} for u, o in
+                                                    zip(top["label_uncertainty"], top["_order"])])],
+                         "error": [errors[0] if errors else ""]})
+
+
+def _chosen_rows(scored, chosen: frozenset) -> list[dict]:
+    """The rows chosen for people (at most ``human_budget``), in row order."""
+    import ray
+
+    if not chosen:
+        return []
+    present = [c for c in _QUEUE_COLUMNS if c in scored.columns()]
+    frame = scored.select_columns(present).map_batches(
+        _rows_in, fn_kwargs={"orders": [ray.put(chosen)]}, batch_format="pandas").to_pandas()
+    return frame.sort_values("_order").to_dict("records")
+
+
+def _rows_in(batch: pd.DataFrame, orders: list) -> pd.DataFrame:
+    from raydag.stages import shared_object
+
+    return batch[batch["_order"].isin(shared_object(orders[0]))]
+
+
+def _route_rows(batch: pd.DataFrame, accept_below: float, drop_above: float, chosen: list,
+                overflow: str, answers: dict[str, dict], answer_columns: bool) -> pd.DataFrame:
+    """Ray Data task: each scored row's ``route`` and what it means for the row (a people's
+    label merged, quarantined for people, dropped as uncertain)."""
+    from raydag.stages import shared_object
+
+    batch = batch.drop(columns="_uncertainty_error").copy()
+    route = _route_of(batch["label_uncertainty"], accept_below, drop_above)
+    over = (route == "human") & ~batch["_order"].isin(shared_object(chosen[0]))
+    route[over] = "auto" if overflow == "accept" else "drop"
+    batch["label_uncertainty"] = batch["label_uncertainty"].round(4)
+    batch["route"] = route.where(route != "", None)
+    if answer_columns:
+        for column in ("teacher_label", "label_source", "annotator", "annotated_at"):
+            # a list of None: pd.Series(None, dtype=object) holds NaN under pandas 3
+            batch[column] = pd.Series([None] * len(batch), index=batch.index, dtype=object)
+    for column in ("_status", "_reason", "_stage", "label"):
+        batch[column] = batch[column].astype(object)
+    for index in batch.index[route == "human"]:
+        answer = answers.get(batch.at[index, "id"])
+        # one cell at a time: a multi-column .loc turns the other rows' None into NaN, and a
+        # column of NaN and strings no longer converts to Arrow
+        if answer is not None:
+            update = {"teacher_label": batch.at[index, "label"], "label": answer["label"],
+                      "label_source": "human", "annotator": str(answer["annotator"]),
+                      "annotated_at": str(answer["annotated_at"])}
+        else:
+            update = {"_status": "quarantined", "_reason": "human_review", "_stage": "coannotation"}
+        for column, value in update.items():
+            batch.at[index, column] = value
+    dropped = route == "drop"
+    batch.loc[dropped, "_status"] = "dropped"
+    batch.loc[dropped, "_reason"] = "uncertain_label"
+    batch.loc[dropped, "_stage"] = "coannotation"
+    return batch
 
 
 def _human_labels(run_dir: Path) -> dict[str, dict]:

@@ -150,3 +150,22 @@ def test_a_text_file_read_in_ray_names_an_unusable_file(ray_local, tmp_path):
         read_texts_in_ray(path, "text", bad=BadRows("skip"), chunk_bytes=8)
     with pytest.raises(DataError, match="file not found"):
         read_texts_in_ray(tmp_path / "nope.jsonl", "text", bad=BadRows())
+
+
+def test_a_parquet_text_file_read_in_ray_by_row_group_equals_the_driver_read(ray_local, tmp_path):
+    from raydag.data import BadRows, read_texts, read_texts_in_ray
+
+    texts = [f"note {i}" if i % 9 else ("" if i % 2 else None) for i in range(50)]
+    path = tmp_path / "texts.parquet"
+    pd.DataFrame({"text": texts, "other": range(50)}).to_parquet(path, row_group_size=7)
+    driver_bad, ray_bad = BadRows("skip"), BadRows("skip")
+    expected = read_texts(path, ["text"], bad=driver_bad)
+    rows = read_texts_in_ray(path, "text", bad=ray_bad)
+    got = rows.dataset.to_pandas().sort_values("_row")
+    assert list(got["text"]) == list(expected["text"]) and list(got["id"]) == list(expected["id"])
+    # a null is an empty text (the driver read's pandas calls it a non-string)
+    assert ray_bad.total == driver_bad.total == 6
+    assert ray_bad.summary()["by_reason"] == {"empty_text": 6}
+    assert ray_bad.summary()["rows"]["empty_text"][0] == f"{path}: row 0"
+    with pytest.raises(DataError, match=r"missing column\(s\) \['body'\]"):
+        read_texts_in_ray(path, "body", bad=BadRows())

@@ -220,3 +220,30 @@ def test_a_fixed_job_makes_the_same_rows(ray_local, tmp_path):
     # A rerun with another shard size resumes with the folder's own (shards/layout.json).
     again, report = digest(fixed_job(tmp_path / "b", "teacher.rows_per_shard=160"))
     assert report["shards"]["resumed"] == 4 and again == FIXED_JOB_ROWS
+
+
+def test_the_measures_read_every_accepted_row_up_to_a_cap_and_a_seeded_sample_beyond(ray_local, tmp_path):
+    from raydag.outputs import accepted_for_measures
+
+    folder = tmp_path / "synthetic"
+    folder.mkdir()
+    rows = ([{"method": "create.zero_shot", "n": i} for i in range(5)]
+            + [{"method": "create.few_shot", "n": i} for i in range(50)]
+            + [{"method": "raw", "n": i} for i in range(7)])
+    frame = pd.DataFrame([{"id": f"{r['method']}-{r['n']}", "text": f"text {r['method']} {r['n']}",
+                           "label": "a", **r} for r in rows]).drop(columns="n")
+    frame["_order"] = list(range(len(frame)))[::-1]  # row order is not file order
+    frame.iloc[:31].to_parquet(folder / "part-0.parquet")
+    frame.iloc[31:].to_parquet(folder / "part-1.parquet")
+
+    measured = accepted_for_measures(tmp_path, ["synthetic"], max_per_method=20, seed=0)
+    assert list(measured.columns) == ["text", "label", "method"]
+    assert measured["method"].value_counts().to_dict() == {"create.few_shot": 20, "create.zero_shot": 5}
+    order = frame.set_index("text")["_order"]
+    assert list(order[measured["text"]]) == sorted(order[measured["text"]])  # in row order
+    again = accepted_for_measures(tmp_path, ["synthetic"], max_per_method=20, seed=0)
+    other = accepted_for_measures(tmp_path, ["synthetic"], max_per_method=20, seed=1)
+    assert measured.equals(again) and not measured.equals(other)
+    everything = accepted_for_measures(tmp_path, ["synthetic"], max_per_method=50, seed=0)
+    assert len(everything) == 55
+    assert accepted_for_measures(tmp_path, ["dropped"], max_per_method=50, seed=0).empty

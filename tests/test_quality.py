@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from raydag.cli import main
+from raydag.config import load_job
 
 from conftest import ROOT, write_jsonl
 
@@ -236,3 +237,54 @@ def test_rephrase_rewrites_rows_that_carry_a_planted_shortcut_word(ray_local, tm
     assert step["rows_in"] == len(flagged) and step["created"] == len(flagged)
     assert step["accepted"] + sum(step["dropped"].values()) + sum(step["quarantined"].values()) \
         == 2 * len(flagged)
+
+
+@pytest.mark.parametrize("overflow", ["accept", "drop"])
+def test_coannotation_routing_in_ray_data_equals_the_pure_router(ray_local, tmp_path, overflow):
+    """Blocks of planted rows: the same routes as raydag.ops.coannotate.route over all rows
+    at once (the budget's most uncertain rows, ties by row order), and people's labels merged."""
+    import ray
+
+    from raydag.ops.coannotate import route
+    from raydag.quality import HUMAN_LABELS, _coannotate
+
+    margins = [0.95, 0.5, 0.3, 0.3, 0.05, 0.6, 0.3, None, 0.99, 0.45, 0.3, 0.2]
+    statuses = ["accepted"] * 10 + ["dropped", "accepted"]
+    frame = pd.DataFrame({"id": [f"r{i}" for i in range(12)], "text": [f"text {i}" for i in range(12)],
+                          "label": "billing", "label_margin": margins, "label_confidence": 0.5,
+                          "_status": statuses, "_reason": "", "_stage": "",
+                          "_order": [10 * i for i in range(12)]})
+    frame.loc[10, "_reason"] = "near_duplicate"
+    rows = ray.data.from_pandas([frame.iloc[:5], frame.iloc[5:9], frame.iloc[9:]])
+    job = load_job(ROOT / "jobs" / "coannotate.yaml", [
+        f"output_dir={tmp_path}", "quality.coannotation.accept_below=0.1",
+        "quality.coannotation.drop_above=0.9", "quality.coannotation.human_budget=3",
+        f"quality.coannotation.overflow={overflow}", "quality.coannotation.measure=margin"])
+    pd.DataFrame([{"id": "r3", "label": "shipping", "annotator": "7",
+                   "annotated_at": "2026-12-06"}]).to_parquet(tmp_path / HUMAN_LABELS)
+
+    marked, summary = _coannotate(rows, job, tmp_path)
+    import pyarrow as pa
+
+    for block in marked.to_arrow_refs():  # a people's label column is text, not pickled objects
+        kind = ray.get(block).schema.field("label_source").type
+        assert pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+    out = marked.to_pandas().sort_values("_order").set_index("id")
+    scored = [i for i in range(12) if statuses[i] == "accepted" and margins[i] is not None]
+    expected = route([1 - margins[i] for i in scored], accept_below=0.1, drop_above=0.9,
+                     human_budget=3, overflow=overflow)
+    assert [out.loc[f"r{i}", "route"] for i in scored] == expected
+    assert pd.isna(out.loc["r7", "route"]) and out.loc["r10", "_reason"] == "near_duplicate"
+    # the three most uncertain of the band: r11 (0.8), then the first two of the 0.7s (r2, r3)
+    assert [i for i, r in zip(scored, expected) if r == "human"] == [2, 3, 11]
+    assert summary["routed"] == {r: expected.count(r) for r in ("auto", "human", "drop")}
+    assert summary["scored"] == len(scored) == 10 and summary["not_scored"] == 1
+    assert set(out.index[out["_reason"] == "human_review"]) == {"r2", "r11"}
+    assert summary["human_queue"] == 2 and summary["human_labels_merged"] == 1
+    assert (out.loc["r3", "label"], out.loc["r3", "teacher_label"], out.loc["r3", "label_source"],
+            out.loc["r3", "_status"]) == ("shipping", "billing", "human", "accepted")
+    tasks = json.loads(Path(summary["tasks_file"]).read_text())
+    assert [t["data"]["raydag_id"] for t in tasks] == ["r2", "r11"]
+    dropped = set(out.index[out["_reason"] == "uncertain_label"])
+    assert dropped == ({"r4", "r1", "r5", "r6", "r9"} if overflow == "drop" else {"r4"})
+    assert out.loc["r0", "label_uncertainty"] == 0.05 and out.loc["r0", "_status"] == "accepted"
