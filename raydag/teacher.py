@@ -28,7 +28,7 @@ from raydag.ops.create import TopicsOp
 from raydag.report import StageTimer
 from raydag.resources import actor_pool, teacher_runtime_env
 from raydag.stages import (ChainRunner, Step, finished_shards, merge_stats, rows_per_shard,
-                           shard_layout, shard_path, total_stats, with_status)
+                           shard_layout, shard_path, shuffle_partitions, total_stats, with_status)
 
 
 def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +201,8 @@ def _plan_input_rows(job: JobConfig, unlabelled: InputRows, planned: int, first_
     def dataset(todo: list[int]):
         settings = {"size": size, "first_shard": first_shard, "todo": frozenset(todo)}
         shards = unlabelled.dataset.filter(expr=col("_row") < total).map_batches(
-            _with_shard, fn_kwargs=settings, batch_format="pandas").groupby("shard").map_groups(
+            _with_shard, fn_kwargs=settings, batch_format="pandas").groupby(
+            "shard", num_partitions=shuffle_partitions(unlabelled.dataset.size_bytes())).map_groups(
             _input_shard, fn_kwargs={"seed": job.seed}, batch_format="pandas")
         # One shard per block, so a token budget that runs out stops new shards.
         return shards.repartition(len(todo))
