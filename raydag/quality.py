@@ -189,30 +189,69 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
 
 
 def _pvi_filter(rows, job: JobConfig, raw: pd.DataFrame | None, raw_student: str | None):
+    """The PVI filter in Ray Data: actors holding the raw student (one per GPU where the
+    cluster has GPUs, else one CPU actor) score the accepted teacher rows of each batch and
+    mark those below the threshold; the driver gets per-block counts."""
+    import os
+
+    import ray
+
     from raydag.errors import RaydagError
-    from raydag.train import pointwise_v_information, student_log2_probs
+    from raydag.resources import model_actor_options
 
     if raw is None or raw_student is None:
         raise RaydagError("quality.consistency.pvi_threshold needs the raw student "
                           "(student.train_sets must include 'raw')")
     threshold = job.quality.consistency.pvi_threshold
-    accepted = _accepted(rows, ["id", "text", "label", "method", "_order"])
-    accepted = accepted[accepted["method"] != "raw"].reset_index(drop=True)
     prior = raw["label"].astype(str).value_counts(normalize=True).to_dict()
     prior = {label: prior.get(label, 1e-6) for label in job.data.labels}
-    logp = student_log2_probs(accepted["text"].astype(str).tolist(),
-                              accepted["label"].astype(str).tolist(), raw_student)
-    pvi = pointwise_v_information(logp, accepted["label"].astype(str).tolist(), prior)
-    marks = {}
-    for order, value in zip(accepted["_order"], pvi):
-        update = {"pvi": round(float(value), 4)}
-        if value < threshold:
-            update.update(_drop("low_pvi", "consistency"))
-        marks[int(order)] = update
-    low = int((pvi < threshold).sum())
-    return mark_by_order(rows, marks).materialize(), {
-        "method": "pvi", "threshold": threshold, "checked": len(accepted), "dropped": low,
-        "mean_pvi": round(float(pvi.mean()), 4) if len(pvi) else None}
+    options = model_actor_options(ray.cluster_resources().get("GPU", 0.0),
+                                  len(os.sched_getaffinity(0)))
+    marked = rows.map_batches(PVIMarker, fn_constructor_kwargs={
+        "checkpoint": raw_student, "prior": prior, "threshold": threshold},
+        batch_size=64, batch_format="pandas", **options).materialize()
+    parts = marked.map_batches(_pvi_summary, batch_size=None, batch_format="pandas").take_all()
+    checked = sum(int(p["checked"]) for p in parts)
+    return marked.drop_columns(["_pvi"]).materialize(), {
+        "method": "pvi", "threshold": threshold, "checked": checked,
+        "dropped": sum(int(p["dropped"]) for p in parts),
+        "mean_pvi": round(sum(float(p["pvi_sum"]) for p in parts) / checked, 4) if checked else None}
+
+
+class PVIMarker:
+    """Ray Data actor: the PVI (:func:`raydag.train.pointwise_v_information`) of each accepted
+    teacher row of a batch under the raw student, in ``pvi``; a row below ``threshold`` is
+    dropped as ``low_pvi``. Other rows pass unchanged (``pvi`` empty)."""
+
+    def __init__(self, checkpoint: str, prior: dict[str, float], threshold: float) -> None:
+        from raydag.train import StudentScorer
+
+        self.scorer, self.prior, self.threshold = StudentScorer(checkpoint), prior, threshold
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from raydag.train import pointwise_v_information
+
+        batch = batch.copy()
+        todo = ((batch["_status"] == "accepted") & (batch["method"] != "raw")).to_numpy()
+        pvi = np.full(len(batch), np.nan)
+        if todo.any():
+            part = batch.loc[todo, ["text", "label"]].astype(str)
+            logp = self.scorer(part)["log2_p_label"].to_numpy(dtype=float)
+            pvi[todo] = pointwise_v_information(logp, part["label"].tolist(), self.prior)
+        low = todo & (pvi < self.threshold)
+        batch["pvi"] = np.round(pvi, 4)
+        batch["_pvi"] = pvi  # unrounded, for the summary's mean (then dropped)
+        for column, value in (("_status", "dropped"), ("_reason", "low_pvi"), ("_stage", "consistency")):
+            batch[column] = batch[column].astype(object)
+            batch.loc[low, column] = value
+        return batch
+
+
+def _pvi_summary(batch: pd.DataFrame) -> pd.DataFrame:
+    scored = batch["_pvi"].notna()
+    return pd.DataFrame({"checked": [int(scored.sum())],
+                         "dropped": [int((batch["_reason"] == "low_pvi").sum())],
+                         "pvi_sum": [float(batch.loc[scored, "_pvi"].sum())]})
 
 
 def _coannotate(rows, job: JobConfig, run_dir: Path):

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -288,3 +289,49 @@ def test_coannotation_routing_in_ray_data_equals_the_pure_router(ray_local, tmp_
     dropped = set(out.index[out["_reason"] == "uncertain_label"])
     assert dropped == ({"r4", "r1", "r5", "r6", "r9"} if overflow == "drop" else {"r4"})
     assert out.loc["r0", "label_uncertainty"] == 0.05 and out.loc["r0", "_status"] == "accepted"
+
+
+def test_the_pvi_filter_in_ray_data_scores_teacher_rows_and_drops_the_low_ones(ray_local, tmp_path):
+    """The raw student (here an untrained head on the embedded encoder) scores the accepted
+    teacher rows in Ray Data actors: the same PVI as scoring them on their own, rows below the
+    threshold dropped as low_pvi, raw and dropped rows untouched."""
+    import ray
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from raydag.models import resolve_model
+    from raydag.quality import _pvi_filter
+    from raydag.train import StudentClassifier, pointwise_v_information, save_student, student_log2_probs
+
+    labels = ["billing", "shipping", "technical"]
+    path = resolve_model("embedded:all-minilm-l6-v2")
+    torch.manual_seed(0)
+    model = StudentClassifier(AutoModel.from_pretrained(path), len(labels), "mean", True)
+    save_student(model, AutoTokenizer.from_pretrained(path), labels, str(tmp_path / "student"))
+    texts = [f"my order {i} {'was charged twice' if i % 2 else 'never arrived'}" for i in range(12)]
+    frame = pd.DataFrame({"id": [f"r{i}" for i in range(12)], "text": texts,
+                          "label": [labels[i % 3] for i in range(12)],
+                          "method": ["raw"] * 2 + ["create.few_shot"] * 10,
+                          "_status": ["accepted"] * 11 + ["dropped"], "_reason": [""] * 11 + ["near_duplicate"],
+                          "_stage": "", "_order": range(12)})
+    raw = pd.DataFrame({"text": texts[:6], "label": ["billing", "billing", "shipping", "shipping",
+                                                     "shipping", "technical"]})
+    prior = {"billing": 1 / 3, "shipping": 1 / 2, "technical": 1 / 6}
+    teacher = frame.iloc[2:11]
+    expected = pointwise_v_information(student_log2_probs(teacher["text"].tolist(), teacher["label"].tolist(),
+                                                          str(tmp_path / "student")),
+                                       teacher["label"].tolist(), prior)
+    threshold = float(np.median(expected))
+    job = load_job(ROOT / "jobs" / "quickstart.yaml", [f"quality.consistency.pvi_threshold={threshold}"])
+
+    marked, summary = _pvi_filter(ray.data.from_pandas([frame.iloc[:5], frame.iloc[5:]]), job, raw,
+                                  str(tmp_path / "student"))
+    out = marked.to_pandas().sort_values("_order").reset_index(drop=True)
+    assert "_pvi" not in out.columns
+    assert out.loc[2:10, "pvi"].tolist() == pytest.approx(np.round(expected, 4).tolist(), abs=2e-4)
+    assert out.loc[[0, 1, 11], "pvi"].isna().all() and out.loc[11, "_reason"] == "near_duplicate"
+    low = [i + 2 for i, v in enumerate(expected) if v < threshold]
+    assert out.index[out["_reason"] == "low_pvi"].tolist() == low and len(low) == 4
+    assert (out.loc[low, "_status"] == "dropped").all() and (out.loc[low, "_stage"] == "consistency").all()
+    assert summary["checked"] == 9 and summary["dropped"] == 4
+    assert summary["mean_pvi"] == pytest.approx(float(np.mean(expected)), abs=1e-4)
