@@ -15,7 +15,9 @@ measures itself: wall seconds after Ray is up, and its own peak RSS from
 
     scale rows=<n> rows_per_s=<n> driver_peak_rss_mb=<n> ref_rows_per_s=<n> ref_driver_peak_rss_mb=<n>
 
-and then the MinHash pass alone (:mod:`raydag.bench_minhash`) at ``--minhash-rows`` rows.
+then where the job's seconds went (``scale_stages rows=<n> read_s=<s> teacher_s=<s>
+write_s=<s> ...``, from the report), and then the MinHash pass alone
+(:mod:`raydag.bench_minhash`) at ``--minhash-rows`` rows.
 
 The inputs (seeded, made in this process before any driver starts): texts of 8-40 words from a
 3,000-word vocabulary with 10% planted near copies, 1% carrying an e-mail address, and 0.1%
@@ -103,16 +105,16 @@ def _drive(job_path: str, side: str, result: str) -> None:
     out = Path(job.output_dir)
     with console.capture(out.parent / f"{side}.log"):
         init_ray()
-        started = time.perf_counter()
+        started, stages = time.perf_counter(), {}
         if side == "reference":
             rows = _reference(job, str(out.parent / "reference"))
         else:
             from raydag.pipeline import run_job
 
             report = json.loads(Path(run_job(job)).read_text())
-            rows = report["counts"]["ran"]
+            rows, stages = report["counts"]["ran"], report["stages"]
         seconds = time.perf_counter() - started
-    Path(result).write_text(json.dumps({"rows": rows, "seconds": seconds,
+    Path(result).write_text(json.dumps({"rows": rows, "seconds": seconds, "stages": stages,
                                         "driver_peak_rss_mb": driver_peak_rss_mb()}))
 
 
@@ -174,7 +176,10 @@ def bench_scale(sizes: list[int], work: Path, minhash_rows: int, timeout_s: floa
               f"driver_peak_rss_mb={line['driver_peak_rss_mb']:.0f} "
               f"ref_rows_per_s={line['ref_rows_per_s']:.0f} "
               f"ref_driver_peak_rss_mb={line['ref_driver_peak_rss_mb']:.0f}", flush=True)
-        results.append(line)
+        # where our seconds went, by stage of the job (see the report's "stages")
+        print(f"scale_stages rows={rows} " + " ".join(
+            f"{stage}_s={seconds:.1f}" for stage, seconds in ours["stages"].items()), flush=True)
+        results.append({**line, "stages": ours["stages"]})
     if len(results) > 1:
         first, last = results[0], results[-1]
         print(f"scale_rss_growth={last['driver_peak_rss_mb'] / first['driver_peak_rss_mb']:.2f} "

@@ -44,6 +44,7 @@ def test_scale_bench_runs_a_real_label_job_beside_bare_ray_data(tmp_path, capsys
     results = bench_scale([400], tmp_path, minhash_rows=0, timeout_s=900)
     line = capsys.readouterr().out
     assert "scale rows=400 rows_per_s=" in line and " ref_rows_per_s=" in line
+    assert "scale_stages rows=400 read_s=" in line and " teacher_s=" in line and " write_s=" in line
     assert results[0]["rows"] == 400 and results[0]["rows_per_s"] > 0
     assert 0 < results[0]["driver_peak_rss_mb"] < 4000
     report = json.loads((tmp_path / "400" / "output" / "report.json").read_text())
