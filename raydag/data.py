@@ -359,13 +359,11 @@ class InputRows:
     """A file of texts read and checked by Ray Data tasks, never held on the driver.
 
     Attributes:
-        path: The file.
         dataset: The good rows, materialised in the object store: ``id`` (a hash of the
             text), ``text`` and ``_row`` (the row's number among the good rows, in file order).
         count: How many good rows.
     """
 
-    path: str
     dataset: Any
     count: int
 
@@ -403,7 +401,7 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
     if kind == "csv" or kind is None or not path.is_file() or path.stat().st_size == 0:
         frame = read_texts(path, [column], bad=bad, max_text_chars=max_text_chars, check=check)
         frame = frame.rename(columns={column: "text"}).assign(_row=np.arange(len(frame)))
-        return InputRows(str(path), ray.data.from_pandas(frame).materialize(), len(frame))
+        return InputRows(ray.data.from_pandas(frame).materialize(), len(frame))
     settings = {"path": str(path), "column": column, "max_text_chars": max_text_chars, "check": check}
     if kind == "parquet":
         chunks, parse, where = _parquet_row_groups(path, column), _parse_parquet_group, "{path}: row {n}"
@@ -431,7 +429,7 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
         offsets[chunk], total = total, total + good_per_chunk[chunk]
     rows = parsed.map_batches(_numbered_good_rows, fn_kwargs={"offsets": offsets},
                               batch_format="pandas").materialize()
-    return InputRows(str(path), rows, count)
+    return InputRows(rows, count)
 
 
 def _parquet_row_groups(path: Path, column: str) -> pd.DataFrame:
@@ -507,7 +505,7 @@ def _parse_jsonl_chunk(batch: pd.DataFrame, path: str, column: str, max_text_cha
             if handle.read(1) != b"\n":  # byte ``start`` is inside a line of the range before
                 skip = data.find(b"\n") + 1
                 if not skip:
-                    return pd.DataFrame({c: [] for c in _PARSED_COLUMNS})
+                    return _checked_rows((), chunk, column, max_text_chars, check)
                 data, start, line = data[skip:], start + skip, line + 1
     def numbered():
         offset = start

@@ -359,7 +359,6 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
     import ray
     from ray.data.expressions import col
 
-    from raydag.data import stable_hash
     from raydag.measures.bias import bias_report, flag_rows
     from raydag.ops.reform import RephraseOp
 
