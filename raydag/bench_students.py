@@ -73,9 +73,8 @@ def bench_students(datasets: list[str], data: Path, raw_examples: int, seeds: li
         started = time.time()
         with tempfile.TemporaryDirectory() as storage:
             summary = summarise_students(fit_students(
-                student_runs(["raw"], raw, None, None, student), test["text"].tolist(),
-                test["label"].tolist(), label_set=labels, student=student, storage_dir=storage,
-                run_name=f"bench_{name}"))["raw"]
+                student_runs(["raw"], raw, None, None, student), test, label_set=labels,
+                student=student, storage_dir=storage, run_name=f"bench_{name}"))["raw"]
         summary["seconds"] = round(time.time() - started, 1)
         results[name] = summary
         print(f"{name}: raw student {summary['accuracy']:.4f} ± {summary['accuracy_std']:.4f} "

@@ -257,14 +257,19 @@ def _keep_by_rate(batch: pd.DataFrame, rates: dict[str, float], seed: int) -> pd
     return batch[batch["_u"] < batch["method"].map(rates).astype(float)]
 
 
-def read_accepted(run_dir: Path, written: list[str]) -> pd.DataFrame:
-    """The accepted teacher rows (``text``, ``label``, ``method``), without raw rows a stage
-    passed on; an empty frame when none was accepted."""
-    columns = ["text", "label", "method"]
+def accepted_rows(run_dir: Path, written: list[str]):
+    """The accepted teacher rows (``text``, ``label``) as a Ray Dataset read from the run's
+    ``synthetic/`` shards, without raw rows a stage passed on (the students' synthetic
+    rows: they never pass through the driver); ``None`` when no shard was written."""
+    import ray
+
     if "synthetic" not in written:
-        return pd.DataFrame(columns=columns)
-    frame = pd.read_parquet(run_dir / "synthetic")
-    for column in columns:
-        if column not in frame.columns:
-            frame[column] = ""
-    return frame.loc[frame["method"] != "raw", columns].reset_index(drop=True)
+        return None
+    return ray.data.read_parquet(str(run_dir / "synthetic")).map_batches(
+        _teacher_rows, batch_format="pandas")
+
+
+def _teacher_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    kept = batch[batch["method"] != "raw"] if "method" in batch.columns else batch
+    return pd.DataFrame({column: (kept[column].fillna("").astype(str) if column in kept.columns
+                                  else [""] * len(kept)) for column in ("text", "label")})

@@ -29,8 +29,8 @@ from raydag.errors import RaydagError
 from raydag.evaluate import student_comparisons
 from raydag.filters.pii import redact_frame
 from raydag.models import check_model
-from raydag.outputs import (accepted_for_measures, check_output_dir, discard_stale_report,
-                            finish_outputs, input_digests, prepare_run_dir, read_accepted)
+from raydag.outputs import (accepted_for_measures, accepted_rows, check_output_dir,
+                            discard_stale_report, finish_outputs, input_digests, prepare_run_dir)
 from raydag.quality import eval_splits, measure
 from raydag.report import StageTimer, students_table, write_datacard, write_report
 from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
@@ -96,7 +96,7 @@ def run_job(job: JobConfig) -> Path:
                 run_dir, teacher["outputs"]["written"], job.quality.diversity.max_rows, job.seed),
                 raw, embeddings=embeddings))
         if job.student.train_sets:
-            synthetic = read_accepted(run_dir, teacher["outputs"]["written"])
+            synthetic = accepted_rows(run_dir, teacher["outputs"]["written"])
             students.update(run_students(job, raw, synthetic, test, dev, run_dir,
                                          placement["student"], timer,
                                          only=[s for s in job.student.train_sets
@@ -147,15 +147,16 @@ def run_job(job: JobConfig) -> Path:
     return out / "report.json"
 
 
-def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame | None,
+def run_students(job: JobConfig, raw: pd.DataFrame, synthetic,
                  test: pd.DataFrame, dev: pd.DataFrame | None, out: Path, student: StudentConfig,
                  timer: StageTimer, only: list[str] | None = None) -> dict[str, dict]:
     """Fine-tune and evaluate one student per requested training set (``only``: these) and
     seed, each next to its baselines, all in one Ray Train run (one worker group and DeepSpeed
     start-up for every student), and summarise them over seeds.
 
-    The dev split is ``dev`` (the job's ``data.dev_path``) or, per seed, a held-out share of
-    the raw sample; raw and mixed students then train on the rest of the raw sample.
+    ``synthetic`` is the run's accepted rows as a Ray Dataset (:func:`accepted_rows`) or
+    ``None``. The dev split is ``dev`` (the job's ``data.dev_path``) or, per seed, a held-out
+    share of the raw sample; raw and mixed students then train on the rest of the raw sample.
     """
     from raydag.evaluate import STUDENT_FLAGS, summarise_students
     from raydag.train import fit_students, student_runs
@@ -163,15 +164,15 @@ def run_students(job: JobConfig, raw: pd.DataFrame, synthetic: pd.DataFrame | No
     names = list(only if only is not None else student.train_sets)
     runs = student_runs(names, raw, synthetic, dev, student)
     stage = "students" if only is None or len(names) > 1 else f"student_{names[0]}"
-    sizes = {run["name"]: len(run["train"][0]) for run in runs}
+    sizes = {run["name"]: run["train_rows"] for run in runs}
     console.say(f"[{stage}] training " + ", ".join(f"{n} ({k} rows)" for n, k in sizes.items())
                 + f" x seeds {student.seeds} on {student.num_workers} Ray Train worker(s), "
-                f"{student.precision}; dev {len(runs[0]['dev'][0])} rows "
+                f"{student.precision}; dev {runs[0]['dev_rows']} rows "
                 f"({'data.dev_path' if dev is not None else 'held out from the raw sample'})")
     with timer(stage):
         results = summarise_students(fit_students(
-            runs, test["text"].tolist(), test["label"].tolist(), label_set=job.data.labels,
-            student=student, storage_dir=str(out / "students"), run_name="_".join(names)))
+            runs, test, label_set=job.data.labels, student=student,
+            storage_dir=str(out / "students"), run_name="_".join(names)))
     for name, m in results.items():
         spread = f" ± {m['accuracy_std']:.4f}" if len(m["seeds"]) > 1 else ""
         console.say(f"[student {name}] accuracy {m['accuracy']:.4f}{spread}, macro-F1 "

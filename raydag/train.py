@@ -4,8 +4,8 @@ A student is the encoder, pooled the way it was trained (mean pooling and L2 nor
 a sentence encoder, read from its ``modules.json``), with a linear head. Per student, every
 worker:
 
-1. embeds the training and dev rows with the frozen encoder (each worker its share, gathered)
-   and fits the **linear probe** baseline, a logistic regression whose L2 weight is chosen on
+1. embeds its share of the training and dev rows with the frozen encoder (the vectors are
+   gathered) and fits the **linear probe** baseline, a logistic regression whose L2 weight is chosen on
    the dev split; the student's head starts from it (linear probing, then fine-tuning);
 2. fine-tunes encoder and head with AdamW under a warmup-then-decay schedule, for at least
    ``min_steps`` optimizer steps (small sets get more epochs), on random batches;
@@ -16,11 +16,19 @@ worker:
 
 Rank 0 reports the metrics (student, probe, majority class) with a checkpoint folder; the
 student's weights are saved for the first seed of each train set.
+
+Rows reach the workers through Ray Train's dataset ingest: the driver tokenises every
+student's training and dev rows and the test split in Ray Data (:func:`tokenised`), cuts each
+into one balanced share per worker (:func:`worker_shares`), and passes the shares as the
+trainer's ``datasets``; each worker reads only its own shares with ``get_dataset_shard``. No
+text is tokenised on a training thread, and no worker holds another worker's rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -145,18 +153,21 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0 - progress
 
 
-def worker_batches(rows: int, rank: int, world: int, batch_size: int,
-                   rng: np.random.Generator) -> list[list[int]]:
-    """This worker's random batches of row indices for one epoch.
+def share_batches(share: int, per_worker: int, batch_size: int,
+                  rng: np.random.Generator) -> list[list[int]]:
+    """One epoch of random batches over this worker's ``share`` rows (indices into the share).
 
-    Rows are shuffled and cut into equal shares (wrapping around, so no row is skipped and every
-    worker runs the same number of steps: DeepSpeed's collectives need them in lock-step). The
-    batches are random, never sorted by length or label: on synthetic data a length shortcut
-    would make sorted batches nearly single-label.
+    Every worker runs ``per_worker`` rows an epoch (``ceil(rows / world)``; a worker whose share
+    is a row short wraps around), so all run the same number of steps: DeepSpeed's
+    collectives need them in lock-step. The batches are random, never sorted by length or
+    label: on synthetic data a length shortcut would make sorted batches nearly single-label.
+
+    Example:
+        >>> share_batches(5, 6, 4, np.random.default_rng(0))
+        [[2, 4, 3, 0], [1, 2]]
     """
-    per_worker = -(-rows // world)
-    mine = np.resize(rng.permutation(rows), per_worker * world)[rank::world].tolist()
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    order = np.resize(rng.permutation(share), per_worker).tolist()
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_dev: torch.Tensor,
@@ -198,9 +209,9 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_dev: torch.Tensor,
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker: trains and scores each student of ``config["students"]``
-    in turn, in one worker group (one process group, one DeepSpeed start-up for them all)."""
+    in turn, in one worker group (one process group, one DeepSpeed start-up for them all),
+    each on this worker's shares of its rows (see :func:`worker_shares`)."""
     import deepspeed
-    import ray
     import ray.train
     from transformers import AutoModel, AutoTokenizer
 
@@ -220,13 +231,30 @@ def train_loop(config: dict) -> None:
                                len(labels), *pooling_of(model_path, student.pooling)).eval()
     worker = _Worker(student=student, labels=labels, tokenizer=tokenizer, rank=rank, world=world,
                      frozen=frozen, embeddings={})
-    test_texts, test_labels = ray.get(config["test_rows"])
-    label2id = {label: i for i, label in enumerate(labels)}
-    worker.test = (test_texts[rank::world], [label2id[y] for y in test_labels[rank::world]])
-    worker.test_embeddings = worker.embed_local(worker.test[0])
+    worker.test = worker.read_share(shard_name("test", 0, rank))
+    worker.test_embeddings = worker.embed_local(worker.test.ids)
     for entry in config["students"]:
-        _train_one(entry, *ray.get(entry["rows"]), worker)
+        _train_one(entry, worker.read_share(shard_name("train", entry["train_part"], rank)),
+                   worker.read_share(shard_name("dev", entry["dev_part"], rank)), worker)
         torch.distributed.barrier()
+
+
+def shard_name(kind: str, part: int, rank: int) -> str:
+    """Name of one worker's share in the trainer's ``datasets``: ``kind`` (train, dev, test),
+    the student (train) or seed (dev) it belongs to, and the worker's rank."""
+    return f"{kind}_{part}_w{rank}"
+
+
+@dataclass
+class _Share:
+    """A worker's share of one split, as the data pipeline tokenised it."""
+
+    keys: list[str]  # a digest of each row's text: embeddings are cached by it
+    ids: list[np.ndarray]  # token ids, truncated, not padded
+    labels: list[int]  # label ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -239,40 +267,58 @@ class _Worker:
     rank: int
     world: int
     frozen: StudentClassifier  # the untrained encoder: the probe's features, each student's start
-    embeddings: dict[str, np.ndarray]  # frozen embeddings by text, shared by the students
-    test: tuple[list[str], list[int]] = ([], [])  # this worker's share: texts, label ids
+    embeddings: dict[str, np.ndarray]  # frozen embeddings by row key, shared by the students
+    test: _Share | None = None  # this worker's share of the test split
     test_embeddings: torch.Tensor | None = None
 
-    def encode(self, texts: list[str], device: Any = "cpu") -> dict:
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.student.max_length, return_tensors="pt")
-        return {k: v.to(device) for k, v in enc.items()}
+    def read_share(self, name: str) -> _Share:
+        """Stream this worker's dataset ``name`` (Ray Train's ``get_dataset_shard``)."""
+        import ray.train
 
-    def embed_local(self, texts: list[str]) -> torch.Tensor:
-        """Frozen embeddings of these texts, computed here (64 at a time, by length)."""
-        if not texts:
+        label2id = {label: i for i, label in enumerate(self.labels)}
+        share = _Share([], [], [])
+        for batch in ray.train.get_dataset_shard(name).iter_batches(batch_format="pandas",
+                                                                     batch_size=4096):
+            share.keys += batch["key"].tolist()
+            share.ids += [np.asarray(ids) for ids in batch["input_ids"]]
+            share.labels += [label2id[y] for y in batch["label"]]
+        return share
+
+    def encode(self, ids: list[np.ndarray], device: Any = "cpu") -> dict:
+        """Pad a batch of token ids (the data pipeline tokenised them) to its longest row."""
+        enc = self.tokenizer.pad({"input_ids": [row.tolist() for row in ids]},
+                                 return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items()
+                if k in ("input_ids", "attention_mask")}
+
+    def embed_local(self, ids: list[np.ndarray]) -> torch.Tensor:
+        """Frozen embeddings of these rows, computed here (64 at a time, by length)."""
+        if not ids:
             return torch.zeros(0, self.frozen.head.in_features)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), self.frozen.head.in_features)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty(len(ids), self.frozen.head.in_features)
         with torch.no_grad():
             for start in range(0, len(order), 64):
                 idx = order[start : start + 64]
-                out[idx] = self.frozen.embed(**self.encode([texts[i] for i in idx])).float()
+                out[idx] = self.frozen.embed(**self.encode([ids[i] for i in idx])).float()
         return out
 
-    def embed_all(self, texts: list[str]) -> torch.Tensor:
-        """Frozen embeddings of texts every worker holds: each worker embeds its share of the
-        new ones, and the shares are gathered (cached by text for later students)."""
-        todo = list(dict.fromkeys(t for t in texts if t not in self.embeddings))
-        mine = todo[self.rank :: self.world]
-        vectors = self.embed_local(mine).numpy()
-        shares = [None] * self.world
-        torch.distributed.all_gather_object(shares, (mine, vectors))
-        for share_texts, share_vectors in shares:
-            self.embeddings.update(zip(share_texts, share_vectors))
-        if not texts:
+    def embed_share(self, share: _Share) -> torch.Tensor:
+        """Frozen embeddings of this worker's share (cached by row key for later students)."""
+        todo = {k: i for i, k in enumerate(share.keys) if k not in self.embeddings}
+        vectors = self.embed_local([share.ids[i] for i in todo.values()]).numpy()
+        self.embeddings.update(zip(todo, vectors))
+        if not len(share):
             return torch.zeros(0, self.frozen.head.in_features)
-        return torch.from_numpy(np.stack([self.embeddings[t] for t in texts]))
+        return torch.from_numpy(np.stack([self.embeddings[k] for k in share.keys]))
+
+    def gather(self, share: _Share) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every worker's frozen embeddings and label ids of one split (for the probe)."""
+        mine = (self.embed_share(share).numpy(), share.labels)
+        shares = [None] * self.world
+        torch.distributed.all_gather_object(shares, mine)
+        return (torch.from_numpy(np.concatenate([v for v, _ in shares])).float(),
+                torch.tensor([y for _, ys in shares for y in ys], dtype=torch.long))
 
 
 def _sum_over_workers(array: np.ndarray, world: int) -> np.ndarray:
@@ -289,29 +335,24 @@ def _device() -> Any:
     return ray.train.torch.get_device()
 
 
-def _scores(engine, worker: _Worker, texts: list[str], labels: list[int], num_labels: int,
-            *, own_share: bool = False) -> tuple[np.ndarray, float]:
-    """Confusion matrix and mean loss of the model, summed over workers: on rows every worker
-    holds (each scores its share), or with ``own_share`` on rows that are this worker's."""
+def _scores(engine, worker: _Worker, share: _Share, num_labels: int) -> tuple[np.ndarray, float]:
+    """Confusion matrix and mean loss of the model on every worker's share, summed."""
     from raydag.evaluate import confusion_matrix
 
-    idx = list(range(len(texts))) if own_share else list(range(worker.rank, len(texts), worker.world))
     y_pred, loss = [], 0.0
     with torch.no_grad():
-        for start in range(0, len(idx), 64):
-            part = idx[start : start + 64]
-            logits = engine(**worker.encode([texts[i] for i in part], engine.device)).float()
-            target = torch.tensor([labels[i] for i in part], device=logits.device)
+        for start in range(0, len(share), 64):
+            logits = engine(**worker.encode(share.ids[start : start + 64], engine.device)).float()
+            target = torch.tensor(share.labels[start : start + 64], device=logits.device)
             loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
             y_pred.extend(logits.argmax(dim=-1).tolist())
-    matrix = confusion_matrix([labels[i] for i in idx], y_pred, num_labels).astype(np.float64)
+    matrix = confusion_matrix(share.labels, y_pred, num_labels).astype(np.float64)
     summed = _sum_over_workers(np.append(matrix.ravel(), loss), worker.world)
     matrix = summed[:-1].reshape(num_labels, num_labels).round().astype(np.int64)
     return matrix, float(summed[-1] / max(1, matrix.sum()))
 
 
-def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts: list[str],
-               dev_labels: list[str], worker: _Worker) -> None:
+def _train_one(entry: dict, train: _Share, dev: _Share, worker: _Worker) -> None:
     """Fit the probe, fine-tune and select on dev, score on test, and report (rank 0: with a
     checkpoint folder; the model in it when ``entry["save_model"]``)."""
     import deepspeed
@@ -320,21 +361,17 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
     from raydag.evaluate import confusion_matrix
 
     student, rank, world, labels = worker.student, worker.rank, worker.world, worker.labels
-    label2id = {label: i for i, label in enumerate(labels)}
-    y_train = [label2id[y] for y in train_labels]
-    y_dev = [label2id[y] for y in dev_labels]
-    y_test_mine = worker.test[1]
+    rows, dev_rows = entry["train_rows"], entry["dev_rows"]
     seed = entry["seed"]
     torch.manual_seed(seed)
     started = time.time()
 
     # 1. The linear probe on frozen embeddings (fitted on rank 0, sent to every worker).
-    x_train, x_dev = worker.embed_all(texts), worker.embed_all(dev_texts)
-    weight = torch.zeros(len(labels), x_train.shape[1])
+    (x_train, y_train), (x_dev, y_dev) = worker.gather(train), worker.gather(dev)
+    weight = torch.zeros(len(labels), worker.frozen.head.in_features)
     bias, l2 = torch.zeros(len(labels)), torch.zeros(1)
     if rank == 0:
-        weight, bias, chosen = fit_probe(x_train, torch.tensor(y_train), x_dev,
-                                         torch.tensor(y_dev), len(labels))
+        weight, bias, chosen = fit_probe(x_train, y_train, x_dev, y_dev, len(labels))
         l2 = torch.tensor([chosen])
     if world > 1:
         for tensor in (weight, bias, l2):
@@ -342,8 +379,11 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
             torch.distributed.broadcast(moved, src=0)
             tensor.copy_(moved.cpu())
     probe_pred = (worker.test_embeddings @ weight.T + bias).argmax(-1).tolist()
-    probe_matrix = _sum_over_workers(confusion_matrix(y_test_mine, probe_pred, len(labels)),
+    probe_matrix = _sum_over_workers(confusion_matrix(worker.test.labels, probe_pred, len(labels)),
                                      world).round().astype(np.int64)
+    label_counts = np.bincount(y_train.numpy(), minlength=len(labels))
+    shares = [None] * world
+    torch.distributed.all_gather_object(shares, len(train))
     probe_seconds = time.time() - started
 
     # 2. Fine-tuning of a copy of the frozen encoder (read from disk once per worker), from
@@ -355,7 +395,7 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
         with torch.no_grad():
             model.head.weight.copy_(weight)
             model.head.bias.copy_(bias)
-    plan = schedule_plan(len(texts), world, student)
+    plan = schedule_plan(rows, world, student)
     decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": student.weight_decay},
@@ -368,10 +408,10 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
                                            config=deepspeed_config(student, world))
 
     def dev_key() -> tuple[tuple[float, float], float | None, float | None]:
-        if not dev_texts:  # nothing to choose with: the last epoch is kept
+        if not dev_rows:  # nothing to choose with: the last epoch is kept
             return (float(len(history)), 0.0), None, None
         engine.eval()
-        matrix, loss = _scores(engine, worker, dev_texts, y_dev, len(labels))
+        matrix, loss = _scores(engine, worker, dev, len(labels))
         acc = float(np.trace(matrix) / max(1, matrix.sum()))
         return (acc, -loss), acc, loss
 
@@ -379,13 +419,14 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
     best_key, dev_acc, dev_loss = dev_key()
     best = {"epoch": 0, "dev_accuracy": dev_acc, "dev_loss": dev_loss,
             "state": {k: v.detach().clone() for k, v in engine.module.state_dict().items()}}
-    rng = np.random.default_rng(seed)  # same seed on every worker: one shared permutation
+    rng = np.random.default_rng([seed, rank])  # each worker shuffles its own share
+    per_worker = -(-rows // world)
     for epoch in range(1, plan["epochs"] + 1):
         engine.train()
         losses = []
-        for idx in worker_batches(len(texts), rank, world, student.batch_size, rng):
-            batch = worker.encode([texts[i] for i in idx], engine.device)
-            target = torch.tensor([y_train[i] for i in idx], device=engine.device)
+        for idx in share_batches(len(train), per_worker, student.batch_size, rng):
+            batch = worker.encode([train.ids[i] for i in idx], engine.device)
+            target = torch.tensor([train.labels[i] for i in idx], device=engine.device)
             loss = torch.nn.functional.cross_entropy(engine(**batch).float(), target)
             engine.backward(loss)
             engine.step()
@@ -408,14 +449,15 @@ def _train_one(entry: dict, texts: list[str], train_labels: list[str], dev_texts
 
     # 3. The test split, with the state chosen on dev.
     engine.eval()
-    matrix, _ = _scores(engine, worker, worker.test[0], y_test_mine, len(labels), own_share=True)
+    matrix, _ = _scores(engine, worker, worker.test, len(labels))
     metrics = {
         "seed": seed,
         **_classification_metrics(matrix, labels),
         "probe": {**_classification_metrics(probe_matrix, labels), "l2": float(l2.item())},
-        "majority": _majority(train_labels, matrix, labels),
-        "train_examples": len(texts),
-        "dev_examples": len(dev_texts),
+        "majority": _majority(label_counts, matrix, labels),
+        "train_examples": rows,
+        "train_rows_per_worker": shares,
+        "dev_examples": dev_rows,
         "test_examples": int(matrix.sum()),
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
@@ -452,10 +494,10 @@ def _classification_metrics(matrix: np.ndarray, labels: list[str]) -> dict[str, 
             "confusion_matrix": matrix.tolist()}
 
 
-def _majority(train_labels: list[str], matrix: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """The majority-class baseline: the training rows' most common label, on the test split."""
-    counts = {label: train_labels.count(label) for label in labels}
-    label = max(labels, key=lambda y: counts[y])  # ties: the first in the job's label order
+def _majority(counts: np.ndarray, matrix: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """The majority-class baseline: the training rows' most common label (``counts``: rows per
+    label, in the job's order), on the test split."""
+    label = labels[int(np.argmax(counts))]  # ties: the first in the job's label order
     total = matrix.sum()
     return {"label": label,
             "accuracy": float(matrix[labels.index(label)].sum() / total) if total else 0.0}
@@ -518,45 +560,130 @@ def dev_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int],
 
 
 def student_runs(names: list[str], raw, synthetic, dev, student: StudentConfig) -> list[dict[str, Any]]:
-    """The students to train, one per name and seed (see :func:`fit_students`).
+    """The students to train, one per name and seed (see :func:`fit_students`), with their
+    rows tokenised in Ray Data (:func:`tokenised`).
 
-    ``raw`` and ``synthetic`` are frames with ``text`` and ``label``. The dev split is ``dev``
-    (the job's ``data.dev_path``) or, per seed, ``student.dev_fraction`` of the raw sample
-    (:func:`dev_split`); raw and mixed students then train on the rest of the raw sample,
-    synthetic ones on every synthetic row.
+    ``raw`` and ``dev`` are frames with ``text`` and ``label``; ``synthetic`` is one too, or a
+    Ray Dataset (the run's accepted rows, never gathered on the driver), or ``None``. The dev
+    split is ``dev`` (the job's ``data.dev_path``) or, per seed, ``student.dev_fraction`` of
+    the raw sample (:func:`dev_split`); raw and mixed students then train on the rest of the
+    raw sample, synthetic ones on every synthetic row.
+
+    Returns:
+        Per name and seed: ``name``, ``seed``, ``train`` and ``dev`` (tokenised datasets),
+        ``train_rows`` and ``dev_rows`` (their sizes).
 
     Raises:
         RaydagError: A student with no training rows.
     """
     import pandas as pd
+    import ray
 
+    def frame_rows(frame):
+        return tokenised(ray.data.from_pandas(frame[["text", "label"]].reset_index(drop=True)),
+                         student)
+
+    tokenised_synthetic, synthetic_rows = None, 0
+    if synthetic is not None and {"synthetic", "mixed"} & set(names):
+        tokenised_synthetic = (frame_rows(synthetic) if isinstance(synthetic, pd.DataFrame)
+                               else tokenised(synthetic, student))
+        synthetic_rows = tokenised_synthetic.count()
+    fixed_dev = frame_rows(dev) if dev is not None else None
     runs = []
     for seed in student.seeds:
         if dev is not None:
-            raw_train, raw_dev = raw, dev
+            raw_train, raw_dev, dev_rows = frame_rows(raw), fixed_dev, len(dev)
         else:
             train_at, dev_at = dev_split(raw["label"].tolist(), student.dev_fraction, seed)
-            raw_train, raw_dev = raw.iloc[train_at], raw.iloc[dev_at]
+            raw_train, raw_dev, dev_rows = frame_rows(raw.iloc[train_at]), frame_rows(raw.iloc[dev_at]), len(dev_at)
+        raw_rows = len(raw) if dev is not None else len(train_at)
         for name in names:
             if name == "raw":
-                rows = raw_train
+                rows, count = raw_train, raw_rows
             elif name == "synthetic":
-                rows = synthetic
+                rows, count = tokenised_synthetic, synthetic_rows
             else:
-                rows = pd.concat([raw_train[["text", "label"]], synthetic[["text", "label"]]],
-                                 ignore_index=True)
-            if rows is None or rows.empty:
+                rows, count = raw_train.union(tokenised_synthetic) if synthetic_rows else raw_train, \
+                    raw_rows + synthetic_rows
+            if rows is None or not count:
                 raise RaydagError(f"student '{name}': no training rows (did every generation fail?)")
-            runs.append({"name": name, "seed": seed,
-                         "train": (rows["text"].tolist(), rows["label"].tolist()),
-                         "dev": (raw_dev["text"].tolist(), raw_dev["label"].tolist())})
+            runs.append({"name": name, "seed": seed, "train": rows, "train_rows": count,
+                         "dev": raw_dev, "dev_rows": dev_rows})
     return runs
+
+
+def tokenised(rows, student: StudentConfig):
+    """A dataset of ``text`` and ``label`` rows, tokenised for the student in Ray Data tasks:
+    ``key`` (a digest of the text), ``input_ids`` (truncated to ``student.max_length``, not
+    padded) and ``label``; materialized, in the input's order."""
+
+    with _in_order():
+        return rows.select_columns(["text", "label"]).map_batches(
+            _tokenise, fn_kwargs={"model": student.model, "max_length": student.max_length},
+            batch_format="pandas").materialize()
+
+
+@contextlib.contextmanager
+def _in_order():
+    """Ray Data keeps the rows' order while inside (so each worker's share is the same rows
+    from run to run)."""
+    import ray
+
+    options = ray.data.DataContext.get_current().execution_options
+    kept, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = kept
+
+
+def _tokenise(batch, *, model: str, max_length: int):
+    """Ray Data task: token ids of each text (see :func:`tokenised`)."""
+    import pandas as pd
+
+    from raydag.data import stable_hash
+
+    texts = [str(text) for text in batch["text"]]
+    ids = _tokenizer(model)(texts, truncation=True, max_length=max_length)["input_ids"]
+    return pd.DataFrame({"key": [stable_hash(text) for text in texts],
+                         "input_ids": [np.asarray(row, dtype=np.int32) for row in ids],
+                         "label": [str(label) for label in batch["label"]]})
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str):
+    """The student's tokenizer, loaded once per Ray worker process."""
+    from transformers import AutoTokenizer
+
+    from raydag.models import resolve_model
+
+    path = resolve_model(model)
+    return AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
+
+
+def worker_shares(rows, count: int, world: int) -> list:
+    """Cut a tokenised, materialized dataset of ``count`` rows into ``world`` shares of
+    ``count // world`` or one more rows, in order (Ray Data's ``split_at_indices``), so every
+    worker trains each student on its own share. With fewer rows than workers the rows are
+    repeated until each worker has one.
+
+    Example:
+        >>> import ray
+        >>> [s.count() for s in worker_shares(ray.data.range(7).materialize(), 7, 3)]  # doctest: +SKIP
+        [3, 2, 2]
+    """
+    if 0 < count < world:
+        copies = -(-world // count)
+        rows = rows.union(*[rows] * (copies - 1))
+        count *= copies
+    sizes = [count // world + (rank < count % world) for rank in range(world)]
+    with _in_order():
+        return rows.split_at_indices(np.cumsum(sizes)[:-1].tolist())
 
 
 def fit_students(
     runs: list[dict[str, Any]],
-    test_texts: list[str],
-    test_labels: list[str],
+    test,
     *,
     label_set: list[str],
     student: StudentConfig,
@@ -568,13 +695,13 @@ def fit_students(
 
     ``student.num_workers``, ``student.use_gpu`` and ``student.precision`` are taken as given
     (see :func:`raydag.resources.student_workers` and :func:`raydag.resources.student_precision`
-    for how a job's ``null`` / ``auto`` are decided).
+    for how a job's ``null`` / ``auto`` are decided). Every split reaches the workers as the
+    trainer's ``datasets``, one share per worker (:func:`worker_shares`).
 
     Args:
-        runs: One dict per student: ``name`` (``raw``, ``synthetic``...), ``seed``, ``train``
-            and ``dev`` (texts, labels); the dev rows choose the probe's L2 and the epoch.
-        test_texts: Test split texts.
-        test_labels: Test split labels.
+        runs: As :func:`student_runs` returns them; the dev rows choose the probe's L2 and the
+            epoch.
+        test: The test split: a frame with ``text`` and ``label``.
         label_set: The job's labels.
         student: The recipe's settings.
         storage_dir: Where Ray Train keeps the run and each student's checkpoint.
@@ -582,38 +709,49 @@ def fit_students(
 
     Returns:
         Per entry, in order: metrics (``accuracy``, ``macro_f1``, ``per_class_f1``,
-        ``predicted``, ``probe``, ``majority``, ``best_epoch``...) and ``checkpoint``, the
-        folder (with the saved student for the first seed of each name).
+        ``predicted``, ``probe``, ``majority``, ``best_epoch``, ``train_rows_per_worker``...)
+        and ``checkpoint``, the folder (with the saved student for the first seed of each
+        name).
 
     Raises:
         RaydagError: When a set has nothing to train on or training fails.
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     for run in runs:
-        if not run["train"][0]:
+        if not run["train_rows"]:
             raise RaydagError(f"student '{run['name']}': no training rows")
-    first_seed: dict[str, int] = {}
-    for run in runs:
+    world = student.num_workers
+    datasets: dict[str, Any] = {}
+
+    def add(kind: str, part: int, rows, count: int) -> None:
+        for rank, share in enumerate(worker_shares(rows, count, world)):
+            datasets[shard_name(kind, part, rank)] = share
+
+    add("test", 0, tokenised(ray.data.from_pandas(test[["text", "label"]].reset_index(drop=True)),
+                             student), len(test))
+    dev_parts: dict[int, int] = {}  # id of a dev dataset -> its part (seeds may share one)
+    entries, first_seed = [], {}
+    for part, run in enumerate(runs):
+        if id(run["dev"]) not in dev_parts:
+            dev_parts[id(run["dev"])] = len(dev_parts)
+            add("dev", dev_parts[id(run["dev"])], run["dev"], run["dev_rows"])
+        add("train", part, run["train"], run["train_rows"])
         first_seed.setdefault(run["name"], run["seed"])
-    config = {
-        "student": student.model_dump(),
-        "labels": label_set,
-        "students": [{"name": run["name"], "seed": run["seed"],
-                      "save_model": first_seed[run["name"]] == run["seed"],
-                      "rows": ray.put((list(run["train"][0]), list(run["train"][1]),
-                                       list(run["dev"][0]), list(run["dev"][1])))}
-                     for run in runs],
-        "test_rows": ray.put((list(test_texts), list(test_labels))),
-    }
+        entries.append({"name": run["name"], "seed": run["seed"],
+                        "save_model": first_seed[run["name"]] == run["seed"],
+                        "train_part": part, "train_rows": run["train_rows"],
+                        "dev_part": dev_parts[id(run["dev"])], "dev_rows": run["dev_rows"]})
+    config = {"student": student.model_dump(), "labels": label_set, "students": entries}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=student.num_workers,
-                                     use_gpu=bool(student.use_gpu)),
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=bool(student.use_gpu)),
         run_config=RunConfig(name=run_name, storage_path=os.path.abspath(storage_dir)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # already one share per worker
     )
     names = ", ".join(dict.fromkeys(run["name"] for run in runs))
     try:

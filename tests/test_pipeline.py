@@ -66,6 +66,9 @@ def test_quickstart_end_to_end_with_real_engine_and_deepspeed(ray_local, tmp_pat
                                  ("mixed", raw_train + counts["accepted"])):
         student = report["students"][name]
         assert student["train_examples"] == train_examples
+        # Ray Train's dataset ingest: each of the 2 workers read a balanced share of the rows.
+        shares = student["runs"]["0"]["train_rows_per_worker"]
+        assert sum(shares) == train_examples and max(shares) - min(shares) <= 1, shares
         assert student["dev_examples"] == 6  # 20% of each label's 10 raw rows
         assert student["test_examples"] == 150
         assert student["seeds"] == [0, 1] and set(student["runs"]) == {"0", "1"}

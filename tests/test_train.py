@@ -1,7 +1,8 @@
-"""The student recipe's parts, without Ray: pooling read from the encoder's own config, the
-schedule (warmup, decay, minimum steps), random batches, the dev split, the linear probe, the
-saved student, and the summary over seeds with its baselines and flags (a planted constant
-predictor, a student below its probe) and the comparisons by more than the spread."""
+"""The student recipe's parts: pooling read from the encoder's own config, the schedule (warmup,
+decay, minimum steps), random batches, the workers' shares of tokenised rows (local Ray), the
+dev split, the linear probe, the saved student, and the summary over seeds with its baselines
+and flags (a planted constant predictor, a student below its probe) and the comparisons by
+more than the spread."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from raydag.config import StudentConfig
 from raydag.evaluate import compare, per_class_f1, student_comparisons, summarise_students
 from raydag.models import resolve_model
 from raydag.train import (StudentClassifier, StudentScorer, dev_split, fit_probe, load_student, lr_factor,
-                          pool_states, pooling_of, save_student, schedule_plan, worker_batches)
+                          pool_states, pooling_of, save_student, schedule_plan, share_batches,
+                          tokenised, worker_shares, _tokenizer)
 
 STUDENT = "embedded:all-minilm-l6-v2"
 
@@ -66,18 +68,40 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 def test_batches_are_random_not_grouped_by_length_or_label():
-    # A planted length shortcut: the first half of the rows are one label and short. Batches
-    # sorted by length would be nearly single-label; random ones are mixed.
-    rows, world, batch = 256, 2, 16
-    labels = np.array([0] * 128 + [1] * 128)
+    # A planted length shortcut: the first half of a worker's share is one label and short.
+    # Batches sorted by length would be nearly single-label; random ones are mixed.
+    share, per_worker, batch = 128, 129, 16  # this worker is a row short: it wraps around
+    labels = np.array([0] * 64 + [1] * 64)
     rng = np.random.default_rng(0)
-    shares = [worker_batches(rows, rank, world, batch, np.random.default_rng(0)) for rank in range(world)]
-    assert len(shares[0]) == len(shares[1])  # lock-step for DeepSpeed
-    seen = sorted(i for share in shares for b in share for i in b)
-    assert seen == list(range(rows))
-    purity = [max(np.mean(labels[b]), 1 - np.mean(labels[b])) for share in shares for b in share]
+    epoch = share_batches(share, per_worker, batch, rng)
+    assert len(epoch) == -(-per_worker // batch)  # the same steps as a worker with 129 rows
+    seen = [i for b in epoch for i in b]
+    assert len(seen) == per_worker and set(seen) == set(range(share))
+    purity = [max(np.mean(labels[b]), 1 - np.mean(labels[b])) for b in epoch]
     assert np.mean(purity) < 0.8
-    assert worker_batches(rows, 0, world, batch, rng) != worker_batches(rows, 0, world, batch, rng)
+    assert share_batches(share, per_worker, batch, rng) != epoch  # reshuffled every epoch
+
+
+def test_each_worker_gets_a_balanced_share_of_tokenised_rows_in_order(ray_local):
+    import ray
+
+    student = StudentConfig()
+    frame = pd.DataFrame({"text": [f"row number {i} " + "word " * (i % 7) for i in range(11)],
+                          "label": ["a", "b"] * 5 + ["a"]})
+    rows = tokenised(ray.data.from_pandas(frame), student)
+    got = rows.take_all()
+    assert [r["label"] for r in got] == frame["label"].tolist()  # tokenised in Ray Data, in order
+    expected = _tokenizer(student.model)(frame["text"].tolist(), truncation=True,
+                                         max_length=student.max_length)["input_ids"]
+    assert [list(r["input_ids"]) for r in got] == expected  # not padded: padded per batch
+    assert len({r["key"] for r in got}) == 11
+    shares = [share.take_all() for share in worker_shares(rows, 11, 3)]
+    assert [len(s) for s in shares] == [4, 4, 3]
+    assert [r["key"] for s in shares for r in s] == [r["key"] for r in got]
+    again = [share.take_all() for share in worker_shares(rows, 11, 3)]
+    assert [[r["key"] for r in s] for s in again] == [[r["key"] for r in s] for s in shares]
+    few = [share.count() for share in worker_shares(rows.limit(1).materialize(), 1, 2)]
+    assert few == [1, 1]  # a single row is repeated: no worker is left without rows
 
 
 def test_dev_split_is_stratified_seeded_and_keeps_every_label_in_training():
