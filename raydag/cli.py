@@ -283,9 +283,10 @@ def _run_or_validate(args: argparse.Namespace, job, owns_ray: bool) -> int:
     from raydag import console
     from raydag.outputs import claim_output_dir
     from raydag.pipeline import run_job, validate_job
+    from raydag.storage import display
 
     out = claim_output_dir(job.output_dir)
-    log = console.new_log_file(out, args.command)
+    log = console.new_log_file(out, args.command)  # a store's output_dir: logs stay on this host
     with console.capture(log, verbose=args.verbose):
         console.say(f"{args.command} {args.job}: library output goes to {log}"
                     + (" (shown live: --verbose)" if args.verbose else " (--verbose shows it)"))
@@ -315,7 +316,7 @@ def _run_or_validate(args: argparse.Namespace, job, owns_ray: bool) -> int:
             console.error(f"raydag: error: {type(err).__name__}: {first}")
             console.error(f"raydag: the traceback and the full log are in {log}")
             return 1
-        console.show(str(path))
+        console.show(display(path))
     return 0
 
 

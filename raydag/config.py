@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from raydag.data import MAX_TEXT_CHARS
 from raydag.errors import ConfigError
+from raydag.storage import is_uri
 
 # Fields holding filesystem paths, resolved against the YAML file's folder.
 _PATH_FIELDS = (("data", "train_path"), ("data", "test_path"), ("data", "dev_path"),
@@ -65,6 +66,14 @@ class DataConfig(StrictModel):
     label_column: str = Field(default="label", description="Column holding the class name.")
     labels: list[str] = Field(min_length=2, description="The label set; other labels are errors.")
     task: str = Field(min_length=1, description="One-sentence task description used in prompts.")
+
+    @field_validator("train_path", "test_path", "dev_path", "unlabelled_path")
+    @classmethod
+    def _local_input(cls, value: str | None) -> str | None:
+        if value is not None and is_uri(value):
+            raise ValueError(f"{value.split('://')[0]}:// inputs are not read yet (output_dir may "
+                             "be on a store); copy the file to a local or shared folder")
+        return value
 
     dev_path: str | None = Field(
         default=None, description="Labelled dev split (.jsonl, .csv or .parquet) that chooses the "
@@ -673,7 +682,7 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
     base = path.resolve().parent
     for keys in _PATH_FIELDS:
         value = _get_dotted(tree, keys)
-        if isinstance(value, str):
+        if isinstance(value, str) and not is_uri(value):
             _set_dotted(tree, ".".join(keys), os.path.normpath(base / os.path.expanduser(value)),
                         str(path))
     eval_paths = _get_dotted(tree, ("quality", "decontam", "eval_paths"))
@@ -691,7 +700,7 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
         key, value = parse_override(text)
         if key.split(".")[-1] in _STAGE_PATH_FIELDS and isinstance(value, str):
             value = str(Path(value).expanduser().resolve())
-        if tuple(key.split(".")) in _PATH_FIELDS and isinstance(value, str):
+        if tuple(key.split(".")) in _PATH_FIELDS and isinstance(value, str) and not is_uri(value):
             value = str(Path(value).expanduser().resolve())
         _set_dotted(tree, key, value, str(path))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from raydag.chain import run_signature
 from raydag.config import JobConfig
 from raydag.errors import RaydagError
 from raydag.stages import deduplicate, shard_path
+from raydag.storage import RunPath, arrow, display, location, remove_tree
 from raydag.teacher import rephrase_flagged
 
 
@@ -32,26 +32,28 @@ ROWS_PER_SHARD = 50_000  # rows per file of the output folders
 _OUTPUT_MARKER = ".raydag-output"
 
 
-def check_output_dir(path: str) -> Path:
+def check_output_dir(path: str) -> RunPath:
     """Create the output folder if needed and check it is writable and ours to use.
 
-    A non-empty folder without raydag's marker file is refused rather than touched.
+    ``path`` is a local (or NFS) folder or a store's URI (``s3://bucket/out``: see
+    :mod:`raydag.storage`). A non-empty folder without raydag's marker file is refused rather
+    than touched.
     """
-    out = Path(path)
+    out = location(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".raydag-write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise RaydagError(f"output_dir {out}: not writable ({err.strerror or err})") from None
+        raise RaydagError(f"output_dir {display(out)}: not writable ({err.strerror or err})") from None
     if any(out.iterdir()) and not (out / _OUTPUT_MARKER).exists():
-        raise RaydagError(f"output_dir {out}: not empty and not made by raydag (no "
+        raise RaydagError(f"output_dir {display(out)}: not empty and not made by raydag (no "
                           f"{_OUTPUT_MARKER} file); choose a new or empty folder")
     return out
 
 
-def claim_output_dir(path: str) -> Path:
+def claim_output_dir(path: str) -> RunPath:
     """:func:`check_output_dir`, then mark the folder as raydag's (its logs may go there)."""
     out = check_output_dir(path)
     (out / _OUTPUT_MARKER).write_text("raydag output folder; raydag may clear what it wrote here\n")
@@ -60,13 +62,13 @@ def claim_output_dir(path: str) -> Path:
 
 def discard_stale_report(path: str) -> None:
     """Remove the report of an earlier run in a raydag output folder, before anything can fail."""
-    out = Path(path)
+    out = location(path)
     if (out / _OUTPUT_MARKER).exists():
         for name in ("report.json", "report.md"):
             (out / name).unlink(missing_ok=True)
 
 
-def prepare_run_dir(path: str, signature: str, settings: dict) -> Path:
+def prepare_run_dir(path: str, signature: str, settings: dict) -> RunPath:
     """Check the output folder, then make (or reuse) the run folder ``runs/<signature>``.
 
     Finished shards in the run folder are kept, so a rerun of the same settings resumes; what
@@ -79,15 +81,14 @@ def prepare_run_dir(path: str, signature: str, settings: dict) -> Path:
     (run_dir / "shards").mkdir(parents=True, exist_ok=True)
     (run_dir / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
     for name in _OUTPUT_FOLDERS:
-        if (run_dir / name).exists():
-            try:
-                shutil.rmtree(run_dir / name)  # rebuilt from the shards every run
-            except OSError as err:
-                raise RaydagError(f"output_dir {out}: cannot clear {name}/ ({err})") from None
+        try:
+            remove_tree(run_dir / name)  # rebuilt from the shards every run
+        except OSError as err:
+            raise RaydagError(f"output_dir {display(out)}: cannot clear {name}/ ({err})") from None
     return run_dir
 
 
-def existing_run_dir(job: JobConfig) -> Path:
+def existing_run_dir(job: JobConfig) -> RunPath:
     """The run folder of an earlier ``raydag run`` of this job (same result settings).
 
     The folder's signature includes the teacher dtype that ``auto`` chose on the host that
@@ -99,10 +100,10 @@ def existing_run_dir(job: JobConfig) -> Path:
     digests = input_digests(job)
     for dtype in dict.fromkeys((job.teacher.dtype, "bfloat16", "float32", "float16")):
         signature, _ = run_signature(job, digests, teacher_dtype=dtype)
-        run_dir = Path(job.output_dir) / "runs" / signature
+        run_dir = location(job.output_dir) / "runs" / signature
         if run_dir.is_dir():
             return run_dir
-    raise RaydagError(f"{job.output_dir}: no run of this job with these settings; run it first")
+    raise RaydagError(f"{display(job.output_dir)}: no run of this job with these settings; run it first")
 
 
 def input_digests(job: JobConfig) -> dict[str, str]:
@@ -122,8 +123,8 @@ def input_digests(job: JobConfig) -> dict[str, str]:
     return digests
 
 
-def finish_outputs(job: JobConfig, shards: list[int], shard_dir: Path,
-                   run_dir: Path, inputs: dict[str, pd.DataFrame], *, raw: pd.DataFrame | None = None,
+def finish_outputs(job: JobConfig, shards: list[int], shard_dir: RunPath,
+                   run_dir: RunPath, inputs: dict[str, pd.DataFrame], *, raw: pd.DataFrame | None = None,
                    evals: dict[str, list[str]] | None = None,
                    raw_student: str | None = None,
                    placement: dict[str, Any] | None = None,
@@ -135,7 +136,8 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: Path,
 
     from raydag.quality import apply_quality
 
-    rows = ray.data.read_parquet([shard_path(shard_dir, i) for i in shards])
+    paths = [shard_path(shard_dir, i) for i in shards]
+    rows = ray.data.read_parquet([arrow(p)[0] for p in paths], filesystem=arrow(shard_dir)[1])
     rows = deduplicate(rows)  # also texts a label or judge stage took in as they were
     novelty = next((s for s in job.stages if s.type == "self_instruct"), None)
     if novelty is not None:
@@ -166,8 +168,9 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: Path,
     for status, folder in (("accepted", "synthetic"), ("dropped", "dropped"),
                            ("quarantined", "quarantine")):
         if status in totals.index.get_level_values(0):
+            where, filesystem = arrow(run_dir / folder)
             rows.filter(expr=col("_status") == status).write_parquet(
-                str(run_dir / folder), min_rows_per_file=ROWS_PER_SHARD)
+                where, filesystem=filesystem, min_rows_per_file=ROWS_PER_SHARD)
             written.append(folder)
 
     def by_reason(status: str) -> dict[str, int]:
@@ -209,7 +212,7 @@ def _mark_not_novel(batch: pd.DataFrame, ids: frozenset) -> pd.DataFrame:
     return batch
 
 
-def accepted_for_measures(run_dir: Path, written: list[str], max_per_method: int,
+def accepted_for_measures(run_dir: RunPath, written: list[str], max_per_method: int,
                           seed: int) -> pd.DataFrame:
     """The accepted teacher rows the measures read (``text``, ``label``, ``method``): every
     row of a method with at most ``max_per_method`` rows, a seeded sample of that many
@@ -224,7 +227,8 @@ def accepted_for_measures(run_dir: Path, written: list[str], max_per_method: int
     columns = ["text", "label", "method"]
     if "synthetic" not in written:
         return pd.DataFrame(columns=columns)
-    rows = ray.data.read_parquet(str(run_dir / "synthetic"),
+    where, filesystem = arrow(run_dir / "synthetic")
+    rows = ray.data.read_parquet(where, filesystem=filesystem,
                                  columns=["id", "_order", *columns]).materialize()
     counts: dict[str, int] = {}
     for part in rows.map_batches(_method_counts, batch_size=None, batch_format="pandas").take_all():
@@ -257,7 +261,7 @@ def _keep_by_rate(batch: pd.DataFrame, rates: dict[str, float], seed: int) -> pd
     return batch[batch["_u"] < batch["method"].map(rates).astype(float)]
 
 
-def accepted_rows(run_dir: Path, written: list[str]):
+def accepted_rows(run_dir: RunPath, written: list[str]):
     """The accepted teacher rows (``text``, ``label``) as a Ray Dataset read from the run's
     ``synthetic/`` shards, without raw rows a stage passed on (the students' synthetic
     rows: they never pass through the driver); ``None`` when no shard was written."""
@@ -265,7 +269,8 @@ def accepted_rows(run_dir: Path, written: list[str]):
 
     if "synthetic" not in written:
         return None
-    return ray.data.read_parquet(str(run_dir / "synthetic")).map_batches(
+    where, filesystem = arrow(run_dir / "synthetic")
+    return ray.data.read_parquet(where, filesystem=filesystem).map_batches(
         _teacher_rows, batch_format="pandas")
 
 

@@ -14,9 +14,7 @@ Example:
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -34,10 +32,11 @@ from raydag.outputs import (accepted_for_measures, accepted_rows, check_output_d
 from raydag.quality import eval_splits, measure
 from raydag.report import StageTimer, students_table, write_datacard, write_report
 from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
+from raydag.storage import RunPath, arrow, copy_file, display, location
 from raydag.teacher import cost_report, run_teacher, teacher_totals
 
 
-def run_job(job: JobConfig) -> Path:
+def run_job(job: JobConfig) -> RunPath:
     """Run a job end to end and return the path of its ``report.json``.
 
     Raises:
@@ -67,14 +66,16 @@ def run_job(job: JobConfig) -> Path:
         signature, settings = run_signature(job, input_digests(job),
                                             teacher_dtype=placement["teacher_dtype"]["dtype"])
         run_dir = prepare_run_dir(job.output_dir, signature, settings)
-        console.say(f"run folder {run_dir} (finished shards there are reused)")
+        console.say(f"run folder {display(run_dir)} (finished shards there are reused)")
         raw, raw_pii = None, {}
         if pool is not None:
             with timer("sample"):
                 raw = sample_raw(pool, job)
                 if job.quality.pii.enabled:  # before the teacher sees them as demonstrations
                     raw, raw_pii = redact_frame(raw, job.quality.pii.types)
-                ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(str(run_dir / "raw"))
+                where, filesystem = arrow(run_dir / "raw")
+                ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(
+                    where, filesystem=filesystem)
         teacher = run_teacher(job, raw, test, inputs, run_dir, placement, timer)
         embeddings: dict = {}  # vectors by text: the quality passes and the measures share them
         students, raw_student = {}, None
@@ -110,8 +111,8 @@ def run_job(job: JobConfig) -> Path:
         "job": job.name,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "output_dir": str(Path(job.output_dir)),
-        "run_dir": str(run_dir),
+        "output_dir": display(job.output_dir),
+        "run_dir": display(run_dir),
         "signature": signature,
         "counts": counts,
         "shards": teacher["shards"],
@@ -133,22 +134,23 @@ def run_job(job: JobConfig) -> Path:
         "input_bad_rows": bad_rows,
         "log": console.log_path(),
         "quality": quality,
-        "outputs": {name: str(run_dir / name)
+        "outputs": {name: display(run_dir / name)
                     for name in (["raw"] if raw is not None else []) + teacher["outputs"]["written"]},
         "config": json.loads(job.model_dump_json()),
     }
+    report = json.loads(display(json.dumps(report)))  # no store credentials in a report
     write_report(run_dir, report)
     write_datacard(run_dir, report)
-    out = Path(job.output_dir)
+    out = location(job.output_dir)
     for name in ("report.json", "report.md", "datacard.json", "datacard.md"):  # the latest run's report, at the top
-        shutil.copyfile(run_dir / name, out / name)
+        copy_file(run_dir / name, out / name)
     if students:
         console.show(students_table(students))
     return out / "report.json"
 
 
 def run_students(job: JobConfig, raw: pd.DataFrame, synthetic,
-                 test: pd.DataFrame, dev: pd.DataFrame | None, out: Path, student: StudentConfig,
+                 test: pd.DataFrame, dev: pd.DataFrame | None, out: RunPath, student: StudentConfig,
                  timer: StageTimer, only: list[str] | None = None) -> dict[str, dict]:
     """Fine-tune and evaluate one student per requested training set (``only``: these) and
     seed, each next to its baselines, all in one Ray Train run (one worker group and DeepSpeed
@@ -172,7 +174,7 @@ def run_students(job: JobConfig, raw: pd.DataFrame, synthetic,
     with timer(stage):
         results = summarise_students(fit_students(
             runs, test, label_set=job.data.labels, student=student,
-            storage_dir=str(out / "students"), run_name="_".join(names)))
+            storage_dir=out / "students", run_name="_".join(names)))
     for name, m in results.items():
         spread = f" ± {m['accuracy_std']:.4f}" if len(m["seeds"]) > 1 else ""
         console.say(f"[student {name}] accuracy {m['accuracy']:.4f}{spread}, macro-F1 "

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from raydag.config import JobConfig
+from raydag.storage import RunPath, read_frame, write_table
 
 HUMAN_LABELS = "human_labels.parquet"  # in the run folder; written by `raydag import-labels`
 HUMAN_QUEUE = "human_queue"  # folder with tasks.json and label_config.xml for Label Studio
@@ -101,7 +102,7 @@ def eval_splits(job: JobConfig, test: pd.DataFrame | None,
 
 def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
                   evals: dict[str, list[str]], raw_student: str | None,
-                  run_dir: Path, embeddings: dict | None = None) -> tuple[Any, dict[str, Any]]:
+                  run_dir: RunPath, embeddings: dict | None = None) -> tuple[Any, dict[str, Any]]:
     """Run the quality passes over the rows (see the module docstring).
 
     Args:
@@ -254,7 +255,7 @@ def _pvi_summary(batch: pd.DataFrame) -> pd.DataFrame:
                          "pvi_sum": [float(batch.loc[scored, "_pvi"].sum())]})
 
 
-def _coannotate(rows, job: JobConfig, run_dir: Path):
+def _coannotate(rows, job: JobConfig, run_dir: RunPath):
     """Co-annotation routing in Ray Data: each labelled accepted row's uncertainty is scored in
     ``map_batches``; each block sends the driver its route counts and its ``human_budget`` most
     uncertain candidates for people, of which the driver keeps the most uncertain; a second
@@ -422,21 +423,23 @@ def _route_rows(batch: pd.DataFrame, accept_below: float, drop_above: float, cho
     return batch
 
 
-def _human_labels(run_dir: Path) -> dict[str, dict]:
+def _human_labels(run_dir: RunPath) -> dict[str, dict]:
     path = run_dir / HUMAN_LABELS
     if not path.exists():
         return {}
-    frame = pd.read_parquet(path)
+    frame = read_frame(path)
     return {row["id"]: row for row in frame.to_dict("records")}
 
 
-def import_labels(run_dir: Path, export: Path, labels: list[str]) -> dict[str, int]:
+def import_labels(run_dir: RunPath, export: Path, labels: list[str]) -> dict[str, int]:
     """Merge a Label Studio export into the run's human labels (``human_labels.parquet``);
     the next ``raydag run`` of the job applies them (the shards are reused).
 
     Returns:
         Counts: tasks read, labelled, skipped, and human labels stored in total.
     """
+    import pyarrow as pa
+
     from raydag.errors import DataError
     from raydag.ops.coannotate import read_label_studio_export
 
@@ -456,9 +459,7 @@ def import_labels(run_dir: Path, export: Path, labels: list[str]) -> dict[str, i
     frame = pd.DataFrame(list(stored.values()))
     for column in frame.columns:
         frame[column] = frame[column].astype(str)
-    tmp = run_dir / f"{HUMAN_LABELS}.tmp"
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(run_dir / HUMAN_LABELS)
+    write_table(pa.Table.from_pandas(frame, preserve_index=False), run_dir / HUMAN_LABELS)
     return {**counts, "stored": len(stored)}
 
 

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest
 from raydag.errors import ColumnContractError
 from raydag.filters.exact import later_copies, row_filter_reason, text_key
+from raydag.storage import RunPath, location, read_schema, write_atomically, write_table
 
 
 def check_columns(stage: str, required: Iterable[str], available: Iterable[str]) -> None:
@@ -66,10 +66,11 @@ def with_status(rows: Iterable[dict]) -> list[dict]:
     return [{**row, **_ACCEPTED} for row in rows]
 
 
-def shard_path(folder: str | os.PathLike, shard: int, suffix: str = "parquet") -> str:
+def shard_path(folder: str | os.PathLike, shard: int, suffix: str = "parquet") -> RunPath:
     """Where shard ``shard`` keeps its rows and step counters (``parquet``); ``stats.json``
-    held the counters of shards written before they moved into the Parquet footer."""
-    return os.path.join(folder, f"shard-{int(shard):05d}.{suffix}")
+    held the counters of shards written before they moved into the Parquet footer. ``folder``
+    may be a path or a store's URI (:func:`raydag.storage.location`)."""
+    return location(folder) / f"shard-{int(shard):05d}.{suffix}"
 # Columns the runner adds to every row an operator creates.
 RUNNER_ADDS = ("method", "teacher_model", "prompt_hash", "sampling", "seed", "_raw_generation",
                "finish_reason", "tokens_in", "tokens_out")
@@ -197,17 +198,15 @@ _INTEGER_COLUMNS = frozenset({"seed", "tokens_in", "tokens_out"})
 SHARD_STATS_KEY = b"raydag.stats"  # the step counters, in the shard file's Parquet metadata
 
 
-def write_shard(rows: list[dict], folder: str, shard: int, stats: list[dict] | None = None) -> str:
+def write_shard(rows: list[dict], folder: str, shard: int, stats: list[dict] | None = None) -> RunPath:
     """Write one shard's rows as ``shard-<n>.parquet``, atomically (a rerun trusts what exists).
 
     The shard's step counters (``stats``) go into the file's own Parquet metadata, so a
-    finished shard is one file, published by one rename.
+    finished shard is one file, published by one rename (one upload on an object store).
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path = shard_path(folder, shard)
-    tmp = f"{path}.tmp-{os.getpid()}"
     frame = pd.DataFrame(rows)
     frame["_order"] = [shard * 10_000_000 + position for position in range(len(frame))]
     for column in frame.columns:  # one type per column, whatever a shard happens to hold
@@ -222,20 +221,17 @@ def write_shard(rows: list[dict], folder: str, shard: int, stats: list[dict] | N
     if stats is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                SHARD_STATS_KEY: json.dumps(stats).encode()})
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_table(table, path)
     return path
 
 
-def shard_stats(path: str) -> list[dict]:
+def shard_stats(path: RunPath) -> list[dict]:
     """A written shard's step counters: from its Parquet footer (only the footer is read), or
     from the ``stats.json`` beside it that shards written before raydag kept them inside had."""
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_schema(path).metadata or {}
+    metadata = read_schema(path).metadata or {}
     if SHARD_STATS_KEY in metadata:
         return json.loads(metadata[SHARD_STATS_KEY])
-    return json.loads(Path(path.removesuffix(".parquet") + ".stats.json").read_text())
+    return json.loads((path.parent / path.name.replace(".parquet", ".stats.json")).read_text())
 
 
 # Free-text columns that operators and the runner write; PII redaction looks at these.
@@ -454,35 +450,32 @@ def rows_per_shard(total: int, batch_size: int, setting: int | None = None) -> i
     return batch_size * min(batches, max(1, MAX_ROWS_PER_SHARD // batch_size))
 
 
-def shard_layout(shard_dir: Path, key: str, wanted: int, legacy: int) -> int:
+def shard_layout(shard_dir: RunPath, key: str, wanted: int, legacy: int) -> int:
     """The rows per shard of part ``key`` (a round) of a shard folder: the size recorded in
     its ``layout.json`` when the part was started, else ``wanted`` (now recorded). A folder
     with shards and no layout file was written when a shard was one engine batch: ``legacy``.
     A rerun thus resumes with the shards it finds, whatever the size setting is now."""
-    path = Path(shard_dir) / "layout.json"
+    folder = location(shard_dir)
+    path = folder / "layout.json"
     if path.exists():
         layout = json.loads(path.read_text())
     else:
-        started = any(Path(shard_dir).glob("shard-*.parquet"))
+        started = any(folder.glob("shard-*.parquet"))
         layout = {"rows_per_shard": {}, "legacy": legacy if started else None}
     sizes = layout["rows_per_shard"]
     if key not in sizes:
         sizes[key] = layout["legacy"] or wanted
-        Path(shard_dir).mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(layout, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(layout, indent=2, sort_keys=True))
     return int(sizes[key])
 
 
-def finished_shards(shard_dir: Path, shards: list[int]) -> dict[int, list[dict]]:
-    """Those of ``shards`` already written, with their step counters (one footer read each)."""
-    done = {}
-    for index in shards:
-        path = shard_path(shard_dir, index)
-        if os.path.exists(path):
-            done[index] = shard_stats(path)
-    return done
+def finished_shards(shard_dir: RunPath, shards: list[int]) -> dict[int, list[dict]]:
+    """Those of ``shards`` already written, with their step counters (one listing of the
+    folder, then one footer read each)."""
+    present = {p.name for p in location(shard_dir).glob("shard-*.parquet")}
+    return {index: shard_stats(shard_path(shard_dir, index)) for index in shards
+            if shard_path(shard_dir, index).name in present}
 
 
 def total_stats(finished: dict[int, list[dict]]) -> list[dict]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -29,6 +28,7 @@ from raydag.report import StageTimer
 from raydag.resources import actor_pool, teacher_runtime_env
 from raydag.stages import (ChainRunner, Step, finished_shards, merge_stats, rows_per_shard,
                            shard_layout, shard_path, shuffle_partitions, total_stats, with_status)
+from raydag.storage import RunPath, read_frame
 
 
 def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any], shard_dir: Path):
+def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any], shard_dir: RunPath):
     """The teacher stage: shard rows -> ChainRunner engine actors -> one summary row per shard.
 
     Args:
@@ -80,7 +80,7 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
     )
 
 
-def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> list[str] | None:
+def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: RunPath) -> list[str] | None:
     """For ``zero_shot_topic``: the teacher's topic list, written once as ``topics.json``."""
     import ray
 
@@ -101,7 +101,7 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: Path) -> l
         summary = generate(ray.data.from_items(shard_rows(
             with_status([{"request_id": "topics", "request_seed": seed}]), 1)),
             [Step(name="0:create.topics", op=op)], job, placement, shard_dir).take_all()
-        frame = pd.read_parquet(shard_path(shard_dir, 0))
+        frame = read_frame(shard_path(shard_dir, 0))
         topics = [str(t) for t in frame["topics"].iloc[0]] if "topics" in frame else []
         best = max(best, topics, key=len)
         if len(topics) >= wanted:
@@ -142,7 +142,7 @@ class ShardPlan:
 
 def plan_round(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.DataFrame],
                topics: list[str] | None, round_index: int, grown: list[dict], planned: int,
-               first_shard: int, shard_dir: Path) -> ShardPlan:
+               first_shard: int, shard_dir: RunPath) -> ShardPlan:
     """The shards of a round. A ``create`` stage's requests are planned by Ray Data tasks,
     each making the requests of its own shards (:meth:`CreateOp.plan_range`) from the raw
     rows in the object store, so the driver holds the shard sizes, not the requests; other
@@ -238,7 +238,7 @@ def _plan_create_shards(batch: pd.DataFrame, *, op, raw_rows: list, num_examples
 
 
 def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | None,
-                inputs: dict[str, pd.DataFrame], run_dir: Path, placement: dict[str, Any],
+                inputs: dict[str, pd.DataFrame], run_dir: RunPath, placement: dict[str, Any],
                 timer: StageTimer) -> dict[str, Any]:
     """Run the chain over every unfinished shard (the outputs are written by finish_outputs)."""
     def norms(frame, on: bool) -> frozenset:
@@ -324,7 +324,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
             "budget_exhausted": budget_exhausted, "steps": steps}
 
 
-def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: Path,
+def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: RunPath,
                 shards: list[int]) -> list[dict]:
     """Self-instruct growth: the accepted tasks so far whose instruction passes the novelty
     filter against the seed tasks and the tasks kept before it (in row order)."""
@@ -332,7 +332,7 @@ def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: Path
 
     stage = job.stages[0]
     columns = ["id", "instruction", "input", "output", "_status", "_order"]
-    frames = [pd.read_parquet(shard_path(shard_dir, i), columns=columns) for i in shards]
+    frames = [read_frame(shard_path(shard_dir, i), columns=columns) for i in shards]
     tasks = pd.concat(frames, ignore_index=True)
     tasks = tasks[tasks["_status"] == "accepted"].sort_values("_order")
     verdicts = novelty_filter(tasks["instruction"].tolist(),
@@ -344,7 +344,7 @@ def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: Path
 REPHRASE_FIRST_SHARD = 10**6  # rephrase shards' numbers (and so their rows' _order) start here
 
 
-def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
+def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
                      placement: dict[str, Any]) -> tuple[Any, dict[str, Any], list[dict]]:
     """Rewrite accepted rows that contain a shortcut word of their label (see
     :func:`raydag.measures.bias.bias_report`) with :class:`raydag.ops.reform.RephraseOp`.
@@ -397,7 +397,7 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: Path,
             finished[int(done_shard["shard"])] = json.loads(done_shard["stats"])
     if len(finished) != len(shards):
         raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
-    new = pd.concat([pd.read_parquet(shard_path(folder, i)) for i in sorted(finished)],
+    new = pd.concat([read_frame(shard_path(folder, i)) for i in sorted(finished)],
                     ignore_index=True)
     new["shortcut_words"] = new["shortcut_words"].map(  # one type per column: a JSON list
         lambda words: json.dumps(list(words)) if words is not None and not isinstance(words, str) else words)

@@ -44,6 +44,7 @@ import torch
 from raydag.config import StudentConfig
 from raydag.embed import pool_states
 from raydag.errors import RaydagError
+from raydag.storage import arrow, is_uri, location
 
 PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 weights the probe tries (chosen on dev)
 
@@ -518,9 +519,18 @@ def save_student(model: StudentClassifier, tokenizer: Any, labels: list[str], fo
 
 def load_student(folder: str) -> tuple[Any, StudentClassifier, list[str]]:
     """Tokenizer, model (float32, eval mode) and labels of a student saved by
-    :func:`save_student`."""
+    :func:`save_student` (in a local folder, or on a store: then copied to a temporary folder
+    first)."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
+
+    if is_uri(folder):
+        import pyarrow.fs
+
+        where, filesystem = arrow(location(folder))
+        local = tempfile.mkdtemp(prefix="raydag-student-")
+        pyarrow.fs.copy_files(where, local, source_filesystem=filesystem)
+        folder = local
 
     meta = json.loads(Path(folder, "student.json").read_text())
     model = StudentClassifier(AutoModel.from_pretrained(folder, local_files_only=True),
@@ -687,7 +697,7 @@ def fit_students(
     *,
     label_set: list[str],
     student: StudentConfig,
-    storage_dir: str,
+    storage_dir,
     run_name: str = "students",
 ) -> list[dict[str, Any]]:
     """Fine-tune one student per entry of ``runs`` with Ray Train + DeepSpeed, in one run
@@ -704,7 +714,8 @@ def fit_students(
         test: The test split: a frame with ``text`` and ``label``.
         label_set: The job's labels.
         student: The recipe's settings.
-        storage_dir: Where Ray Train keeps the run and each student's checkpoint.
+        storage_dir: Where Ray Train keeps the run and each student's checkpoint: a local
+            folder or a store's URI (:func:`raydag.storage.location`).
         run_name: Ray Train run name (a folder of ``storage_dir``).
 
     Returns:
@@ -745,11 +756,14 @@ def fit_students(
                         "train_part": part, "train_rows": run["train_rows"],
                         "dev_part": dev_parts[id(run["dev"])], "dev_rows": run["dev_rows"]})
     config = {"student": student.model_dump(), "labels": label_set, "students": entries}
+    storage = location(storage_dir)
+    where, filesystem = arrow(storage)
+    where = os.path.abspath(where) if filesystem is None else where
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=bool(student.use_gpu)),
-        run_config=RunConfig(name=run_name, storage_path=os.path.abspath(storage_dir)),
+        run_config=RunConfig(name=run_name, storage_path=where, storage_filesystem=filesystem),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # already one share per worker
     )
@@ -763,7 +777,8 @@ def fit_students(
         key = (metrics.get("student"), metrics.get("seed"))
         out[key] = {"name": key[0], **{k: v for k, v in metrics.items()
                                        if not k.startswith("_") and k != "student"}}
-        out[key]["checkpoint"] = checkpoint.path
+        out[key]["checkpoint"] = (checkpoint.path if filesystem is None else  # its URI
+                                  str(storage / checkpoint.path[len(where):].lstrip("/")))
     missing = [f"{run['name']} seed {run['seed']}" for run in runs
                if (run["name"], run["seed"]) not in out]
     if missing:

@@ -1,0 +1,235 @@
+"""Where a run's files live: a local (or NFS) folder, or any filesystem pyarrow reaches by URI.
+
+``output_dir`` may be a path or a URI such as ``s3://bucket/runs`` or ``gs://bucket/runs``.
+:func:`location` gives a local folder as a :class:`pathlib.Path` and anything else as a
+:class:`StorePath`, a small path object over :mod:`pyarrow.fs` with the part of ``Path``'s
+interface raydag uses (``/``, ``exists``, ``read_text``, ``write_text``, ``iterdir``...), so
+the code that lays out a run folder is the same for both.
+
+Options of the store ride in the URI, as :meth:`pyarrow.fs.FileSystem.from_uri` reads them: for
+an S3-compatible server ``s3://bucket/out?endpoint_override=host:9000&scheme=http``; credentials
+come from the usual environment (``AWS_ACCESS_KEY_ID``...) or instance roles, or from
+``s3://KEY:SECRET@bucket/...`` (hidden in messages by :func:`display`). The full URI travels to
+every Ray worker, so each resolves the same store.
+
+Commits are safe on object stores: a file is published by one ``write`` (an object store makes
+an object visible only once its upload completes; a local file is written aside and renamed),
+and resume trusts only files so published.
+
+Example:
+    >>> str(location("s3://bucket/out?scheme=http") / "runs" / "abc")
+    's3://bucket/out/runs/abc?scheme=http'
+    >>> display("s3://key:secret@bucket/out")
+    's3://***@bucket/out'
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_uri(value: str) -> bool:
+    """Whether ``value`` names a store by URI (``s3://...``) rather than a local path."""
+    return bool(_URI.match(str(value))) and not str(value).startswith("file://")
+
+
+def location(value: str | os.PathLike) -> Path | "StorePath":
+    """A local path as ``Path``, a URI (``s3://``, ``gs://``, ``hdfs://``...) as ``StorePath``."""
+    text = str(value)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return StorePath(text) if is_uri(text) else Path(text)
+
+
+def display(value: str | os.PathLike) -> str:
+    """``value`` for messages and reports: credentials in any URI in it are masked."""
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s\"']*@", r"\1***@", str(value))
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(root: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(root)
+
+
+class StorePath:
+    """A file or folder on a pyarrow filesystem, named by its URI (see the module doc)."""
+
+    def __init__(self, uri: str) -> None:
+        base, _, query = str(uri).partition("?")
+        self._base, self._query = base.rstrip("/") or base, query
+
+    # -- naming
+    def __str__(self) -> str:
+        return self._base + (f"?{self._query}" if self._query else "")
+
+    def __repr__(self) -> str:
+        return f"StorePath({display(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StorePath) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __truediv__(self, part: str | os.PathLike) -> "StorePath":
+        joined = StorePath.__new__(StorePath)
+        joined._base, joined._query = f"{self._base}/{str(part).strip('/')}", self._query
+        return joined
+
+    @property
+    def name(self) -> str:
+        return self._base.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "StorePath":
+        parent = StorePath.__new__(StorePath)
+        parent._base, parent._query = self._base.rsplit("/", 1)[0], self._query
+        return parent
+
+    # -- the filesystem
+    @property
+    def filesystem(self):
+        """The ``pyarrow.fs.FileSystem`` this path lives on."""
+        return _filesystem(self._root())[0]
+
+    @property
+    def path(self) -> str:
+        """The path inside :attr:`filesystem` (what pyarrow and Ray Data take with it)."""
+        root_path = _filesystem(self._root())[1]
+        rest = self._base[len(self._root().partition("?")[0]):].strip("/")
+        return f"{root_path.rstrip('/')}/{rest}" if rest else root_path
+
+    def _root(self) -> str:
+        """Scheme, authority and query: one filesystem per store, cached."""
+        scheme, _, rest = self._base.partition("://")
+        authority = rest.split("/", 1)[0]
+        return f"{scheme}://{authority}" + (f"?{self._query}" if self._query else "")
+
+    def _info(self):
+        return self.filesystem.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        import pyarrow.fs
+
+        return self._info().type != pyarrow.fs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        import pyarrow.fs
+
+        return self._info().type == pyarrow.fs.FileType.Directory
+
+    def is_file(self) -> bool:
+        import pyarrow.fs
+
+        return self._info().type == pyarrow.fs.FileType.File
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        if not exist_ok and self.exists():
+            raise FileExistsError(str(self))
+        self.filesystem.create_dir(self.path, recursive=parents)
+
+    def iterdir(self) -> Iterator["StorePath"]:
+        import pyarrow.fs
+
+        if not self.is_dir():
+            return iter(())
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path))
+        return iter([self / info.base_name for info in infos])
+
+    def glob(self, pattern: str) -> Iterator["StorePath"]:
+        """Direct children whose name matches ``pattern`` (no ``**``)."""
+        return iter([p for p in self.iterdir() if fnmatch.fnmatch(p.name, pattern)])
+
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_stream(self.path) as stream:
+            return stream.read()
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def write_bytes(self, data: bytes) -> None:
+        """One upload: the object appears whole or not at all."""
+        with self.filesystem.open_output_stream(self.path) as stream:
+            stream.write(data)
+
+    def write_text(self, text: str, encoding: str = "utf-8") -> None:
+        self.write_bytes(text.encode(encoding))
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if missing_ok and not self.exists():
+            return
+        self.filesystem.delete_file(self.path)
+
+
+RunPath = Path | StorePath
+
+
+def arrow(path: RunPath) -> tuple[str, Any]:
+    """``(path, filesystem)`` for pyarrow and Ray Data calls (``filesystem`` None: local)."""
+    if isinstance(path, StorePath):
+        return path.path, path.filesystem
+    return str(path), None
+
+
+def write_atomically(path: RunPath, text: str) -> None:
+    """Publish a small text file in one step (local: written aside, then renamed)."""
+    if isinstance(path, StorePath):
+        path.write_text(text)
+        return
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def remove_tree(path: RunPath) -> None:
+    """Delete a folder and everything under it (nothing when it does not exist)."""
+    if isinstance(path, StorePath):
+        if path.is_dir():
+            path.filesystem.delete_dir(path.path)
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def copy_file(source: RunPath, target: RunPath) -> None:
+    if isinstance(source, Path) and isinstance(target, Path):
+        shutil.copyfile(source, target)
+    else:
+        target.write_bytes(source.read_bytes())
+
+
+def write_table(table, path: RunPath) -> None:
+    """Write a pyarrow table as one Parquet file, published atomically."""
+    import pyarrow.parquet as pq
+
+    if isinstance(path, StorePath):
+        pq.write_table(table, path.path, filesystem=path.filesystem)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_frame(path: RunPath, columns: list[str] | None = None):
+    """A Parquet file or folder as a pandas frame."""
+    import pyarrow.parquet as pq
+
+    where, filesystem = arrow(path)
+    return pq.read_table(where, columns=columns, filesystem=filesystem).to_pandas()
+
+
+def read_schema(path: RunPath):
+    """The Parquet schema of one file (only its footer is read)."""
+    import pyarrow.parquet as pq
+
+    where, filesystem = arrow(path)
+    return pq.read_schema(where, filesystem=filesystem)
