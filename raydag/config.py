@@ -67,14 +67,6 @@ class DataConfig(StrictModel):
     labels: list[str] = Field(min_length=2, description="The label set; other labels are errors.")
     task: str = Field(min_length=1, description="One-sentence task description used in prompts.")
 
-    @field_validator("train_path", "test_path", "dev_path", "unlabelled_path")
-    @classmethod
-    def _local_input(cls, value: str | None) -> str | None:
-        if value is not None and is_uri(value):
-            raise ValueError(f"{value.split('://')[0]}:// inputs are not read yet (output_dir may "
-                             "be on a store); copy the file to a local or shared folder")
-        return value
-
     dev_path: str | None = Field(
         default=None, description="Labelled dev split (.jsonl, .csv or .parquet) that chooses the "
         "students' epoch; without it, student.dev_fraction of the raw sample is held out.")
@@ -688,17 +680,17 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
     eval_paths = _get_dotted(tree, ("quality", "decontam", "eval_paths"))
     if isinstance(eval_paths, dict):
         for name, value in eval_paths.items():
-            if isinstance(value, str):
+            if isinstance(value, str) and not is_uri(value):
                 eval_paths[name] = os.path.normpath(base / os.path.expanduser(value))
     for stage in tree.get("stages") or []:
         for key in _STAGE_PATH_FIELDS:
-            if isinstance(stage, dict) and isinstance(stage.get(key), str):
+            if isinstance(stage, dict) and isinstance(stage.get(key), str) and not is_uri(stage[key]):
                 stage[key] = os.path.normpath(base / os.path.expanduser(stage[key]))
     if "stages" in tree or any(o.split("=", 1)[0].strip().startswith("stages.") for o in overrides):
         tree.setdefault("stages", [{"type": "create"}])
     for text in overrides:
         key, value = parse_override(text)
-        if key.split(".")[-1] in _STAGE_PATH_FIELDS and isinstance(value, str):
+        if key.split(".")[-1] in _STAGE_PATH_FIELDS and isinstance(value, str) and not is_uri(value):
             value = str(Path(value).expanduser().resolve())
         if tuple(key.split(".")) in _PATH_FIELDS and isinstance(value, str) and not is_uri(value):
             value = str(Path(value).expanduser().resolve())

@@ -24,6 +24,7 @@ import pandas as pd
 
 from raydag.errors import DataError
 from raydag.models import resolve_model
+from raydag.storage import arrow, file_size, location, open_input
 
 if TYPE_CHECKING:  # config imports this module
     from raydag.config import JobConfig
@@ -102,7 +103,7 @@ def _jsonl_records(path: Path, bad: BadRows) -> tuple[list[dict], list[int]]:
     """
     records, numbers = [], []
     offset = 0
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         for number, raw in enumerate(handle, start=1):
             value = _json_line(raw, offset)
             offset += len(raw)
@@ -134,7 +135,7 @@ def _json_line(raw: bytes, offset: int) -> dict | tuple[str, str]:
 
 def _check_csv_encoding(path: Path) -> None:
     offset = 0
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 raw.decode("utf-8")
@@ -161,14 +162,14 @@ def read_table(path: str | os.PathLike, bad: BadRows | None = None) -> tuple[pd.
         DataError: The file is missing, has an unknown extension, cannot be parsed, is empty,
             or (in ``error`` mode) has bad lines.
     """
-    path = Path(path)
+    path = location(path)
     bad = bad if bad is not None else BadRows()
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .csv or .parquet")
-    if path.stat().st_size == 0:
+    if file_size(path) == 0:
         raise DataError(f"{path}: the file is empty")
     if kind == "json":
         records, numbers = _jsonl_records(path, bad)
@@ -181,7 +182,8 @@ def read_table(path: str | os.PathLike, bad: BadRows | None = None) -> tuple[pd.
         if kind == "csv":
             _check_csv_encoding(path)
         try:
-            frame = getattr(ray.data, f"read_{kind}")(str(path)).to_pandas()
+            where, filesystem = arrow(path)
+            frame = getattr(ray.data, f"read_{kind}")(where, filesystem=filesystem).to_pandas()
         except Exception as err:  # Ray wraps reader errors in several types
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise DataError(f"{path}: cannot be read as {kind}: {first[:300]}") from None
@@ -252,7 +254,7 @@ def read_labelled(
     Raises:
         DataError: naming the file and line (or column) of the first problems found.
     """
-    path = Path(path)
+    path = location(path)
     bad = bad if bad is not None else BadRows()
     frame, where = read_table(path, bad)
     for column in (text_column, label_column):
@@ -329,7 +331,7 @@ def read_texts(path: str | os.PathLike, required: list[str], optional: list[str]
         DataError: a missing column, or (unless ``bad`` skips them) an empty, non-string or
             too long required value (``file:line``).
     """
-    path = Path(path)
+    path = location(path)
     bad = bad if bad is not None else BadRows()
     frame, where = read_table(path, bad)
     missing = [c for c in required if c not in frame.columns]
@@ -396,9 +398,9 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
     """
     import ray
 
-    path = Path(path)
+    path = location(path)
     kind = _READERS.get(path.suffix.lower())
-    if kind == "csv" or kind is None or not path.is_file() or path.stat().st_size == 0:
+    if kind == "csv" or kind is None or not path.is_file() or file_size(path) == 0:
         frame = read_texts(path, [column], bad=bad, max_text_chars=max_text_chars, check=check)
         frame = frame.rename(columns={column: "text"}).assign(_row=np.arange(len(frame)))
         return InputRows(ray.data.from_pandas(frame).materialize(), len(frame))
@@ -406,7 +408,7 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
     if kind == "parquet":
         chunks, parse, where = _parquet_row_groups(path, column), _parse_parquet_group, "{path}: row {n}"
     else:
-        size = path.stat().st_size
+        size = file_size(path)
         starts = list(range(0, size, chunk_bytes))
         chunks = pd.DataFrame({"chunk": range(len(starts)), "start": starts,
                                "end": starts[1:] + [size]})
@@ -434,10 +436,9 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
 
 def _parquet_row_groups(path: Path, column: str) -> pd.DataFrame:
     """A Parquet file's row groups (``chunk``) and the number of each one's first row."""
-    import pyarrow.parquet as pq
 
     try:
-        metadata = pq.ParquetFile(path).metadata
+        metadata = _parquet_file(path).metadata
     except Exception as err:  # pyarrow raises several types for a file that is not Parquet
         raise DataError(f"{path}: cannot be read as parquet: {str(err)[:300]}") from None
     names = metadata.schema.to_arrow_schema().names
@@ -448,13 +449,19 @@ def _parquet_row_groups(path: Path, column: str) -> pd.DataFrame:
                          "first_line": np.cumsum([0] + sizes[:-1], dtype=np.int64)})
 
 
+def _parquet_file(path):
+    import pyarrow.parquet as pq
+
+    where, filesystem = arrow(location(path) if isinstance(path, str) else path)
+    return pq.ParquetFile(where, filesystem=filesystem)
+
+
 def _parse_parquet_group(batch: pd.DataFrame, path: str, column: str, max_text_chars: int,
                          check) -> pd.DataFrame:
     """One row group of a Parquet file, checked and numbered as :func:`_parse_jsonl_chunk`."""
-    import pyarrow.parquet as pq
 
     chunk, first = int(batch["chunk"].iloc[0]), int(batch["first_line"].iloc[0])
-    values = pq.ParquetFile(path).read_row_group(chunk, columns=[column]).column(0).to_pylist()
+    values = _parquet_file(path).read_row_group(chunk, columns=[column]).column(0).to_pylist()
     return _checked_rows(((first + i, v) for i, v in enumerate(values)), chunk, column,
                          max_text_chars, check)
 
@@ -480,7 +487,7 @@ def _checked_rows(numbered, chunk: int, column: str, max_text_chars: int, check)
 
 
 def _count_newlines(batch: pd.DataFrame, path: str) -> pd.DataFrame:
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         handle.seek(int(batch["start"].iloc[0]))
         data = handle.read(int(batch["end"].iloc[0]) - int(batch["start"].iloc[0]))
     return pd.DataFrame({"chunk": batch["chunk"], "newlines": [data.count(b"\n")]})
@@ -495,7 +502,7 @@ def _parse_jsonl_chunk(batch: pd.DataFrame, path: str, column: str, max_text_cha
     (``_bad_reason`` "") numbered in the range (``_local``), bad ones with their reason."""
     chunk, start, end = (int(batch[k].iloc[0]) for k in ("chunk", "start", "end"))
     line = int(batch["first_line"].iloc[0])  # the number of the line holding byte ``start``
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         handle.seek(start)
         data = handle.read(end - start)
         if data and not data.endswith(b"\n"):

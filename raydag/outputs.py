@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -21,7 +20,7 @@ from raydag.chain import run_signature
 from raydag.config import JobConfig
 from raydag.errors import RaydagError
 from raydag.stages import deduplicate, shard_path
-from raydag.storage import RunPath, arrow, display, location, remove_tree
+from raydag.storage import RunPath, arrow, display, location, open_input, remove_tree
 from raydag.teacher import rephrase_flagged
 
 
@@ -117,8 +116,8 @@ def input_digests(job: JobConfig) -> dict[str, str]:
             paths[f"stages.{index}.seed_tasks"] = stage.seed_tasks_path
     digests = {}
     for name, path in paths.items():
-        if path and Path(path).is_file():
-            with open(path, "rb") as handle:  # streamed in chunks: files may be large
+        if path and location(path).is_file():
+            with open_input(location(path)) as handle:  # streamed in chunks: files may be large
                 digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
     return digests
 

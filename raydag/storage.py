@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import io
 import os
 import re
 import shutil
@@ -62,7 +63,12 @@ def _filesystem(root: str) -> tuple[Any, str]:
 
 
 class StorePath:
-    """A file or folder on a pyarrow filesystem, named by its URI (see the module doc)."""
+    """A file or folder on a pyarrow filesystem, named by its URI (see the module doc).
+
+    ``str()`` is the whole URI (what reaches the store); an f-string or ``format()`` gives it
+    for messages, credentials masked and options left out (``s3://***@bucket/train.jsonl:12``),
+    so a message that names a file never shows them.
+    """
 
     def __init__(self, uri: str) -> None:
         base, _, query = str(uri).partition("?")
@@ -74,6 +80,9 @@ class StorePath:
 
     def __repr__(self) -> str:
         return f"StorePath({display(self)!r})"
+
+    def __format__(self, spec: str) -> str:
+        return format(display(self._base), spec)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StorePath) and str(self) == str(other)
@@ -89,6 +98,11 @@ class StorePath:
     @property
     def name(self) -> str:
         return self._base.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        name = self.name
+        return name[name.rfind("."):] if "." in name.lstrip(".") else ""
 
     @property
     def parent(self) -> "StorePath":
@@ -150,6 +164,9 @@ class StorePath:
         """Direct children whose name matches ``pattern`` (no ``**``)."""
         return iter([p for p in self.iterdir() if fnmatch.fnmatch(p.name, pattern)])
 
+    def size(self) -> int:
+        return self._info().size
+
     def read_bytes(self) -> bytes:
         with self.filesystem.open_input_stream(self.path) as stream:
             return stream.read()
@@ -179,6 +196,18 @@ def arrow(path: RunPath) -> tuple[str, Any]:
     if isinstance(path, StorePath):
         return path.path, path.filesystem
     return str(path), None
+
+
+def open_input(path: RunPath | str):
+    """A file opened for reading bytes: seekable, iterable by line (local: ``open``)."""
+    path = location(path) if isinstance(path, str) else path
+    if isinstance(path, StorePath):
+        return io.BufferedReader(path.filesystem.open_input_file(path.path))
+    return open(path, "rb")
+
+
+def file_size(path: RunPath) -> int:
+    return path.size() if isinstance(path, StorePath) else path.stat().st_size
 
 
 def write_atomically(path: RunPath, text: str) -> None:

@@ -1,5 +1,6 @@
-"""Runs on an object store: ``output_dir`` as an ``s3://`` URI, against a real S3-compatible
-server (moto's server mode, started here on 127.0.0.1; nothing leaves the machine).
+"""Runs on an object store: ``output_dir`` and the data files as ``s3://`` URIs, against a real
+S3-compatible server (moto's server mode, started here on 127.0.0.1; nothing leaves the
+machine).
 
 The store's endpoint and credentials ride in the URI, so every Ray worker resolves the same
 store; messages and reports mask the credentials.
@@ -18,6 +19,7 @@ import pytest
 
 from conftest import QUICKSTART, free_port
 from raydag.config import load_job
+from raydag.errors import DataError
 from raydag.storage import StorePath, display, location, read_frame, remove_tree, write_table
 
 BUCKET = "raydag-test"
@@ -146,3 +148,71 @@ def test_real_engine_and_students_write_to_s3(ray_local, s3_store):
     scored = StudentScorer(str(checkpoint))(pd.DataFrame({"text": ["my parcel never came"],
                                                           "label": ["shipping"]}))
     assert scored["log2_p_label"].iloc[0] < 0.0
+
+
+def _upload(local, target) -> str:
+    """Copy a local file to the store; returns the target's URI."""
+    target.write_bytes(local.read_bytes())
+    return str(target)
+
+
+def test_inputs_on_s3_read_like_local_files_and_name_bad_lines_without_credentials(
+        ray_local, s3_store, tmp_path):
+    """A JSONL file of the test_data kind (bad lines of every reason, CRLF, no final newline)
+    and a Parquet file read from the store, in Ray tasks by byte range and row group and on
+    the driver: the same rows and bad-row summary as the local copy, with the store's address
+    (credentials masked) in place of the local path."""
+    from test_data import _unlabelled_file
+
+    from raydag.data import BadRows, read_texts, read_texts_in_ray
+
+    root = location(s3_store())
+    local = _unlabelled_file(tmp_path / "unlabelled.jsonl")
+    remote = _upload(local, root / "unlabelled.jsonl")
+    expected_bad = BadRows("skip")
+    expected = read_texts(local, ["text"], bad=expected_bad)
+    for chunk_bytes in (37, 1 << 20):
+        bad = BadRows("skip")
+        rows = read_texts_in_ray(remote, "text", bad=bad, chunk_bytes=chunk_bytes)
+        got = rows.dataset.to_pandas().sort_values("_row")
+        assert list(got["id"]) == list(expected["id"]) and rows.count == len(expected)
+        summary = json.dumps(bad.summary())
+        shown = f"{location(remote)}"  # how messages name it: no credentials, no options
+        assert shown.startswith("s3://***@") and "?" not in shown
+        assert summary.replace(shown, str(local)) == json.dumps(expected_bad.summary())
+        assert "testing:testing" not in summary
+    driver_bad = BadRows("skip")
+    assert list(read_texts(remote, ["text"], bad=driver_bad)["id"]) == list(expected["id"])
+    with pytest.raises(DataError, match=r"s3://\*\*\*@raydag-test/\S+/unlabelled.jsonl:4: not valid JSON"):
+        read_texts(remote, ["text"], bad=BadRows("error"))
+
+    frame = pd.DataFrame({"text": [f"note {i}" if i % 9 else "" for i in range(50)]})
+    frame.to_parquet(tmp_path / "texts.parquet", row_group_size=7)
+    parquet = _upload(tmp_path / "texts.parquet", root / "texts.parquet")
+    bad = BadRows("skip")
+    rows = read_texts_in_ray(parquet, "text", bad=bad)
+    assert rows.count == 44 and bad.summary()["by_reason"] == {"empty_text": 6}
+
+
+@pytest.mark.slow
+def test_a_job_reading_its_data_from_s3_makes_the_same_rows(ray_local, s3_store):
+    """The fixed job with its train and test files on the store (and output_dir too): the
+    same rows as from the local files."""
+    from test_pipeline import FIXED_JOB_ROWS
+
+    from raydag.pipeline import run_job
+
+    base = load_job(QUICKSTART)
+    data = location(s3_store())
+    train = _upload(location(base.data.train_path), data / "train.jsonl")
+    test = _upload(location(base.data.test_path), data / "test.jsonl")
+    uri = s3_store()
+    report = json.loads(run_job(_fixed_job(uri, f"data.train_path={train}",
+                                           f"data.test_path={test}")).read_text())
+    run_dir = location(uri) / "runs" / report["signature"]
+    rows = pd.concat([read_frame(run_dir / folder) for folder in
+                      ("synthetic", "dropped", "quarantine") if (run_dir / folder).exists()])
+    key = sorted(f"{i}|{s}|{r}" for i, s, r in zip(rows["id"], rows["_status"],
+                                                   rows["_reason"].fillna("")))
+    assert hashlib.sha256("\n".join(key).encode()).hexdigest() == FIXED_JOB_ROWS
+    assert report["counts"]["pool"] > 0 and "testing:testing" not in json.dumps(report)
