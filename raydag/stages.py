@@ -287,7 +287,7 @@ class ChainRunner:
             self._carried.append(set(carried))
             if not step.op.creates_rows:
                 carried |= set(step.op.adds)
-        os.makedirs(shard_dir, exist_ok=True)
+        location(shard_dir).mkdir(parents=True, exist_ok=True)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return self._thread.submit(self._run_shards, batch).result()

@@ -28,7 +28,7 @@ from raydag.report import StageTimer
 from raydag.resources import actor_pool, teacher_runtime_env
 from raydag.stages import (ChainRunner, Step, finished_shards, merge_stats, rows_per_shard,
                            shard_layout, shard_path, shuffle_partitions, total_stats, with_status)
-from raydag.storage import RunPath, read_frame
+from raydag.storage import RunPath, arrow, read_frame
 
 
 def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
@@ -349,9 +349,16 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
     """Rewrite accepted rows that contain a shortcut word of their label (see
     :func:`raydag.measures.bias.bias_report`) with :class:`raydag.ops.reform.RephraseOp`.
 
-    The rewrites run through the same ChainRunner actors into their own resumable shards
-    (``runs/<signature>/rephrase/<digest>/``); the flagged rows are replaced by the shard rows
-    (the original dropped as ``rephrased`` or kept, plus the rewrite).
+    Every step is a Ray Data pass; the driver holds word counts per label, never rows:
+
+    1. each block counts its accepted teacher rows' words per label; the driver adds the
+       counts and finds the shortcut words against the raw sample;
+    2. each block flags its rows holding a shortcut word of their label; the flagged rows are
+       grouped into shards by a hash of their id (``groupby``), each shard's rows in row order;
+    3. the shards run through the same ChainRunner actors into their own resumable folder
+       (``runs/<signature>/rephrase/<digest of the flagged ids and the words>/``);
+    4. the rows minus the flagged ones, and the shard rows (the original dropped as
+       ``rephrased`` or kept, plus the rewrite), are the result.
 
     Returns:
         The rows, a summary, and the rephrase step's counters (for the report and the counts).
@@ -359,70 +366,141 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
     import ray
     from ray.data.expressions import col
 
-    from raydag.measures.bias import bias_report, flag_rows
+    from raydag.measures.bias import add_counts, shortcut_words_from_counts
     from raydag.ops.reform import RephraseOp
 
-    accepted = rows.filter(expr=col("_status") == "accepted").to_pandas()
-    teacher_rows = accepted[accepted["method"] != "raw"]
+    teacher_rows = rows.filter(expr=(col("_status") == "accepted") & (col("method") != "raw"))
+    counts = add_counts([json.loads(part["counts"]) for part in teacher_rows.map_batches(
+        _word_counts, batch_size=None, batch_format="pandas").take_all()])
     settings = job.quality.bias
-    report = bias_report(raw["text"].astype(str).tolist(), raw["label"].astype(str).tolist(),
-                         teacher_rows["text"].astype(str).tolist(),
-                         teacher_rows["label"].astype(str).tolist(),
-                         z_min=settings.z_min, min_count=settings.min_count, margin=settings.margin)
-    words = flag_rows(teacher_rows["text"].astype(str).tolist(),
-                      teacher_rows["label"].astype(str).tolist(), report["shortcut_words"])
-    flagged = teacher_rows.assign(shortcut_words=words)
-    flagged = flagged[flagged["shortcut_words"].map(len) > 0]
-    summary = {"shortcut_words": len(report["shortcut_words"]), "flagged_rows": len(flagged)}
-    if flagged.empty:
+    words = shortcut_words_from_counts(raw["text"].astype(str).tolist(),
+                                       raw["label"].astype(str).tolist(), counts,
+                                       z_min=settings.z_min, min_count=settings.min_count,
+                                       margin=settings.margin)
+    by_label = _words_by_label(words)
+    flagged = teacher_rows.map_batches(_flagged_rows, fn_kwargs={"by_label": by_label},
+                                       batch_format="pandas").materialize()
+    ids = flagged.map_batches(_id_digest, batch_size=None, batch_format="pandas").take_all()
+    count = sum(int(part["rows"]) for part in ids)
+    summary = {"shortcut_words": len(words), "flagged_rows": count}
+    if not count:
         return rows, {**summary, "rephrased": 0, "kept_original": 0}, []
-    first = [{k: v for k, v in row.items() if k != "_order" and not (
-        isinstance(v, float) and pd.isna(v))} for row in flagged.to_dict("records")]
-    for row in first:
-        row["shortcut_words"] = list(row["shortcut_words"])
     op = RephraseOp(labels=job.data.labels)
     steps = [Step(name="rephrase", op=op)]
-    folder = run_dir / "rephrase" / stable_hash(sorted(flagged["id"]), report["shortcut_words"], length=12)
+    digest = sum(int(part["digest"]) for part in ids) % (1 << 64)  # any order of blocks
+    folder = run_dir / "rephrase" / stable_hash(count, digest, words, length=12)
     size = shard_layout(folder, "rephrase", legacy=job.teacher.batch_size,
-                        wanted=rows_per_shard(len(first), job.teacher.batch_size,
+                        wanted=rows_per_shard(count, job.teacher.batch_size,
                                               job.teacher.rows_per_shard))
-    shards = shard_rows(first, size, first=REPHRASE_FIRST_SHARD)
-    done = finished_shards(folder, [s["shard"] for s in shards])
-    todo = [s for s in shards if s["shard"] not in done]
-    console.say(f"[rephrase] {len(first)} rows with shortcut words in {len(shards)} shard(s); "
+    shards = [REPHRASE_FIRST_SHARD + i for i in range(-(-count // size))]
+    done = finished_shards(folder, shards)
+    todo = frozenset(s for s in shards if s not in done)
+    console.say(f"[rephrase] {count} rows with shortcut words in {len(shards)} shard(s); "
                 f"{len(done)} already done")
     finished = dict(done)
     if todo:
-        for done_shard in generate(ray.data.from_items(todo), steps, job, placement, folder).iter_rows():
+        payload = flagged.map_batches(_rephrase_shard_of, fn_kwargs={
+            "shards": len(shards), "todo": todo}, batch_format="pandas").groupby(
+            "shard", num_partitions=shuffle_partitions(flagged.size_bytes())).map_groups(
+            _rephrase_shard, batch_format="pandas").repartition(len(todo))
+        for done_shard in generate(payload, steps, job, placement, folder).iter_rows():
             finished[int(done_shard["shard"])] = json.loads(done_shard["stats"])
     if len(finished) != len(shards):
         raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
-    new = pd.concat([read_frame(shard_path(folder, i)) for i in sorted(finished)],
-                    ignore_index=True)
-    new["shortcut_words"] = new["shortcut_words"].map(  # one type per column: a JSON list
-        lambda words: json.dumps(list(words)) if words is not None and not isinstance(words, str) else words)
+    new = ray.data.read_parquet([arrow(shard_path(folder, s))[0] for s in shards],
+                                filesystem=arrow(folder)[1])
     base_columns = rows.columns()
-    for column in base_columns:
-        if column not in new.columns:
-            new[column] = None
-    extra = [c for c in new.columns if c not in base_columns]
-    orders = frozenset(int(o) for o in flagged["_order"])
+    columns = base_columns + [c for c in new.columns() if c not in base_columns]
+    kept = rows.map_batches(_without_flagged, fn_kwargs={"by_label": by_label, "columns": columns},
+                            batch_format="pandas")
+    rewritten = new.map_batches(_aligned, fn_kwargs={"columns": columns},
+                                batch_format="pandas").materialize()
+    outcome = {"rephrased": 0, "kept_original": 0}
+    for part in rewritten.map_batches(_rephrase_outcome, fn_kwargs={"op": op.name}, batch_size=None,
+                                      batch_format="pandas").take_all():
+        for key in outcome:
+            outcome[key] += int(part[key])
+    return kept.union(rewritten).materialize(), {**summary, **outcome}, total_stats(finished)
 
-    def without_flagged(batch: pd.DataFrame) -> pd.DataFrame:
-        batch = batch[~batch["_order"].isin(orders)].copy()
-        for column in extra:
-            batch[column] = None
-        return batch[base_columns + extra]
 
-    new = new[base_columns + extra]
-    for column in new.columns:
-        new[column] = new[column].astype(object)
-    merged = rows.map_batches(without_flagged, batch_format="pandas").union(
-        ray.data.from_pandas(new)).materialize()
-    stats = total_stats(finished)
-    originals = new[new["id"].isin(flagged["id"])]
-    return merged, {**summary, "rephrased": int((originals["_reason"] == "rephrased").sum()),
-                    "kept_original": int((originals["_status"] == "accepted").sum())}, stats
+def _word_counts(batch: pd.DataFrame) -> pd.DataFrame:
+    """Ray Data task: a block's word counts per label (:func:`raydag.measures.bias.synthetic_counts`)."""
+    from raydag.measures.bias import synthetic_counts
+
+    counts = synthetic_counts(batch["text"].astype(str).tolist(), batch["label"].astype(str).tolist())
+    return pd.DataFrame({"counts": [json.dumps(counts)]})
+
+
+def _words_by_label(words: list[dict]) -> dict[str, list[str]]:
+    by_label: dict[str, list[str]] = {}
+    for item in words:
+        by_label.setdefault(str(item["label"]), []).append(item["word"])
+    return by_label
+
+
+def _shortcuts_in(batch: pd.DataFrame, by_label: dict[str, list[str]]) -> list[list[str]]:
+    from raydag.measures.bias import flag_rows
+
+    words = [{"label": label, "word": word} for label, items in by_label.items() for word in items]
+    return flag_rows(batch["text"].astype(str).tolist(), batch["label"].astype(str).tolist(), words)
+
+
+def _flagged_rows(batch: pd.DataFrame, by_label: dict[str, list[str]]) -> pd.DataFrame:
+    """Ray Data task: the rows holding a shortcut word of their label, with the words."""
+    found = _shortcuts_in(batch, by_label)
+    keep = [bool(words) for words in found]
+    return batch[keep].assign(shortcut_words=[json.dumps(w) for w in found if w])
+
+
+def _id_digest(batch: pd.DataFrame) -> pd.DataFrame:
+    """Ray Data task: a block's flagged rows and the sum of their ids' hashes (the driver adds
+    the sums: a digest of the flagged set whatever the blocks)."""
+    total = sum(int(stable_hash(i), 16) for i in batch["id"].astype(str)) % (1 << 64)
+    return pd.DataFrame({"rows": [len(batch)], "digest": [str(total)]})
+
+
+def _rephrase_shard_of(batch: pd.DataFrame, shards: int, todo: frozenset) -> pd.DataFrame:
+    shard = [REPHRASE_FIRST_SHARD + int(stable_hash(i), 16) % shards for i in batch["id"].astype(str)]
+    batch = batch.assign(shard=shard)
+    return batch[batch["shard"].isin(todo)]
+
+
+def _rephrase_shard(group: pd.DataFrame) -> pd.DataFrame:
+    """Ray Data task: one rephrase shard's rows, in row order, as the chain takes them."""
+    group = group.sort_values("_order")
+    rows = []
+    for row in group.drop(columns=["shard", "_order"]).to_dict("records"):
+        row = {k: v for k, v in row.items() if not (isinstance(v, float) and pd.isna(v))}
+        row["shortcut_words"] = json.loads(row["shortcut_words"])
+        rows.append({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()})
+    return pd.DataFrame({"shard": [int(group["shard"].iloc[0])], "rows": [json.dumps(rows)]})
+
+
+def _without_flagged(batch: pd.DataFrame, by_label: dict[str, list[str]],
+                     columns: list[str]) -> pd.DataFrame:
+    """Ray Data task: the rows that were not rephrased (every column of the result)."""
+    teacher = (batch["_status"] == "accepted") & (batch["method"] != "raw")
+    flagged = teacher & pd.Series([bool(w) for w in _shortcuts_in(batch, by_label)], index=batch.index)
+    return _aligned(batch[~flagged], columns)
+
+
+def _aligned(batch: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The columns in this order, missing ones as None; ``shortcut_words`` as a JSON list."""
+    batch = batch.copy()
+    for column in columns:
+        if column not in batch.columns:
+            batch[column] = pd.Series([None] * len(batch), index=batch.index, dtype=object)
+    if "shortcut_words" in batch.columns:
+        batch["shortcut_words"] = [json.dumps(list(w)) if w is not None and not isinstance(w, str) else w
+                                   for w in batch["shortcut_words"]]
+    return batch[columns]
+
+
+def _rephrase_outcome(batch: pd.DataFrame, op: str) -> pd.DataFrame:
+    """Ray Data task: of a block's flagged originals, how many were replaced or kept."""
+    original = batch["method"] != op
+    return pd.DataFrame({"rephrased": [int((original & (batch["_reason"] == "rephrased")).sum())],
+                         "kept_original": [int((original & (batch["_status"] == "accepted")).sum())]})
 
 
 def teacher_totals(stats: list[dict]) -> dict[str, Any]:

@@ -238,6 +238,12 @@ def test_rephrase_rewrites_rows_that_carry_a_planted_shortcut_word(ray_local, tm
     assert step["rows_in"] == len(flagged) and step["created"] == len(flagged)
     assert step["accepted"] + sum(step["dropped"].values()) + sum(step["quarantined"].values()) \
         == 2 * len(flagged)
+    merged.write_parquet(str(tmp_path / "written"))  # one schema for kept and rewritten rows
+    assert len(pd.read_parquet(tmp_path / "written")) == len(out)
+    # A rerun finds the same flagged rows, so the same shard folder: the same rows.
+    again, summary_again, _ = rephrase_flagged(rows, job, raw, tmp_path, placement)
+    assert summary_again == summary
+    assert sorted(again.to_pandas()["text"]) == sorted(out["text"])
 
 
 @pytest.mark.parametrize("overflow", ["accept", "drop"])

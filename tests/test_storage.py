@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -113,6 +114,7 @@ def test_a_job_on_s3_makes_the_same_rows_as_on_disk_and_resumes_from_the_store(r
     assert (location(uri) / "report.md").is_file() and (location(uri) / ".raydag-output").is_file()
     again, report = digest()
     assert again == FIXED_JOB_ROWS and report["shards"]["resumed"] == 4
+    assert not Path("s3:").exists()  # no local folder named after the URI (the actors' cwd)
 
 
 @pytest.mark.slow

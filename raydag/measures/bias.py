@@ -104,9 +104,14 @@ def label_word_log_odds(texts: Sequence[Any], labels: Sequence[Any], *,
         'good'
     """
     _check_aligned(texts, labels, "label_word_log_odds")
+    return _log_odds(_label_counts(texts, labels), prior_texts, prior_mass_per_token)
+
+
+def _log_odds(per_label: dict[str, Counter], prior_texts: Sequence[Any] | None = None,
+              prior_mass_per_token: float = PRIOR_MASS_PER_TOKEN) -> pd.DataFrame:
+    """:func:`label_word_log_odds` from the corpus's word counts per label."""
     if prior_mass_per_token <= 0:
         raise ValueError(f"prior_mass_per_token must be positive, got {prior_mass_per_token}")
-    per_label = _label_counts(texts, labels)
     label_names = sorted(per_label)
     vocabulary = sorted(set().union(*per_label.values())) if per_label else []
     if len(label_names) < 2 or len(vocabulary) < 2:
@@ -187,14 +192,53 @@ def shortcut_words(raw_texts: Sequence[Any], raw_labels: Sequence[Any],
     """
     _check_aligned(raw_texts, raw_labels, "shortcut_words raw")
     _check_aligned(syn_texts, syn_labels, "shortcut_words synthetic")
-    synthetic = label_word_log_odds(syn_texts, syn_labels)
-    candidates = synthetic[(synthetic["z"] >= z_min) & (synthetic["count_in_label"] >= min_count)]
+    return shortcut_words_from_counts(raw_texts, raw_labels, synthetic_counts(syn_texts, syn_labels),
+                                      z_min=z_min, min_count=min_count, margin=margin, top_k=top_k)
+
+
+def synthetic_counts(texts: Sequence[Any], labels: Sequence[Any]) -> dict[str, dict]:
+    """What :func:`shortcut_words` needs of a synthetic corpus: per label, word token counts
+    (``tokens``), rows containing each word (``containing``) and rows (``rows``). Counts of
+    parts of a corpus add up (:func:`add_counts`), so a corpus can be counted block by block.
+
+    Example:
+        >>> synthetic_counts(["a b a"], ["x"])
+        {'tokens': {'x': {'a': 2, 'b': 1}}, 'containing': {'x': {'a': 1, 'b': 1}}, 'rows': {'x': 1}}
+    """
+    containing, rows = _rows_containing(texts, labels)
+    return {"tokens": {label: dict(c) for label, c in _label_counts(texts, labels).items()},
+            "containing": {label: dict(c) for label, c in containing.items()},
+            "rows": dict(rows)}
+
+
+def add_counts(parts: Sequence[dict[str, dict]]) -> dict[str, dict]:
+    """The :func:`synthetic_counts` of a corpus from those of its parts."""
+    total: dict[str, dict] = {"tokens": {}, "containing": {}, "rows": {}}
+    for part in parts:
+        for key in ("tokens", "containing"):
+            for label, counts in part[key].items():
+                total[key].setdefault(label, Counter()).update(counts)
+        for label, n in part["rows"].items():
+            total["rows"][label] = total["rows"].get(label, 0) + n
+    return total
+
+
+def shortcut_words_from_counts(raw_texts: Sequence[Any], raw_labels: Sequence[Any],
+                               synthetic: dict[str, dict], *, z_min: float = 3.0,
+                               min_count: int = 5, margin: float = 2.0,
+                               top_k: int = 20) -> list[dict]:
+    """:func:`shortcut_words` with the synthetic corpus given by its :func:`synthetic_counts`
+    (so the corpus never has to be in one place)."""
+    _check_aligned(raw_texts, raw_labels, "shortcut_words raw")
+    synthetic_odds = _log_odds({label: Counter(c) for label, c in synthetic["tokens"].items()})
+    candidates = synthetic_odds[(synthetic_odds["z"] >= z_min)
+                                & (synthetic_odds["count_in_label"] >= min_count)]
     if candidates.empty:
         return []
     raw = label_word_log_odds(raw_texts, raw_labels)
     raw_z = dict(zip(zip(raw["label"], raw["word"]), raw["z"]))
     raw_counts = _label_counts(raw_texts, raw_labels)
-    containing, label_rows = _rows_containing(syn_texts, syn_labels)
+    containing, label_rows = synthetic["containing"], synthetic["rows"]
     kept: dict[str, list[dict]] = defaultdict(list)
     for label, word, count, z in zip(candidates["label"], candidates["word"],
                                      candidates["count_in_label"], candidates["z"]):
@@ -208,7 +252,7 @@ def shortcut_words(raw_texts: Sequence[Any], raw_labels: Sequence[Any],
             "z_raw": round(z_raw, _DIGITS),
             "count_synthetic": int(count),
             "count_raw": int(raw_counts.get(label, Counter())[word]),
-            "share_of_label_rows": round(containing[label][word] / label_rows[label], _DIGITS),
+            "share_of_label_rows": round(containing[label].get(word, 0) / label_rows[label], _DIGITS),
         })
     words = [item for items in kept.values() for item in items]
     return sorted(words, key=lambda w: (-w["z_synthetic"], w["label"], w["word"]))
