@@ -183,7 +183,8 @@ def read_table(path: str | os.PathLike, bad: BadRows | None = None) -> tuple[pd.
             _check_csv_encoding(path)
         try:
             where, filesystem = arrow(path)
-            frame = getattr(ray.data, f"read_{kind}")(where, filesystem=filesystem).to_pandas()
+            frame = getattr(ray.data, f"read_{kind}")(where, filesystem=filesystem,
+                                                      **_reader_options(kind)).to_pandas()
         except Exception as err:  # Ray wraps reader errors in several types
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise DataError(f"{path}: cannot be read as {kind}: {first[:300]}") from None
@@ -390,8 +391,8 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
     lines (so every bad row is named by ``file:line``), a second parses and checks its lines.
     A Parquet file is read by row group, numbered from its footer. The driver holds one number
     per range or row group and the bad rows it reports (the first 20 of each reason; the rest
-    counted). A CSV file (whose quoted fields may hold line breaks) is read by
-    :func:`read_texts` on the driver and handed over.
+    counted). A CSV file (whose quoted fields may hold line breaks) is read by Ray Data's CSV
+    reader and numbered by its blocks (:func:`_read_csv_in_ray`).
 
     Raises:
         DataError: as :func:`read_texts`.
@@ -400,10 +401,10 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
 
     path = location(path)
     kind = _READERS.get(path.suffix.lower())
-    if kind == "csv" or kind is None or not path.is_file() or file_size(path) == 0:
-        frame = read_texts(path, [column], bad=bad, max_text_chars=max_text_chars, check=check)
-        frame = frame.rename(columns={column: "text"}).assign(_row=np.arange(len(frame)))
-        return InputRows(ray.data.from_pandas(frame).materialize(), len(frame))
+    if kind is None or not path.is_file() or file_size(path) == 0:
+        read_table(path)  # raises the right error: unknown type, missing or empty file
+    if kind == "csv":
+        return _read_csv_in_ray(path, column, bad, max_text_chars, check)
     settings = {"path": str(path), "column": column, "max_text_chars": max_text_chars, "check": check}
     if kind == "parquet":
         chunks, parse, where = _parquet_row_groups(path, column), _parse_parquet_group, "{path}: row {n}"
@@ -447,6 +448,80 @@ def _parquet_row_groups(path: Path, column: str) -> pd.DataFrame:
     sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
     return pd.DataFrame({"chunk": range(len(sizes)),
                          "first_line": np.cumsum([0] + sizes[:-1], dtype=np.int64)})
+
+
+def _reader_options(kind: str) -> dict:
+    """Ray Data reader arguments for a file kind. A CSV field in quotes may hold line breaks:
+    without ``newlines_in_values`` a file of more than one read block fails wherever a block
+    boundary falls inside such a field."""
+    import pyarrow.csv
+
+    return {"parse_options": pyarrow.csv.ParseOptions(newlines_in_values=True)} if kind == "csv" else {}
+
+
+def _read_csv_in_ray(path, column: str, bad: BadRows, max_text_chars: int, check) -> InputRows:
+    """:func:`read_texts_in_ray` of a CSV file. Its quoted fields may hold line breaks, so it
+    cannot be cut by bytes: Ray Data's CSV reader reads it, each block is checked where it was
+    read (rows numbered within the block, the block tagged), and the blocks' row counts, in
+    file order, give each row its number (``file:line``, the header being line 1)."""
+    import ray
+
+    _check_csv_encoding(path)
+    where, filesystem = arrow(path)
+    options = ray.data.DataContext.get_current().execution_options
+    kept, options.preserve_order = options.preserve_order, True
+    try:
+        try:
+            rows = ray.data.read_csv(where, filesystem=filesystem, **_reader_options("csv"))
+            found = rows.columns()
+        except Exception as err:  # Ray wraps reader errors in several types
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise DataError(f"{path}: cannot be read as csv: {first[:300]}") from None
+        if column not in found:
+            raise DataError(f"{path}: missing column(s) ['{column}'] (columns found: "
+                            f"{', '.join(found)})")
+        checked = rows.select_columns([column]).map_batches(
+            _check_csv_block, fn_kwargs={"column": column, "max_text_chars": max_text_chars,
+                                         "check": check},
+            batch_size=None, batch_format="pandas").materialize()
+        counts: dict[int, list[int]] = {}  # tag -> [rows, good rows], in file order
+        for part in checked.map_batches(_rows_per_chunk, batch_size=None,
+                                        batch_format="pandas").take_all():
+            total = counts.setdefault(int(part["_chunk"]), [0, 0])
+            total[0] += int(part["rows"])
+            total[1] += int(part["good"])
+    finally:
+        options.preserve_order = kept
+    lines, offsets, line, good = {}, {}, 2, 0  # line 1 is the header
+    for tag, (rows_in_block, good_in_block) in counts.items():
+        lines[tag], offsets[tag] = line, good
+        line, good = line + rows_in_block, good + good_in_block
+    parsed = checked.map_batches(_numbered_lines, fn_kwargs={"lines": lines},
+                                 batch_format="pandas").materialize()
+    _collect_bad_rows(parsed, path, bad, "{path}:{n}")
+    if not good:
+        raise DataError(f"{path}: no usable rows ({bad.total} bad row(s) left out)")
+    return InputRows(parsed.map_batches(_numbered_good_rows, fn_kwargs={"offsets": offsets},
+                                        batch_format="pandas").materialize(), good)
+
+
+def _check_csv_block(batch: pd.DataFrame, column: str, max_text_chars: int, check) -> pd.DataFrame:
+    """Ray Data task: one block of a CSV file checked as :func:`_parse_jsonl_chunk` checks a
+    range, its rows numbered within the block (``_line``), the block tagged (``_chunk``)."""
+    import uuid
+
+    values = [None if isinstance(v, float) and math.isnan(v) else v for v in batch[column]]
+    return _checked_rows(enumerate(values), uuid.uuid4().int >> 65, column, max_text_chars, check)
+
+
+def _rows_per_chunk(batch: pd.DataFrame) -> pd.DataFrame:
+    grouped = batch.groupby("_chunk", sort=False)["_bad_reason"]
+    return pd.DataFrame({"_chunk": list(grouped.groups), "rows": grouped.size().to_numpy(),
+                         "good": grouped.apply(lambda r: int((r == "").sum())).to_numpy()})
+
+
+def _numbered_lines(batch: pd.DataFrame, lines: dict[int, int]) -> pd.DataFrame:
+    return batch.assign(_line=batch["_chunk"].map(lines).astype("int64") + batch["_line"])
 
 
 def _parquet_file(path):

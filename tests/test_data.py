@@ -141,6 +141,41 @@ def test_a_text_file_read_in_ray_tasks_equals_the_driver_read(ray_local, tmp_pat
     assert "more bad row(s)" in str(err.value)
 
 
+@pytest.mark.parametrize("rows", [300, 60_000])
+def test_a_csv_text_file_read_in_ray_equals_the_driver_read(ray_local, tmp_path, rows):
+    """A CSV file (quoted fields with line breaks and commas, empty and too long texts) read
+    by Ray Data's reader and numbered by its blocks (60,000 rows, about 3 MB, make several read
+    blocks, some boundaries inside quoted fields): the driver read's rows, in file order, and
+    the same bad rows by line."""
+    from raydag.data import BadRows, read_texts, read_texts_in_ray
+
+    texts = []
+    for i in range(rows):
+        if i % 23 == 4:
+            texts.append("")
+        elif i % 41 == 9:
+            texts.append("word " * 40)  # over max_text_chars below
+        elif i % 7 == 0:
+            texts.append(f"note {i}, with a comma\nand a line break")
+        else:
+            texts.append(f"note {i} of a file long enough for several read blocks")
+    path = tmp_path / "texts.csv"
+    pd.DataFrame({"other": range(rows), "text": texts}).to_csv(path, index=False)
+    driver_bad, ray_bad = BadRows("skip"), BadRows("skip")
+    expected = read_texts(path, ["text"], bad=driver_bad, max_text_chars=150)
+    read = read_texts_in_ray(path, "text", bad=ray_bad, max_text_chars=150)
+    got = read.dataset.to_pandas().sort_values("_row")
+    assert read.count == len(expected) == len(got)
+    assert list(got["_row"]) == list(range(len(expected)))
+    assert list(got["id"]) == list(expected["id"]) and list(got["text"]) == list(expected["text"])
+    assert ray_bad.summary() == driver_bad.summary()
+    assert set(ray_bad.summary()["by_reason"]) == {"empty_text", "text_too_long"}
+    with pytest.raises(DataError, match=r"texts.csv:6: empty"):
+        read_texts_in_ray(path, "text", bad=BadRows("error"), max_text_chars=150)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['body'\]"):
+        read_texts_in_ray(path, "body", bad=BadRows("skip"))
+
+
 def test_a_text_file_read_in_ray_names_an_unusable_file(ray_local, tmp_path):
     from raydag.data import BadRows, read_texts_in_ray
 
