@@ -672,34 +672,39 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
     path = Path(path)
     tree = _read_mapping(path, "job")
     base = path.resolve().parent
+
+    def from_yaml(value):
+        return _local_path(value, lambda v: os.path.normpath(base / os.path.expanduser(v)))
+
     for keys in _PATH_FIELDS:
         value = _get_dotted(tree, keys)
-        if isinstance(value, str) and not is_uri(value):
-            _set_dotted(tree, ".".join(keys), os.path.normpath(base / os.path.expanduser(value)),
-                        str(path))
+        if isinstance(value, str):
+            _set_dotted(tree, ".".join(keys), from_yaml(value), str(path))
     eval_paths = _get_dotted(tree, ("quality", "decontam", "eval_paths"))
     if isinstance(eval_paths, dict):
         for name, value in eval_paths.items():
-            if isinstance(value, str) and not is_uri(value):
-                eval_paths[name] = os.path.normpath(base / os.path.expanduser(value))
+            eval_paths[name] = from_yaml(value)
     for stage in tree.get("stages") or []:
         for key in _STAGE_PATH_FIELDS:
-            if isinstance(stage, dict) and isinstance(stage.get(key), str) and not is_uri(stage[key]):
-                stage[key] = os.path.normpath(base / os.path.expanduser(stage[key]))
+            if isinstance(stage, dict) and key in stage:
+                stage[key] = from_yaml(stage[key])
     if "stages" in tree or any(o.split("=", 1)[0].strip().startswith("stages.") for o in overrides):
         tree.setdefault("stages", [{"type": "create"}])
     for text in overrides:
         key, value = parse_override(text)
-        if key.split(".")[-1] in _STAGE_PATH_FIELDS and isinstance(value, str) and not is_uri(value):
-            value = str(Path(value).expanduser().resolve())
-        if tuple(key.split(".")) in _PATH_FIELDS and isinstance(value, str) and not is_uri(value):
-            value = str(Path(value).expanduser().resolve())
+        if key.split(".")[-1] in _STAGE_PATH_FIELDS or tuple(key.split(".")) in _PATH_FIELDS:
+            value = _local_path(value, lambda v: str(Path(v).expanduser().resolve()))
         _set_dotted(tree, key, value, str(path))
 
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, str(path))) from None
+
+
+def _local_path(value: Any, anchor) -> Any:
+    """``anchor(value)`` for a local path; a store's URI or a non-string as it is."""
+    return anchor(value) if isinstance(value, str) and not is_uri(value) else value
 
 
 # ------------------------------------------------------------------------------ the seed study

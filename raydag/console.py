@@ -85,9 +85,9 @@ def new_log_file(folder, command: str) -> Path:
     """``<folder>/logs/<command>-<UTC time>.log``: where a command's library output goes. A
     folder on an object store (``s3://``...) cannot be appended to: its logs go to
     ``$RAYDAG_CACHE/logs/`` on this host instead."""
-    from raydag.storage import StorePath
+    from raydag.storage import is_uri
 
-    if isinstance(folder, StorePath) or (isinstance(folder, str) and "://" in folder):
+    if is_uri(str(folder)):
         folder = Path(os.environ.get("RAYDAG_CACHE", "~/.cache/raydag")).expanduser()
     return Path(folder) / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
 

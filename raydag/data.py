@@ -10,6 +10,7 @@ by :class:`BadRows`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -177,17 +178,11 @@ def read_table(path: str | os.PathLike, bad: BadRows | None = None) -> tuple[pd.
         frame = pd.DataFrame.from_records(records)
         where = [f"{path}:{n}" for n in numbers]
     else:
-        import ray
 
         if kind == "csv":
             _check_csv_encoding(path)
-        try:
-            where, filesystem = arrow(path)
-            frame = getattr(ray.data, f"read_{kind}")(where, filesystem=filesystem,
-                                                      **_reader_options(kind)).to_pandas()
-        except Exception as err:  # Ray wraps reader errors in several types
-            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            raise DataError(f"{path}: cannot be read as {kind}: {first[:300]}") from None
+        with _reader_errors(path, kind):
+            frame = _ray_reader(path, kind).to_pandas()
         offset = 2 if kind == "csv" else 0  # CSV rows start after the header line
         where = ([f"{path}:{i + offset}" for i in range(len(frame))] if kind == "csv"
                  else [f"{path}: row {i}" for i in range(len(frame))])
@@ -450,13 +445,41 @@ def _parquet_row_groups(path: Path, column: str) -> pd.DataFrame:
                          "first_line": np.cumsum([0] + sizes[:-1], dtype=np.int64)})
 
 
-def _reader_options(kind: str) -> dict:
-    """Ray Data reader arguments for a file kind. A CSV field in quotes may hold line breaks:
-    without ``newlines_in_values`` a file of more than one read block fails wherever a block
-    boundary falls inside such a field."""
+def _ray_reader(path, kind: str):
+    """Ray Data's reader of a ``csv`` or ``parquet`` file on disk or on a store. A CSV field in
+    quotes may hold line breaks: without ``newlines_in_values`` a file of more than one read
+    block fails wherever a block boundary falls inside such a field."""
     import pyarrow.csv
+    import ray
 
-    return {"parse_options": pyarrow.csv.ParseOptions(newlines_in_values=True)} if kind == "csv" else {}
+    where, filesystem = arrow(path)
+    options = ({"parse_options": pyarrow.csv.ParseOptions(newlines_in_values=True)}
+               if kind == "csv" else {})
+    return getattr(ray.data, f"read_{kind}")(where, filesystem=filesystem, **options)
+
+
+@contextlib.contextmanager
+def _reader_errors(path, kind: str):
+    """A reader's failure as ``DataError`` naming the file (Ray wraps them in several types)."""
+    try:
+        yield
+    except Exception as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: cannot be read as {kind}: {first[:300]}") from None
+
+
+@contextlib.contextmanager
+def preserving_order():
+    """Ray Data keeps rows in order while inside (file order of a read, the input order of a
+    map), whatever the context said before."""
+    import ray
+
+    options = ray.data.DataContext.get_current().execution_options
+    kept, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = kept
 
 
 def _read_csv_in_ray(path, column: str, bad: BadRows, max_text_chars: int, check) -> InputRows:
@@ -464,19 +487,11 @@ def _read_csv_in_ray(path, column: str, bad: BadRows, max_text_chars: int, check
     cannot be cut by bytes: Ray Data's CSV reader reads it, each block is checked where it was
     read (rows numbered within the block, the block tagged), and the blocks' row counts, in
     file order, give each row its number (``file:line``, the header being line 1)."""
-    import ray
-
     _check_csv_encoding(path)
-    where, filesystem = arrow(path)
-    options = ray.data.DataContext.get_current().execution_options
-    kept, options.preserve_order = options.preserve_order, True
-    try:
-        try:
-            rows = ray.data.read_csv(where, filesystem=filesystem, **_reader_options("csv"))
+    with preserving_order():
+        with _reader_errors(path, "csv"):
+            rows = _ray_reader(path, "csv")
             found = rows.columns()
-        except Exception as err:  # Ray wraps reader errors in several types
-            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            raise DataError(f"{path}: cannot be read as csv: {first[:300]}") from None
         if column not in found:
             raise DataError(f"{path}: missing column(s) ['{column}'] (columns found: "
                             f"{', '.join(found)})")
@@ -490,8 +505,6 @@ def _read_csv_in_ray(path, column: str, bad: BadRows, max_text_chars: int, check
             total = counts.setdefault(int(part["_chunk"]), [0, 0])
             total[0] += int(part["rows"])
             total[1] += int(part["good"])
-    finally:
-        options.preserve_order = kept
     lines, offsets, line, good = {}, {}, 2, 0  # line 1 is the header
     for tag, (rows_in_block, good_in_block) in counts.items():
         lines[tag], offsets[tag] = line, good
@@ -527,7 +540,7 @@ def _numbered_lines(batch: pd.DataFrame, lines: dict[int, int]) -> pd.DataFrame:
 def _parquet_file(path):
     import pyarrow.parquet as pq
 
-    where, filesystem = arrow(location(path) if isinstance(path, str) else path)
+    where, filesystem = arrow(location(path))
     return pq.ParquetFile(where, filesystem=filesystem)
 
 

@@ -20,7 +20,8 @@ from raydag.chain import run_signature
 from raydag.config import JobConfig
 from raydag.errors import RaydagError
 from raydag.stages import deduplicate, shard_path
-from raydag.storage import RunPath, arrow, display, location, open_input, remove_tree
+from raydag.storage import (RunPath, display, location, open_input, read_dataset, remove_tree,
+                            write_dataset)
 from raydag.teacher import rephrase_flagged
 
 
@@ -117,7 +118,7 @@ def input_digests(job: JobConfig) -> dict[str, str]:
     digests = {}
     for name, path in paths.items():
         if path and location(path).is_file():
-            with open_input(location(path)) as handle:  # streamed in chunks: files may be large
+            with open_input(path) as handle:  # streamed in chunks: files may be large
                 digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
     return digests
 
@@ -130,13 +131,11 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: RunPath,
                    embeddings: dict | None = None) -> dict[str, Any]:
     """Deduplicate across shards, apply the novelty filter and the quality passes
     (:func:`raydag.quality.apply_quality`), and write the output folders."""
-    import ray
     from ray.data.expressions import col
 
     from raydag.quality import apply_quality
 
-    paths = [shard_path(shard_dir, i) for i in shards]
-    rows = ray.data.read_parquet([arrow(p)[0] for p in paths], filesystem=arrow(shard_dir)[1])
+    rows = read_dataset([shard_path(shard_dir, i) for i in shards])
     rows = deduplicate(rows)  # also texts a label or judge stage took in as they were
     novelty = next((s for s in job.stages if s.type == "self_instruct"), None)
     if novelty is not None:
@@ -167,9 +166,8 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: RunPath,
     for status, folder in (("accepted", "synthetic"), ("dropped", "dropped"),
                            ("quarantined", "quarantine")):
         if status in totals.index.get_level_values(0):
-            where, filesystem = arrow(run_dir / folder)
-            rows.filter(expr=col("_status") == status).write_parquet(
-                where, filesystem=filesystem, min_rows_per_file=ROWS_PER_SHARD)
+            write_dataset(rows.filter(expr=col("_status") == status), run_dir / folder,
+                          min_rows_per_file=ROWS_PER_SHARD)
             written.append(folder)
 
     def by_reason(status: str) -> dict[str, int]:
@@ -221,14 +219,11 @@ def accepted_for_measures(run_dir: RunPath, written: list[str], max_per_method: 
     sample needs (a seeded hash of its id), so the driver holds about ``max_per_method`` rows
     per method, whatever the run's size.
     """
-    import ray
 
     columns = ["text", "label", "method"]
     if "synthetic" not in written:
         return pd.DataFrame(columns=columns)
-    where, filesystem = arrow(run_dir / "synthetic")
-    rows = ray.data.read_parquet(where, filesystem=filesystem,
-                                 columns=["id", "_order", *columns]).materialize()
+    rows = read_dataset(run_dir / "synthetic", columns=["id", "_order", *columns]).materialize()
     counts: dict[str, int] = {}
     for part in rows.map_batches(_method_counts, batch_size=None, batch_format="pandas").take_all():
         counts[part["method"]] = counts.get(part["method"], 0) + int(part["rows"])
@@ -264,13 +259,9 @@ def accepted_rows(run_dir: RunPath, written: list[str]):
     """The accepted teacher rows (``text``, ``label``) as a Ray Dataset read from the run's
     ``synthetic/`` shards, without raw rows a stage passed on (the students' synthetic
     rows: they never pass through the driver); ``None`` when no shard was written."""
-    import ray
-
     if "synthetic" not in written:
         return None
-    where, filesystem = arrow(run_dir / "synthetic")
-    return ray.data.read_parquet(where, filesystem=filesystem).map_batches(
-        _teacher_rows, batch_format="pandas")
+    return read_dataset(run_dir / "synthetic").map_batches(_teacher_rows, batch_format="pandas")
 
 
 def _teacher_rows(batch: pd.DataFrame) -> pd.DataFrame:

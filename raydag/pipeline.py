@@ -32,7 +32,7 @@ from raydag.outputs import (accepted_for_measures, accepted_rows, check_output_d
 from raydag.quality import eval_splits, measure
 from raydag.report import StageTimer, students_table, write_datacard, write_report
 from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
-from raydag.storage import RunPath, arrow, copy_file, display, location
+from raydag.storage import RunPath, copy_file, display, location, write_dataset
 from raydag.teacher import cost_report, run_teacher, teacher_totals
 
 
@@ -73,9 +73,7 @@ def run_job(job: JobConfig) -> RunPath:
                 raw = sample_raw(pool, job)
                 if job.quality.pii.enabled:  # before the teacher sees them as demonstrations
                     raw, raw_pii = redact_frame(raw, job.quality.pii.types)
-                where, filesystem = arrow(run_dir / "raw")
-                ray.data.from_pandas(raw_lineage(raw, job.seed)).write_parquet(
-                    where, filesystem=filesystem)
+                write_dataset(ray.data.from_pandas(raw_lineage(raw, job.seed)), run_dir / "raw")
         teacher = run_teacher(job, raw, test, inputs, run_dir, placement, timer)
         embeddings: dict = {}  # vectors by text: the quality passes and the measures share them
         students, raw_student = {}, None
@@ -111,8 +109,8 @@ def run_job(job: JobConfig) -> RunPath:
         "job": job.name,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "output_dir": display(job.output_dir),
-        "run_dir": display(run_dir),
+        "output_dir": str(job.output_dir),
+        "run_dir": str(run_dir),
         "signature": signature,
         "counts": counts,
         "shards": teacher["shards"],
@@ -134,7 +132,7 @@ def run_job(job: JobConfig) -> RunPath:
         "input_bad_rows": bad_rows,
         "log": console.log_path(),
         "quality": quality,
-        "outputs": {name: display(run_dir / name)
+        "outputs": {name: str(run_dir / name)
                     for name in (["raw"] if raw is not None else []) + teacher["outputs"]["written"]},
         "config": json.loads(job.model_dump_json()),
     }

@@ -473,9 +473,9 @@ def shard_layout(shard_dir: RunPath, key: str, wanted: int, legacy: int) -> int:
 def finished_shards(shard_dir: RunPath, shards: list[int]) -> dict[int, list[dict]]:
     """Those of ``shards`` already written, with their step counters (one listing of the
     folder, then one footer read each)."""
-    present = {p.name for p in location(shard_dir).glob("shard-*.parquet")}
-    return {index: shard_stats(shard_path(shard_dir, index)) for index in shards
-            if shard_path(shard_dir, index).name in present}
+    present = {p.name: p for p in location(shard_dir).glob("shard-*.parquet")}
+    paths = {index: present.get(shard_path(shard_dir, index).name) for index in shards}
+    return {index: shard_stats(path) for index, path in paths.items() if path is not None}
 
 
 def total_stats(finished: dict[int, list[dict]]) -> list[dict]:

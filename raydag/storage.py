@@ -42,8 +42,11 @@ def is_uri(value: str) -> bool:
     return bool(_URI.match(str(value))) and not str(value).startswith("file://")
 
 
-def location(value: str | os.PathLike) -> Path | "StorePath":
-    """A local path as ``Path``, a URI (``s3://``, ``gs://``, ``hdfs://``...) as ``StorePath``."""
+def location(value: "str | os.PathLike | StorePath") -> "RunPath":
+    """A local path as ``Path``, a URI (``s3://``, ``gs://``, ``hdfs://``...) as ``StorePath``;
+    either of those as it is."""
+    if isinstance(value, (Path, StorePath)):
+        return value
     text = str(value)
     if text.startswith("file://"):
         return Path(text[len("file://"):])
@@ -90,10 +93,13 @@ class StorePath:
     def __hash__(self) -> int:
         return hash(str(self))
 
+    def _with_base(self, base: str) -> "StorePath":
+        other = StorePath.__new__(StorePath)
+        other._base, other._query = base, self._query
+        return other
+
     def __truediv__(self, part: str | os.PathLike) -> "StorePath":
-        joined = StorePath.__new__(StorePath)
-        joined._base, joined._query = f"{self._base}/{str(part).strip('/')}", self._query
-        return joined
+        return self._with_base(f"{self._base}/{str(part).strip('/')}")
 
     @property
     def name(self) -> str:
@@ -106,9 +112,7 @@ class StorePath:
 
     @property
     def parent(self) -> "StorePath":
-        parent = StorePath.__new__(StorePath)
-        parent._base, parent._query = self._base.rsplit("/", 1)[0], self._query
-        return parent
+        return self._with_base(self._base.rsplit("/", 1)[0])
 
     # -- the filesystem
     @property
@@ -200,7 +204,7 @@ def arrow(path: RunPath) -> tuple[str, Any]:
 
 def open_input(path: RunPath | str):
     """A file opened for reading bytes: seekable, iterable by line (local: ``open``)."""
-    path = location(path) if isinstance(path, str) else path
+    path = location(path)
     if isinstance(path, StorePath):
         return io.BufferedReader(path.filesystem.open_input_file(path.path))
     return open(path, "rb")
@@ -210,14 +214,20 @@ def file_size(path: RunPath) -> int:
     return path.size() if isinstance(path, StorePath) else path.stat().st_size
 
 
-def write_atomically(path: RunPath, text: str) -> None:
-    """Publish a small text file in one step (local: written aside, then renamed)."""
+def _publish(path: RunPath, write) -> None:
+    """``write(target)`` so that ``path`` appears whole or not at all: on a store one upload
+    is already so; on disk the file is written aside, then renamed."""
     if isinstance(path, StorePath):
-        path.write_text(text)
+        write(path)
         return
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_atomically(path: RunPath, text: str) -> None:
+    """Publish a small text file in one step."""
+    _publish(path, lambda target: target.write_text(text))
 
 
 def remove_tree(path: RunPath) -> None:
@@ -240,12 +250,26 @@ def write_table(table, path: RunPath) -> None:
     """Write a pyarrow table as one Parquet file, published atomically."""
     import pyarrow.parquet as pq
 
-    if isinstance(path, StorePath):
-        pq.write_table(table, path.path, filesystem=path.filesystem)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    def write(target: RunPath) -> None:
+        where, filesystem = arrow(target)
+        pq.write_table(table, where, filesystem=filesystem)
+
+    _publish(path, write)
+
+
+def read_dataset(paths: RunPath | list[RunPath], **options):
+    """``ray.data.read_parquet`` of a folder or files on disk or on one store."""
+    import ray
+
+    paths = paths if isinstance(paths, list) else [paths]
+    return ray.data.read_parquet([arrow(p)[0] for p in paths],
+                                 filesystem=arrow(paths[0])[1] if paths else None, **options)
+
+
+def write_dataset(dataset, path: RunPath, **options) -> None:
+    """``Dataset.write_parquet`` into a folder on disk or on a store."""
+    where, filesystem = arrow(path)
+    dataset.write_parquet(where, filesystem=filesystem, **options)
 
 
 def read_frame(path: RunPath, columns: list[str] | None = None):

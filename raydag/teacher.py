@@ -28,7 +28,7 @@ from raydag.report import StageTimer
 from raydag.resources import actor_pool, teacher_runtime_env
 from raydag.stages import (ChainRunner, Step, finished_shards, merge_stats, rows_per_shard,
                            shard_layout, shard_path, shuffle_partitions, total_stats, with_status)
-from raydag.storage import RunPath, arrow, read_frame
+from raydag.storage import RunPath, read_dataset, read_frame
 
 
 def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
@@ -363,7 +363,6 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
     Returns:
         The rows, a summary, and the rephrase step's counters (for the report and the counts).
     """
-    import ray
     from ray.data.expressions import col
 
     from raydag.measures.bias import add_counts, shortcut_words_from_counts
@@ -377,8 +376,7 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
                                        raw["label"].astype(str).tolist(), counts,
                                        z_min=settings.z_min, min_count=settings.min_count,
                                        margin=settings.margin)
-    by_label = _words_by_label(words)
-    flagged = teacher_rows.map_batches(_flagged_rows, fn_kwargs={"by_label": by_label},
+    flagged = teacher_rows.map_batches(_flagged_rows, fn_kwargs={"words": words},
                                        batch_format="pandas").materialize()
     ids = flagged.map_batches(_id_digest, batch_size=None, batch_format="pandas").take_all()
     count = sum(int(part["rows"]) for part in ids)
@@ -407,11 +405,10 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
             finished[int(done_shard["shard"])] = json.loads(done_shard["stats"])
     if len(finished) != len(shards):
         raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
-    new = ray.data.read_parquet([arrow(shard_path(folder, s))[0] for s in shards],
-                                filesystem=arrow(folder)[1])
+    new = read_dataset([shard_path(folder, s) for s in shards])
     base_columns = rows.columns()
     columns = base_columns + [c for c in new.columns() if c not in base_columns]
-    kept = rows.map_batches(_without_flagged, fn_kwargs={"by_label": by_label, "columns": columns},
+    kept = rows.map_batches(_without_flagged, fn_kwargs={"words": words, "columns": columns},
                             batch_format="pandas")
     rewritten = new.map_batches(_aligned, fn_kwargs={"columns": columns},
                                 batch_format="pandas").materialize()
@@ -431,24 +428,16 @@ def _word_counts(batch: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"counts": [json.dumps(counts)]})
 
 
-def _words_by_label(words: list[dict]) -> dict[str, list[str]]:
-    by_label: dict[str, list[str]] = {}
-    for item in words:
-        by_label.setdefault(str(item["label"]), []).append(item["word"])
-    return by_label
-
-
-def _shortcuts_in(batch: pd.DataFrame, by_label: dict[str, list[str]]) -> list[list[str]]:
+def _shortcuts_in(batch: pd.DataFrame, words: list[dict]) -> list[list[str]]:
     from raydag.measures.bias import flag_rows
 
-    words = [{"label": label, "word": word} for label, items in by_label.items() for word in items]
     return flag_rows(batch["text"].astype(str).tolist(), batch["label"].astype(str).tolist(), words)
 
 
-def _flagged_rows(batch: pd.DataFrame, by_label: dict[str, list[str]]) -> pd.DataFrame:
+def _flagged_rows(batch: pd.DataFrame, words: list[dict]) -> pd.DataFrame:
     """Ray Data task: the rows holding a shortcut word of their label, with the words."""
-    found = _shortcuts_in(batch, by_label)
-    keep = [bool(words) for words in found]
+    found = _shortcuts_in(batch, words)
+    keep = [bool(found_words) for found_words in found]
     return batch[keep].assign(shortcut_words=[json.dumps(w) for w in found if w])
 
 
@@ -476,11 +465,11 @@ def _rephrase_shard(group: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"shard": [int(group["shard"].iloc[0])], "rows": [json.dumps(rows)]})
 
 
-def _without_flagged(batch: pd.DataFrame, by_label: dict[str, list[str]],
+def _without_flagged(batch: pd.DataFrame, words: list[dict],
                      columns: list[str]) -> pd.DataFrame:
     """Ray Data task: the rows that were not rephrased (every column of the result)."""
     teacher = (batch["_status"] == "accepted") & (batch["method"] != "raw")
-    flagged = teacher & pd.Series([bool(w) for w in _shortcuts_in(batch, by_label)], index=batch.index)
+    flagged = teacher & pd.Series([bool(w) for w in _shortcuts_in(batch, words)], index=batch.index)
     return _aligned(batch[~flagged], columns)
 
 

@@ -26,7 +26,6 @@ text is tokenised on a training thread, and no worker holds another worker's row
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
@@ -43,6 +42,7 @@ import torch
 
 from raydag.config import StudentConfig
 from raydag.embed import pool_states
+from raydag.data import preserving_order
 from raydag.errors import RaydagError
 from raydag.storage import arrow, is_uri, location
 
@@ -627,24 +627,10 @@ def tokenised(rows, student: StudentConfig):
     ``key`` (a digest of the text), ``input_ids`` (truncated to ``student.max_length``, not
     padded) and ``label``; materialized, in the input's order."""
 
-    with _in_order():
+    with preserving_order():
         return rows.select_columns(["text", "label"]).map_batches(
             _tokenise, fn_kwargs={"model": student.model, "max_length": student.max_length},
             batch_format="pandas").materialize()
-
-
-@contextlib.contextmanager
-def _in_order():
-    """Ray Data keeps the rows' order while inside (so each worker's share is the same rows
-    from run to run)."""
-    import ray
-
-    options = ray.data.DataContext.get_current().execution_options
-    kept, options.preserve_order = options.preserve_order, True
-    try:
-        yield
-    finally:
-        options.preserve_order = kept
 
 
 def _tokenise(batch, *, model: str, max_length: int):
@@ -687,7 +673,7 @@ def worker_shares(rows, count: int, world: int) -> list:
         rows = rows.union(*[rows] * (copies - 1))
         count *= copies
     sizes = [count // world + (rank < count % world) for rank in range(world)]
-    with _in_order():
+    with preserving_order():
         return rows.split_at_indices(np.cumsum(sizes)[:-1].tolist())
 
 
