@@ -84,6 +84,27 @@ def test_signatures_are_datasketch_minhashes_and_deterministic():
     assert minhash_signatures([], num_perm=32).shape == (0, 32)
 
 
+def test_batched_signatures_equal_datasketch_bulk_bit_for_bit(monkeypatch):
+    """The batch arithmetic (one array of every shingle, reduced per text) gives what one
+    datasketch MinHash per text gives, also across the bounded-memory chunks."""
+    from datasketch import MinHash
+
+    import raydag.filters.near_dup as near_dup
+
+    texts = synthetic_rows(500, 0)[0]["text"].tolist() + ["", "!!", "Ünïcödé straße ﬁne", "a b"]
+    for num_perm, size, seed in ((128, 3, 1), (64, 5, 3), (32, 1, 9)):
+        bulk = MinHash.bulk((word_shingles(t, size) for t in texts), num_perm=num_perm,
+                            seed=seed, scheme="affine32")
+        np.testing.assert_array_equal(
+            minhash_signatures(texts, num_perm=num_perm, shingle_size=size, seed=seed),
+            np.stack([m.hashvalues for m in bulk]).astype(np.uint64))
+    monkeypatch.setattr(near_dup, "_PERMUTED_SLOTS", 128 * 7)  # chunks of 7 shingles
+    bulk = MinHash.bulk((word_shingles(t, 3) for t in texts), num_perm=128, seed=1,
+                        scheme="affine32")
+    np.testing.assert_array_equal(minhash_signatures(texts),
+                                  np.stack([m.hashvalues for m in bulk]).astype(np.uint64))
+
+
 # ---------------------------------------------------------------- near_duplicate_pairs
 
 def test_one_word_changed_is_a_near_duplicate_and_an_unrelated_text_is_not():
