@@ -154,6 +154,27 @@ def test_ordinary_review_sentences_have_no_person_names():
 
 # --- PII: redact ---------------------------------------------------------------------------------
 
+def test_the_cheap_screens_skip_no_match():
+    """find_pii runs a detector only where a cheap test says it can match ("@", ":", a digit,
+    a capital letter). The screens must never hide a match: every capital the name patterns
+    know changes under lower(), and a piece of each type found alone is still found inside
+    texts that the other screens would skip."""
+    import re
+
+    from raydag.filters import pii
+
+    capitals = [chr(c) for c in range(0x10000)
+                if re.fullmatch(f"[{pii._UPPER}]", chr(c))]
+    assert len(capitals) == 26 + 23 + 7 and all(c.lower() != c for c in capitals)
+    pieces = {"email": "ann@example.com", "ip": "10.0.0.7", "card": "4111 1111 1111 1111",
+              "phone": "+1 (555) 123-4567", "person": "Dr. Jane Smith"}
+    for kind, piece in pieces.items():
+        for text in (piece, f"write to {piece} today", f"Note: {piece}, at noon"):
+            assert [m.text for m in find_pii(text) if m.type == kind] == [piece], text
+    assert [m.text for m in find_pii("ip fe80::1 here")] == ["fe80::1"]
+    assert [m.type for m in find_pii("call +٣٤ ٥٥٥ ١٢٣ ٤٥٦٧")] == ["phone"]  # Arabic-Indic digits
+
+
 def test_redact_replaces_each_match_and_counts_by_type():
     text = ("Mr Brown (brown@example.com, brown2@example.com) said call 020 7946 0958 "
             "or see 10.1.2.3; card 4111 1111 1111 1111.")
