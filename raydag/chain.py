@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from raydag.config import JobConfig
-from raydag.data import LINEAGE_COLUMNS, raw_lineage, stable_hash
+from raydag.data import LINEAGE_COLUMNS, raw_lineage, records, stable_hash
 from raydag.errors import ConfigError
 from raydag.ops.create import CreateOp
 from raydag.ops.judge import JudgeOp
@@ -102,9 +102,9 @@ def first_rows(job: JobConfig, raw: pd.DataFrame | None, inputs: dict[str, pd.Da
         pool = inputs["seed_tasks"].to_dict("records") + list(grown)
         rows = op.plan_requests(pool, base + (round_index < extra), seed)
     elif first.type == "label" and first.mode == "annotate":
-        rows = raw_lineage(inputs["unlabelled"], job.seed, method="input").to_dict("records")
+        rows = records(raw_lineage(inputs["unlabelled"], job.seed, method="input"))
     else:
-        rows = raw_lineage(raw, job.seed).to_dict("records")
+        rows = records(raw_lineage(raw, job.seed))
     if job.budget.max_requests is not None:
         rows = rows[: max(job.budget.max_requests - planned, 0)]
     return with_status(rows)

@@ -670,6 +670,20 @@ def raw_lineage(raw: pd.DataFrame, seed: int, method: str = "raw") -> pd.DataFra
     return frame[LINEAGE_COLUMNS + [c for c in frame.columns if c not in LINEAGE_COLUMNS]]
 
 
+def records(frame: pd.DataFrame) -> list[dict]:
+    """The frame's rows as dicts of Python values: ``frame.to_dict("records")``, built from
+    each column's ``tolist()`` (about 10x faster in pandas 3, where ``to_dict`` boxes every
+    value on its own: 9 s per million input rows in the teacher stage's planning)."""
+    def values(column: pd.Series) -> list:
+        found = column.tolist()
+        if pd.api.types.is_extension_array_dtype(column.dtype):  # to_dict's None for pd.NA
+            found = [None if value is pd.NA else value for value in found]
+        return found
+
+    columns = list(frame.columns)
+    return [dict(zip(columns, row)) for row in zip(*(values(frame[c]) for c in columns))]
+
+
 def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None,
                                          dict[str, Any], dict[str, Any]]:
     """Read and check the training pool, the test split and the stages' own inputs.

@@ -210,7 +210,8 @@ def write_shard(rows: list[dict], folder: str, shard: int, stats: list[dict] | N
     frame = pd.DataFrame(rows)
     frame["_order"] = [shard * 10_000_000 + position for position in range(len(frame))]
     for column in frame.columns:  # one type per column, whatever a shard happens to hold
-        if frame[column].map(lambda v: isinstance(v, (dict, tuple))).any():
+        if pd.api.types.infer_dtype(frame[column], skipna=True) == "mixed" and \
+                frame[column].map(lambda v: isinstance(v, (dict, tuple))).any():
             frame[column] = frame[column].map(json.dumps)
     for column in _INTEGER_COLUMNS.intersection(frame.columns):
         # a row without a value (e.g. one a stage quarantined before generating) would make

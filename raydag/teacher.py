@@ -20,7 +20,7 @@ import pandas as pd
 from raydag import console
 from raydag.chain import build_steps, check_contract, create_op, first_rows, shard_rows
 from raydag.config import JobConfig
-from raydag.data import InputRows, raw_lineage, stable_hash
+from raydag.data import InputRows, raw_lineage, records, stable_hash
 from raydag.errors import RaydagError
 from raydag.filters.exact import normalize_text
 from raydag.ops.create import TopicsOp
@@ -196,7 +196,7 @@ def _plan_input_rows(job: JobConfig, unlabelled: InputRows, planned: int, first_
     if job.budget.max_requests is not None:
         total = min(total, max(job.budget.max_requests - planned, 0))
     size, sizes = layout(total)
-    sample = with_status(raw_lineage(unlabelled.head(8), job.seed, method="input").to_dict("records"))
+    sample = with_status(records(raw_lineage(unlabelled.head(8), job.seed, method="input")))
 
     def dataset(todo: list[int]):
         settings = {"size": size, "first_shard": first_shard, "todo": frozenset(todo)}
@@ -219,7 +219,7 @@ def _input_shard(group: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Ray Data task: one shard's rows of the unlabelled input, in file order, as the chain
     takes them (lineage and status columns)."""
     group = group.sort_values("_row")
-    rows = with_status(raw_lineage(group[["id", "text"]], seed, method="input").to_dict("records"))
+    rows = with_status(records(raw_lineage(group[["id", "text"]], seed, method="input")))
     return pd.DataFrame({"shard": [int(group["shard"].iloc[0])], "rows": [json.dumps(rows)]})
 
 

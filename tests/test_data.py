@@ -204,3 +204,24 @@ def test_a_parquet_text_file_read_in_ray_by_row_group_equals_the_driver_read(ray
     assert ray_bad.summary()["rows"]["empty_text"][0] == f"{path}: row 0"
     with pytest.raises(DataError, match=r"missing column\(s\) \['body'\]"):
         read_texts_in_ray(path, "body", bad=BadRows())
+
+
+def test_records_equal_pandas_to_dict_records():
+    """The fast ``records`` gives what ``to_dict("records")`` gives, missing values included."""
+    import numpy as np
+
+    from raydag.data import records
+
+    frame = pd.DataFrame({
+        "int": [1, 2], "float": [1.5, np.nan], "object": ["x", None], "lists": [[1], []],
+        "nullable_int": pd.array([1, None], dtype="Int64"),
+        "string": pd.array(["x", None], dtype="string"),
+        "boolean": pd.array([True, None], dtype="boolean")})
+    expected = frame.to_dict("records")
+    got = records(frame)
+    assert got[0] == expected[0]
+    assert got[1]["float"] != got[1]["float"] and got[1]["object"] != got[1]["object"]  # NaN
+    assert {k: v for k, v in got[1].items() if k not in ("float", "object")} == \
+        {k: v for k, v in expected[1].items() if k not in ("float", "object")}
+    assert [type(v) for v in got[0].values()] == [type(v) for v in expected[0].values()]
+    assert records(frame.iloc[:0]) == []
