@@ -393,13 +393,14 @@ def deduplicate(rows):
     Args:
         rows: A Ray Data dataset of chain output rows with ``text``, ``_status`` and ``_order``.
     """
-    keys = rows.map_batches(_accepted_keys, batch_format="pandas")
+    keys = rows.select_columns(["text", "_status", "_order"]).map_batches(
+        _accepted_keys, batch_format="pandas")  # only these columns are read from the shards
     copies = colocate(keys, "_key", shuffle_partitions()).map_batches(
         _later_copies_in_block, batch_size=None, batch_format="pandas")
     # Materialised first: to_arrow_refs of the lazy dataset ran the shuffle a second time to
     # learn its schema (measured: 11 s more at 10,000 rows)
     orders = _sorted_orders_task().remote(*copies.materialize().to_arrow_refs())
-    return rows.map_batches(_mark_copies, fn_kwargs={"copies": [orders]}, batch_format="pandas")
+    return rows.map_batches(_mark_copies, fn_kwargs={"copies": [orders]}, batch_format="pyarrow")
 
 
 def _accepted_keys(batch: pd.DataFrame) -> pd.DataFrame:
@@ -426,14 +427,40 @@ def _sorted_orders_task():
     return ray.remote(num_cpus=1)(_sorted_orders)
 
 
-def _mark_copies(batch: pd.DataFrame, copies: list) -> pd.DataFrame:
-    orders = shared_object(copies[0])
-    batch = batch.copy()
-    hit = batch["_order"].isin(orders)
-    batch.loc[hit, "_status"] = "dropped"
-    batch.loc[hit, "_reason"] = "synthetic_duplicate"
-    batch.loc[hit, "_stage"] = "dedup"
-    return batch
+def _mark_copies(batch, copies: list):
+    hit, _ = orders_in(batch["_order"].to_numpy(), shared_object(copies[0]))
+    return set_where(batch, hit, _status="dropped", _reason="synthetic_duplicate", _stage="dedup")
+
+
+def orders_in(orders: np.ndarray, sorted_orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which ``orders`` are in ``sorted_orders`` (a sorted int64 array), and where: a binary
+    search per row, with no hash set built per batch."""
+    at = np.searchsorted(sorted_orders, orders)
+    at = np.minimum(at, max(len(sorted_orders) - 1, 0))
+    hit = sorted_orders[at] == orders if len(sorted_orders) else np.zeros(len(orders), bool)
+    return hit, at
+
+
+def set_where(table, hit: np.ndarray, **values):
+    """An Arrow table with string columns set where ``hit`` is true: each value is one string
+    for every hit row, or an array of one value per row (only the hit rows' are used). A
+    column the table lacks is added (null elsewhere). Marking in Arrow saves each pass over
+    the full rows a conversion to pandas and back."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mask = pa.array(np.asarray(hit, dtype=bool))
+    for name, value in values.items():
+        present = name in table.column_names
+        column = table[name] if present else pa.nulls(table.num_rows, pa.large_string())
+        if not pa.types.is_large_string(column.type):
+            column = column.cast(pa.large_string())
+        value = (pa.scalar(value, pa.large_string()) if isinstance(value, str)
+                 else pa.array(value, pa.large_string()))
+        column = pc.if_else(mask, value, column)
+        table = (table.set_column(table.column_names.index(name), name, column) if present
+                 else table.append_column(name, column))
+    return table
 
 
 # The automatic shard size: engine batches per shard grow once a stage has more than this many

@@ -8,6 +8,10 @@ from raydag.filters.exact import later_copies, normalize_text, row_filter_reason
 def test_normalize_text():
     assert normalize_text('  "Where IS  my\tparcel?!" ') == "where is my parcel"
     assert normalize_text("Ｆｕｌｌ width") == "full width"
+    # every Unicode space collapses, as re.sub(r"\s+", " ") would collapse it
+    spaces = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+    assert normalize_text(f"{spaces}a{spaces}b\u3000c{spaces}.") == "a b c"
+    assert normalize_text("'  a\u00a0 - b ' ") == "a - b"
 
 
 def test_row_filters_name_the_first_reason_that_applies():

@@ -512,7 +512,7 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     }
     # The marks travel as one object-store reference; each task reads them zero-copy.
     marked = rows.map_batches(_mark_near_duplicates, fn_kwargs={"marks": [marks]},
-                              batch_format="pandas")
+                              batch_format="pyarrow")
     return marked, summary
 
 
@@ -575,11 +575,11 @@ def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables):
     count = len(reference_ids)
     orders = np.array(sorted(drops), dtype=np.int64)
     matched = [drops[o] for o in orders.tolist()]
-    marks = pd.DataFrame({
-        "_order": orders,
-        "_reason": [REASON_RAW if m < 0 else REASON_SYNTHETIC for m in matched],
-        "near_dup_of": [reference_ids[m + count] if m < 0 else id_of[m] for m in matched],
-    }).set_index("_order")
+    # the dropped rows' orders (sorted), reasons and matches, as _mark_near_duplicates reads them
+    marks = (orders,
+             np.array([REASON_RAW if m < 0 else REASON_SYNTHETIC for m in matched], dtype=object),
+             np.array([reference_ids[m + count] if m < 0 else id_of[m] for m in matched],
+                      dtype=object))
     raw = sum(m < 0 for m in matched)
     first = [(int(o), int(m)) for o, m in zip(orders[:MAX_EXAMPLES].tolist(),
                                               matched[:MAX_EXAMPLES])]
@@ -619,15 +619,13 @@ def _rows_with_orders(batch: pd.DataFrame, orders: frozenset) -> pd.DataFrame:
     return batch.loc[keep, ["_order", "text"]]
 
 
-def _mark_near_duplicates(batch: pd.DataFrame, marks: list) -> pd.DataFrame:
-    from raydag.stages import shared_object
+def _mark_near_duplicates(batch, marks: list):
+    from raydag.stages import orders_in, set_where, shared_object
 
-    table = shared_object(marks[0])
-    batch = batch.copy()
-    hit = (batch["_status"] == "accepted") & batch["_order"].isin(table.index)
-    of = batch["_order"].map(table["near_dup_of"]).where(hit)
-    batch.loc[hit, "_reason"] = batch.loc[hit, "_order"].map(table["_reason"])
-    batch.loc[hit, "_status"] = "dropped"
-    batch.loc[hit, "_stage"] = STAGE
-    batch["near_dup_of"] = of.astype("string")
-    return batch
+    orders, reasons, of = shared_object(marks[0])
+    found, at = orders_in(batch["_order"].to_numpy(), orders)
+    hit = found & (batch["_status"].to_numpy(zero_copy_only=False) == "accepted")
+    near_dup_of = np.where(hit, of[at] if len(of) else None, None)
+    return set_where(batch, hit, _status="dropped", _stage=STAGE,
+                     _reason=reasons[at] if len(reasons) else near_dup_of,
+                     near_dup_of=near_dup_of)
