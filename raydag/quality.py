@@ -14,7 +14,7 @@ reconcile. In order:
    human queue (quarantined as ``human_review``, exported for Label Studio) or drop; labels a
    human returned (``raydag import-labels``) are merged back.
 
-PII is redacted earlier, as the shards are written (see :class:`raydag.stages.ChainRunner`).
+PII is redacted earlier, as the shards are written (see :func:`raydag.stages.publish_shards`).
 The measures (:func:`measure`) are diversity per generation method and the label shortcut report.
 """
 

@@ -2,14 +2,16 @@
 
 Rows stream through every stage of a job inside one actor per engine: a shard goes in, every
 operator of the chain runs on its accepted rows in turn, and the shard's rows (accepted,
-dropped and quarantined alike) are written as one Parquet file. Nothing is collected on the
-driver between stages, and a model is loaded once per actor rather than once per stage.
+dropped and quarantined alike) go on to a CPU task (:func:`publish_shards`) that redacts PII
+and writes them as one Parquet file. Nothing is collected on the driver between stages, and a
+model is loaded once per actor rather than once per stage.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -254,27 +256,24 @@ class ChainRunner:
     """Ray Data actor: runs every step of the chain on one shard at a time with one engine.
 
     Input rows are shards (``shard``: number, ``rows``: JSON list of row dicts). For each shard
-    the runner runs the steps in order, writes the shard's rows (every status) with
-    :func:`write_shard`, and returns one summary row: ``shard``, ``rows``, ``stats`` (JSON list
-    of step counters), ``seconds`` and ``started_at`` (wall clock).
+    the runner runs the steps in order and returns one row: ``shard``, ``rows`` (the output
+    rows, every status, pickled), ``stats`` (JSON list of step counters) and ``started_at``
+    (wall clock). :func:`publish_shards`, a Ray Data task after the actors, redacts and writes
+    them, so the engine's actor (a GPU's, on a cluster) only generates.
 
     Args:
         steps: The chain.
         engine_spec: Arguments of :func:`raydag.engines.make_engine`.
-        shard_dir: Folder for the shard files.
         engine: An engine to use instead of building one (tests of the runner use this).
-        pii_types: PII types redacted in the free-text columns (:data:`PII_COLUMNS`) of every
-            row before the shard is written; a row's counts go to ``pii_redacted`` (JSON).
+        batch_size: Rows per engine batch (each runs the whole chain); default the shard.
     """
 
-    def __init__(self, steps: list[Step], engine_spec: dict, shard_dir: str, engine: Any = None,
-                 pii_types: tuple[str, ...] | list[str] = (), batch_size: int | None = None) -> None:
+    def __init__(self, steps: list[Step], engine_spec: dict, engine: Any = None,
+                 batch_size: int | None = None) -> None:
         from raydag.engines import make_engine
 
         self.steps = steps
         self.batch_size = batch_size
-        self.shard_dir = shard_dir
-        self.pii_types = tuple(pii_types)
         # One thread builds the engine and runs every shard. Ray Data calls __init__ and
         # __call__ on different threads; a CPU engine driven from two threads gets two OpenMP
         # thread teams, more OpenMP threads than cores, and libgomp then stops spinning between
@@ -288,27 +287,23 @@ class ChainRunner:
             self._carried.append(set(carried))
             if not step.op.creates_rows:
                 carried |= set(step.op.adds)
-        location(shard_dir).mkdir(parents=True, exist_ok=True)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return self._thread.submit(self._run_shards, batch).result()
 
     def _run_shards(self, batch: pd.DataFrame) -> pd.DataFrame:
-        summaries = []
+        out = []
         for shard, payload in zip(batch["shard"], batch["rows"]):
             started_at = time.time()
             started = time.perf_counter()
             rows, stats = self._run_chain(json.loads(payload))
-            if self.pii_types:
-                rows = [redact_row(row, self.pii_types) for row in rows]
-            write_shard(rows, self.shard_dir, int(shard), stats)  # its file marks the shard done
             seconds = time.perf_counter() - started
             tokens = sum(s["tokens_out"] for s in stats)
             print(f"raydag: [teacher] shard {int(shard)}: {len(rows)} rows in {seconds:.1f}s "
                   f"({tokens / max(seconds, 1e-9):.0f} output tok/s)", flush=True)
-            summaries.append({"shard": int(shard), "rows": len(rows), "stats": json.dumps(stats),
-                              "seconds": seconds, "started_at": started_at})
-        return pd.DataFrame(summaries)
+            out.append({"shard": int(shard), "rows": pickle.dumps(rows, protocol=5),
+                        "stats": json.dumps(stats), "started_at": started_at})
+        return pd.DataFrame(out)
 
     def _run_chain(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         """Every step over the shard's rows, one engine batch (``batch_size`` rows) at a time:
@@ -323,6 +318,27 @@ class ChainRunner:
             out.extend(batch)
             stats = merge_stats(stats, batch_stats)
         return out, stats
+
+
+def publish_shards(batch: pd.DataFrame, shard_dir: str,
+                   pii_types: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+    """Ray Data task after the :class:`ChainRunner` actors: redact PII (``pii_types``) in the
+    free-text columns (:data:`PII_COLUMNS`) of each shard's rows, write the shard with
+    :func:`write_shard` (its file marks the shard done) and return its summary: ``shard``,
+    ``rows``, ``stats``, ``started_at`` and ``seconds`` (from the chain's start to the file).
+    """
+    location(shard_dir).mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for shard, payload, stats, started_at in zip(batch["shard"], batch["rows"], batch["stats"],
+                                                 batch["started_at"]):
+        rows = pickle.loads(payload)
+        if pii_types:
+            rows = [redact_row(row, tuple(pii_types)) for row in rows]
+        write_shard(rows, shard_dir, int(shard), json.loads(stats))
+        summaries.append({"shard": int(shard), "rows": len(rows), "stats": stats,
+                          "started_at": float(started_at),
+                          "seconds": time.time() - float(started_at)})
+    return pd.DataFrame(summaries)
 
 
 def map_with_model(frame: pd.DataFrame, actor: type, constructor_kwargs: dict, *,

@@ -2,7 +2,8 @@
 
 :func:`run_teacher` plans the first stage's rows into shards, skips the shards a run with the
 same settings already wrote, and streams the rest through :func:`generate` (Ray Data
-``map_batches`` over :class:`raydag.stages.ChainRunner` actors, one engine each). The teacher's
+``map_batches`` over :class:`raydag.stages.ChainRunner` actors, one engine each, then
+:func:`raydag.stages.publish_shards` tasks that write the shards). The teacher's
 other calls go through the same path: the topic list of ``zero_shot_topic``
 (:func:`ensure_topics`), self-instruct growth between rounds (:func:`novel_tasks`) and the
 rewrite of rows with shortcut words (:func:`rephrase_flagged`).
@@ -26,8 +27,9 @@ from raydag.filters.exact import normalize_text
 from raydag.ops.create import TopicsOp
 from raydag.report import StageTimer
 from raydag.resources import actor_pool, teacher_runtime_env
-from raydag.stages import (ChainRunner, Step, finished_shards, merge_stats, rows_per_shard,
-                           shard_layout, shard_path, shuffle_partitions, total_stats, with_status)
+from raydag.stages import (ChainRunner, Step, finished_shards, merge_stats, publish_shards,
+                           rows_per_shard, shard_layout, shard_path, shuffle_partitions,
+                           total_stats, with_status)
 from raydag.storage import RunPath, read_dataset, read_frame
 
 
@@ -54,29 +56,38 @@ def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
 
 
 def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any], shard_dir: RunPath):
-    """The teacher stage: shard rows -> ChainRunner engine actors -> one summary row per shard.
+    """The teacher stage: shard rows -> ChainRunner engine actors -> publish_shards tasks
+    (PII redaction and the shard file) -> one summary row per shard.
+
+    The engine's actors only generate; redaction and the write run in CPU tasks beside them,
+    on the next shard's time.
 
     Args:
         shards: A Ray Data dataset of shard rows (see :func:`raydag.chain.shard_rows`).
         steps: The operator chain (see :func:`raydag.chain.build_steps`).
         job: The job; its ``teacher`` section sets the engine and the actor pool.
         placement: From :func:`raydag.resources.plan_placement`.
-        shard_dir: Where the actors write the shard files.
+        shard_dir: Where the shard files go.
 
     Returns:
-        The lazy Ray Data dataset of shard summaries (``shard``, ``rows``, ``stats``, ``seconds``).
+        The lazy Ray Data dataset of shard summaries (``shard``, ``rows``, ``stats``,
+        ``started_at``, ``seconds``).
     """
     return shards.map_batches(
         ChainRunner,
         fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
-                               "shard_dir": str(shard_dir),
-                               "pii_types": job.quality.pii.types if job.quality.pii.enabled else [],
                                "batch_size": job.teacher.batch_size},
         batch_size=1,
         batch_format="pandas",
         concurrency=actor_pool(job.teacher.pool_size),
         runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
         **placement["teacher_actor"],
+    ).map_batches(
+        publish_shards,
+        fn_kwargs={"shard_dir": str(shard_dir),
+                   "pii_types": job.quality.pii.types if job.quality.pii.enabled else []},
+        batch_size=1,
+        batch_format="pandas",
     )
 
 

@@ -25,7 +25,8 @@ from raydag.ops.create import CreateOp, TopicsOp
 from raydag.ops.judge import SCORES, JudgeOp
 from raydag.ops.label import LabelOp
 from raydag.ops.reform import CounterfactualOp, ParaphraseOp
-from raydag.stages import ChainRunner, Step, empty_stats, merge_stats, run_step, shard_stats, write_shard
+from raydag.stages import (ChainRunner, Step, empty_stats, merge_stats, publish_shards, run_step,
+                           shard_stats, write_shard)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -278,9 +279,11 @@ def test_chain_runner_writes_shards_and_summaries(tmp_path):
     steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS),
              Step(name="2:label.verify", op=LabelOp(task=TASK, labels=LABELS, mode="verify"))]
     engine = ScriptedEngine(scripted_teacher)
-    runner = ChainRunner(steps, engine_spec={}, shard_dir=str(tmp_path / "shards"), engine=engine)
+    runner = ChainRunner(steps, engine_spec={}, engine=engine)
     rows = plan(7)
-    summary = runner(pd.DataFrame(shard_rows(rows, 4)))
+    generated = runner(pd.DataFrame(shard_rows(rows, 4)))
+    assert not (tmp_path / "shards").exists()  # the actor only generates
+    summary = publish_shards(generated, str(tmp_path / "shards"))
 
     assert list(summary["shard"]) == [0, 1] and list(summary["rows"]) == [4, 3]
     assert len(engine.calls) == 4  # one call per step per shard
@@ -320,9 +323,9 @@ def test_a_shard_of_several_engine_batches_makes_the_rows_of_one_shard_per_batch
     frames, calls = {}, {}
     for name, shard_size, batch_size in (("one per batch", 4, None), ("one shard", 7, 4)):
         engine = ScriptedEngine(scripted_teacher)
-        runner = ChainRunner(steps, engine_spec={}, shard_dir=str(tmp_path / name), engine=engine,
-                             batch_size=batch_size)
-        summary = runner(pd.DataFrame(shard_rows(plan(7), shard_size)))
+        runner = ChainRunner(steps, engine_spec={}, engine=engine, batch_size=batch_size)
+        summary = publish_shards(runner(pd.DataFrame(shard_rows(plan(7), shard_size))),
+                                 str(tmp_path / name))
         frames[name] = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / name).glob("*.parquet"))],
                                  ignore_index=True)
         calls[name] = [[r.messages for r in call] for call in engine.calls]
@@ -363,8 +366,8 @@ def test_chain_runner_created_rows_do_not_inherit_annotations(tmp_path):
              Step(name="2:judge.rubric", op=JudgeOp(rubric="r")),
              Step(name="3:reform.paraphrase", op=ParaphraseOp(n=1, labels=LABELS),
                   text_filters=NO_FILTERS)]
-    runner = ChainRunner(steps, engine_spec={}, shard_dir=str(tmp_path), engine=ScriptedEngine(scripted_teacher))
-    runner(pd.DataFrame(shard_rows(plan(2), 10)))
+    runner = ChainRunner(steps, engine_spec={}, engine=ScriptedEngine(scripted_teacher))
+    publish_shards(runner(pd.DataFrame(shard_rows(plan(2), 10))), str(tmp_path))
     frame = pd.read_parquet(tmp_path / "shard-00000.parquet")
     assert list(frame["method"]) == ["create.few_shot_2", "reform.paraphrase"] * 2
     assert list(frame["judge_score"].round(6)[[0, 2]]) == [4.5, 4.5]
@@ -378,8 +381,8 @@ def test_topics_shard_keeps_the_raw_generation(tmp_path):
                 "_stage": ""}
     engine = ScriptedEngine(lambda request, k: Completion(" Refunds\n", 30, 3, "stop"))
     runner = ChainRunner([Step(name="0:create.topics", op=TopicsOp(TASK))], engine_spec={},
-                         shard_dir=str(tmp_path), engine=engine)
-    runner(pd.DataFrame(shard_rows([seed_row], 1)))
+                         engine=engine)
+    publish_shards(runner(pd.DataFrame(shard_rows([seed_row], 1))), str(tmp_path))
     frame = pd.read_parquet(tmp_path / "shard-00000.parquet")
     assert list(frame["topics"].iloc[0]) == ["Refunds"]
     assert frame["_raw_generation"].iloc[0] == " Refunds\n"
@@ -616,8 +619,8 @@ def test_full_chain_runs_and_reconciles_with_a_scripted_teacher(chain_yaml, tmp_
     first = first_rows(job, raw_frame(), {})[:6]
     check_contract(first, steps)
     engine = ScriptedEngine(scripted_teacher)
-    runner = ChainRunner(steps, engine_spec={}, shard_dir=str(tmp_path / "shards"), engine=engine)
-    summary = runner(pd.DataFrame(shard_rows(first, 6)))
+    runner = ChainRunner(steps, engine_spec={}, engine=engine)
+    summary = publish_shards(runner(pd.DataFrame(shard_rows(first, 6))), str(tmp_path / "shards"))
     stats = json.loads(summary["stats"].iloc[0])
     frame = pd.read_parquet(tmp_path / "shards" / "shard-00000.parquet")
 
@@ -681,3 +684,22 @@ def test_zero_sum_label_distribution_is_rejected():
     except ZeroDivisionError:
         outcome = "ZeroDivisionError"
     assert outcome == "rejected"
+
+
+def test_publish_shards_redacts_pii_before_the_shard_is_written(tmp_path):
+    """PII redaction runs in the publishing task, so no shard file ever holds the raw text."""
+    import pickle
+    import time
+
+    rows = [{"id": "a", "text": "write to ann@example.com", "_raw_generation": "Mr Brown said hi"},
+            {"id": "b", "text": "no personal data here", "_raw_generation": ""}]
+    stats = [{**empty_stats("1:a"), "rows_in": 2, "accepted": 2}]
+    generated = pd.DataFrame({"shard": [4], "rows": [pickle.dumps(rows)],
+                              "stats": [json.dumps(stats)], "started_at": [time.time()]})
+    summary = publish_shards(generated, str(tmp_path), pii_types=["email", "person"])
+    frame = pd.read_parquet(tmp_path / "shard-00004.parquet")
+    assert list(frame["text"]) == ["write to [EMAIL]", "no personal data here"]
+    assert list(frame["_raw_generation"]) == ["[PERSON] said hi", ""]
+    assert json.loads(frame["pii_redacted"][0]) == {"email": 1, "person": 1}
+    assert list(summary["rows"]) == [2] and summary["seconds"].iloc[0] >= 0
+    assert shard_stats(str(tmp_path / "shard-00004.parquet")) == stats
