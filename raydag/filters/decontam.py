@@ -179,7 +179,7 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
     index = NgramIndex(eval_texts, n)
     shared = ray.put(index)  # one copy in the object store, read once per worker
     marked = rows.map_batches(_mark_contaminated, fn_kwargs={"index": [shared]},
-                              batch_format="pandas").materialize()
+                              batch_format="pyarrow").materialize()
     hits = marked.filter(expr=col("_stage") == STAGE).select_columns(
         ["_order", "contaminated_by", "text", "_status"])
     blocks = hits.map_batches(_block_summary, fn_kwargs={"index": [shared]}, batch_size=None,
@@ -217,22 +217,22 @@ def _block_summary(batch: pd.DataFrame, index: list) -> pd.DataFrame:
                                        for o, t in zip(first["_order"], first["text"])]]})
 
 
-def _mark_contaminated(batch: pd.DataFrame, index: list) -> pd.DataFrame:
-    from raydag.stages import shared_object
+def _mark_contaminated(batch, index: list):
+    """Ray Data task (Arrow batches): each accepted row's first shared gram looked up, the
+    matches marked; ``contaminated_by`` is ``"<split>:<eval index>"`` there, null elsewhere."""
+    import numpy as np
+
+    from raydag.stages import set_where, shared_object
 
     found = shared_object(index[0])
-    batch = batch.copy()
-    accepted = (batch["_status"] == "accepted").to_numpy()
-    by = [None] * len(batch)
-    for position, text in enumerate(batch["text"]):
+    accepted = batch["_status"].to_numpy(zero_copy_only=False) == "accepted"
+    by = [None] * batch.num_rows
+    for position, text in enumerate(batch["text"].to_pylist()):
         if accepted[position]:
             match = found.match(text)
             if match:
                 by[position] = f"{match[0]}:{match[1]}"
-    by = pd.array(by, dtype="string")
-    hit = pd.Series(by, index=batch.index).notna()
-    batch.loc[hit, "_status"] = "dropped"
-    batch.loc[hit, "_reason"] = REASON
-    batch.loc[hit, "_stage"] = STAGE
-    batch["contaminated_by"] = by
-    return batch
+    if "contaminated_by" in batch.column_names:
+        batch = batch.drop_columns(["contaminated_by"])
+    return set_where(batch, np.array([b is not None for b in by], dtype=bool), _status="dropped",
+                     _reason=REASON, _stage=STAGE, contaminated_by=by)

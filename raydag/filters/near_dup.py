@@ -602,10 +602,9 @@ def _examples(rows: ray.data.Dataset, first: list[tuple[int, int]],
     ``len(reference_texts) + order``."""
     if not first:
         return []
-    wanted = {o for o, _ in first} | {m for _, m in first if m >= 0}
+    wanted = np.array(sorted({o for o, _ in first} | {m for _, m in first if m >= 0}), np.int64)
     found = rows.select_columns(["_order", "text", "_status"]).map_batches(
-        _rows_with_orders, fn_kwargs={"orders": frozenset(wanted)},
-        batch_format="pandas").to_pandas()
+        _rows_with_orders, fn_kwargs={"orders": wanted}, batch_format="pyarrow").to_pandas()
     text_of = dict(zip(found["_order"].astype(int), found["text"]))
     count = len(reference_texts)
     return [{"text": text_of.get(order),
@@ -614,9 +613,14 @@ def _examples(rows: ray.data.Dataset, first: list[tuple[int, int]],
             for order, m in first]
 
 
-def _rows_with_orders(batch: pd.DataFrame, orders: frozenset) -> pd.DataFrame:
-    keep = (batch["_status"] == "accepted") & batch["_order"].isin(orders)
-    return batch.loc[keep, ["_order", "text"]]
+def _rows_with_orders(batch, orders: np.ndarray):
+    import pyarrow as pa
+
+    from raydag.stages import orders_in
+
+    keep, _ = orders_in(batch["_order"].to_numpy(), orders)
+    keep &= batch["_status"].to_numpy(zero_copy_only=False) == "accepted"
+    return batch.select(["_order", "text"]).filter(pa.array(keep))
 
 
 def _mark_near_duplicates(batch, marks: list):
