@@ -117,22 +117,20 @@ def minhash_signatures(texts: list[str], *, num_perm: int = 128, shingle_size: i
     shingles = [word_shingles(t, shingle_size) for t in texts]
     sizes = np.fromiter((len(s) for s in shingles), dtype=np.int64, count=len(texts))
     signed = np.flatnonzero(sizes)
-    if not len(signed):
-        return signatures
     # datasketch.hashfunc.sha1_hash32 of every shingle: the digest's first 4 bytes, little-endian
     digests = b"".join(hashlib.sha1(s).digest()[:4] for group in shingles for s in group)
     hashes = _fmix(np.frombuffer(digests, dtype="<u4").astype(np.uint32), 32)
-    starts = np.concatenate(([0], np.cumsum(sizes[signed])[:-1]))
-    for first in range(0, len(hashes), _PERMUTED_SLOTS // num_perm):  # bounded memory
-        last = min(first + _PERMUTED_SLOTS // num_perm, len(hashes))
-        # the texts whose shingles start in [first, last), each with all its shingles
-        rows = np.flatnonzero((starts >= first) & (starts < last))
-        if not len(rows):
-            continue
-        end = starts[rows[-1]] + sizes[signed[rows[-1]]]
-        permuted = hashes[first:end, None] * a + b  # uint32: the wraparound is the modulo 2**32
-        minima = np.minimum.reduceat(permuted, starts[rows] - first, axis=0)
-        signatures[signed[rows]] = minima
+    ends = np.cumsum(sizes[signed])
+    starts = ends - sizes[signed]
+    first = 0
+    while first < len(signed):  # texts whose shingles fit one bounded array (at least one text)
+        last = max(first + 1, int(np.searchsorted(
+            ends, starts[first] + _PERMUTED_SLOTS // num_perm, side="right")))
+        # uint32: the wraparound is the modulo 2**32
+        permuted = hashes[starts[first]:ends[last - 1], None] * a + b
+        signatures[signed[first:last]] = np.minimum.reduceat(
+            permuted, starts[first:last] - starts[first], axis=0)
+        first = last
     return signatures
 
 
@@ -629,7 +627,7 @@ def _mark_near_duplicates(batch, marks: list):
     orders, reasons, of = shared_object(marks[0])
     found, at = orders_in(batch["_order"].to_numpy(), orders)
     hit = found & (batch["_status"].to_numpy(zero_copy_only=False) == "accepted")
-    near_dup_of = np.where(hit, of[at] if len(of) else None, None)
-    return set_where(batch, hit, _status="dropped", _stage=STAGE,
-                     _reason=reasons[at] if len(reasons) else near_dup_of,
+    reason, near_dup_of = np.full(len(hit), None, object), np.full(len(hit), None, object)
+    reason[hit], near_dup_of[hit] = reasons[at[hit]], of[at[hit]]
+    return set_where(batch, hit, _status="dropped", _stage=STAGE, _reason=reason,
                      near_dup_of=near_dup_of)
