@@ -310,7 +310,7 @@ class BudgetConfig(StrictModel):
         default=None, ge=1, description="Most rows the first stage plans (requests beyond are not made).")
     max_tokens: int | None = Field(
         default=None, ge=1, description="Most teacher tokens (prompt + output, all stages); no "
-        "new shard starts once reached, so a run overshoots by at most the shards in flight.")
+        "new shard starts once reached, so a run overshoots by at most one shard per engine actor.")
 
 
 class CostConfig(StrictModel):

@@ -261,19 +261,26 @@ class ChainRunner:
     (wall clock). :func:`publish_shards`, a Ray Data task after the actors, redacts and writes
     them, so the engine's actor (a GPU's, on a cluster) only generates.
 
+    With a ``ledger`` (a :class:`TokenLedger` actor), a shard starts only while the job's
+    token budget is not spent, and its tokens are added once it is done: the budget overshoots
+    by at most the shards running when it runs out, one per actor. A shard that does not start
+    comes back with ``rows`` empty and ``run`` false.
+
     Args:
         steps: The chain.
         engine_spec: Arguments of :func:`raydag.engines.make_engine`.
         engine: An engine to use instead of building one (tests of the runner use this).
         batch_size: Rows per engine batch (each runs the whole chain); default the shard.
+        ledger: The job's :class:`TokenLedger` handle, when it has a token budget.
     """
 
     def __init__(self, steps: list[Step], engine_spec: dict, engine: Any = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, ledger: Any = None) -> None:
         from raydag.engines import make_engine
 
         self.steps = steps
         self.batch_size = batch_size
+        self.ledger = ledger
         # One thread builds the engine and runs every shard. Ray Data calls __init__ and
         # __call__ on different threads; a CPU engine driven from two threads gets two OpenMP
         # thread teams, more OpenMP threads than cores, and libgomp then stops spinning between
@@ -292,17 +299,25 @@ class ChainRunner:
         return self._thread.submit(self._run_shards, batch).result()
 
     def _run_shards(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import ray
+
         out = []
         for shard, payload in zip(batch["shard"], batch["rows"]):
             started_at = time.time()
+            if self.ledger is not None and ray.get(self.ledger.spent.remote()):
+                out.append({"shard": int(shard), "rows": b"", "stats": "[]",
+                            "started_at": started_at, "run": False})
+                continue
             started = time.perf_counter()
             rows, stats = self._run_chain(json.loads(payload))
             seconds = time.perf_counter() - started
             tokens = sum(s["tokens_out"] for s in stats)
+            if self.ledger is not None:
+                ray.get(self.ledger.add.remote(sum(s["tokens_in"] + s["tokens_out"] for s in stats)))
             print(f"raydag: [teacher] shard {int(shard)}: {len(rows)} rows in {seconds:.1f}s "
                   f"({tokens / max(seconds, 1e-9):.0f} output tok/s)", flush=True)
             out.append({"shard": int(shard), "rows": pickle.dumps(rows, protocol=5),
-                        "stats": json.dumps(stats), "started_at": started_at})
+                        "stats": json.dumps(stats), "started_at": started_at, "run": True})
         return pd.DataFrame(out)
 
     def _run_chain(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -320,17 +335,45 @@ class ChainRunner:
         return out, stats
 
 
+class TokenLedger:
+    """The tokens a job's teacher has spent against its budget, shared by the engine actors
+    (a Ray actor; see :meth:`TokenLedger.remote`)."""
+
+    def __init__(self, used: int, limit: int) -> None:
+        self.used, self.limit = used, limit
+
+    def spent(self) -> bool:
+        return self.used >= self.limit
+
+    def add(self, tokens: int) -> int:
+        self.used += tokens
+        return self.used
+
+    @classmethod
+    def remote(cls, used: int, limit: int):
+        """A new ledger actor (no CPU of its own) that starts at ``used`` tokens."""
+        import ray
+
+        return ray.remote(num_cpus=0)(cls).remote(used, limit)
+
+
 def publish_shards(batch: pd.DataFrame, shard_dir: str,
                    pii_types: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
     """Ray Data task after the :class:`ChainRunner` actors: redact PII (``pii_types``) in the
     free-text columns (:data:`PII_COLUMNS`) of each shard's rows, write the shard with
     :func:`write_shard` (its file marks the shard done) and return its summary: ``shard``,
     ``rows``, ``stats``, ``started_at`` and ``seconds`` (from the chain's start to the file).
+    A shard the runner did not start (its token budget was spent) is passed on with ``rows``
+    -1 and no file.
     """
     location(shard_dir).mkdir(parents=True, exist_ok=True)
     summaries = []
-    for shard, payload, stats, started_at in zip(batch["shard"], batch["rows"], batch["stats"],
-                                                 batch["started_at"]):
+    for shard, payload, stats, started_at, run in zip(
+            batch["shard"], batch["rows"], batch["stats"], batch["started_at"], batch["run"]):
+        if not run:
+            summaries.append({"shard": int(shard), "rows": -1, "stats": stats,
+                              "started_at": float(started_at), "seconds": 0.0})
+            continue
         rows = pickle.loads(payload)
         if pii_types:
             rows = [redact_row(row, tuple(pii_types)) for row in rows]

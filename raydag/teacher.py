@@ -27,8 +27,8 @@ from raydag.filters.exact import normalize_text
 from raydag.ops.create import TopicsOp
 from raydag.report import StageTimer
 from raydag.resources import actor_pool, teacher_runtime_env
-from raydag.stages import (ChainRunner, Step, finished_shards, merge_stats, publish_shards,
-                           rows_per_shard, shard_layout, shard_path, shuffle_partitions,
+from raydag.stages import (ChainRunner, Step, TokenLedger, finished_shards, merge_stats,
+                           publish_shards, rows_per_shard, shard_layout, shard_path, shuffle_partitions,
                            total_stats, with_status)
 from raydag.storage import RunPath, read_dataset, read_frame
 
@@ -55,7 +55,8 @@ def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any], shard_dir: RunPath):
+def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any], shard_dir: RunPath,
+             ledger: Any = None):
     """The teacher stage: shard rows -> ChainRunner engine actors -> publish_shards tasks
     (PII redaction and the shard file) -> one summary row per shard.
 
@@ -68,6 +69,8 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
         job: The job; its ``teacher`` section sets the engine and the actor pool.
         placement: From :func:`raydag.resources.plan_placement`.
         shard_dir: Where the shard files go.
+        ledger: A :class:`raydag.stages.TokenLedger` when the job has a token budget; shards
+            that find it spent do not start (their summary has ``rows`` -1).
 
     Returns:
         The lazy Ray Data dataset of shard summaries (``shard``, ``rows``, ``stats``,
@@ -76,7 +79,7 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
     return shards.map_batches(
         ChainRunner,
         fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
-                               "batch_size": job.teacher.batch_size},
+                               "batch_size": job.teacher.batch_size, "ledger": ledger},
         batch_size=1,
         batch_format="pandas",
         concurrency=actor_pool(job.teacher.pool_size),
@@ -302,17 +305,23 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                         f"done, {len(todo)} to run")
             if todo and not (max_tokens and used() >= max_tokens):
                 progress = console.Progress(label, rows, done=rows - sum(plan.sizes[s] for s in todo))
-                stream = generate(plan.dataset(todo), steps, job, placement, shard_dir)
+                ledger = TokenLedger.remote(used(), max_tokens) if max_tokens else None
+                stream = generate(plan.dataset(todo), steps, job, placement, shard_dir, ledger)
+                # The stream runs to its end: once the ledger is spent, the remaining shards
+                # come back unstarted at once, and the shards in flight still get written.
+                warned = False
                 for summary in stream.iter_rows():
+                    if summary["rows"] < 0:
+                        continue
                     shard_stats = json.loads(summary["stats"])
                     finished[int(summary["shard"])] = shard_stats
                     stats = merge_stats(stats, shard_stats)
                     progress.update(progress.done + shard_stats[0]["rows_in"]
                                     + shard_stats[0]["passed_through"])
-                    if max_tokens and used() >= max_tokens:
+                    if max_tokens and used() >= max_tokens and not warned:
+                        warned = True
                         console.warn(f"[teacher] token budget reached ({used()} >= "
                                      f"{max_tokens}); no new shards start")
-                        break
                 progress.close()
             if max_tokens and used() >= max_tokens:
                 break

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 
 from raydag.chain import build_steps, check_contract, first_rows, run_signature, shard_rows
 from raydag.config import load_job
@@ -25,8 +26,8 @@ from raydag.ops.create import CreateOp, TopicsOp
 from raydag.ops.judge import SCORES, JudgeOp
 from raydag.ops.label import LabelOp
 from raydag.ops.reform import CounterfactualOp, ParaphraseOp
-from raydag.stages import (ChainRunner, Step, empty_stats, merge_stats, publish_shards, run_step,
-                           shard_stats, write_shard)
+from raydag.stages import (ChainRunner, Step, TokenLedger, empty_stats, merge_stats,
+                           publish_shards, run_step, shard_stats, write_shard)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -273,6 +274,21 @@ def scripted_teacher(request: ChatRequest, k: int) -> Completion:
     if user.startswith("Rewrite the text"):
         return Completion(f"Reworded version {k} of: {user.split('Text: ')[1]}", 30, 9, "stop")
     raise AssertionError(f"unexpected request: {user}")
+
+
+def test_chain_runner_starts_no_shard_once_the_token_ledger_is_spent(ray_local, tmp_path):
+    steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS)]
+    engine = ScriptedEngine(scripted_teacher)
+    ledger = TokenLedger.remote(0, 1)  # the first shard's tokens spend it
+    runner = ChainRunner(steps, engine_spec={}, engine=engine, ledger=ledger)
+    generated = runner(pd.DataFrame(shard_rows(plan(6), 2)))
+    assert list(generated["run"]) == [True, False, False]
+    assert len(engine.calls) == 1
+    spent = sum(s["tokens_in"] + s["tokens_out"] for s in json.loads(generated["stats"].iloc[0]))
+    assert spent > 0 and ray.get(ledger.add.remote(0)) == spent
+    summary = publish_shards(generated, str(tmp_path))
+    assert list(summary["rows"]) == [2, -1, -1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.parquet"]
 
 
 def test_chain_runner_writes_shards_and_summaries(tmp_path):
@@ -695,7 +711,7 @@ def test_publish_shards_redacts_pii_before_the_shard_is_written(tmp_path):
             {"id": "b", "text": "no personal data here", "_raw_generation": ""}]
     stats = [{**empty_stats("1:a"), "rows_in": 2, "accepted": 2}]
     generated = pd.DataFrame({"shard": [4], "rows": [pickle.dumps(rows)],
-                              "stats": [json.dumps(stats)], "started_at": [time.time()]})
+                              "stats": [json.dumps(stats)], "started_at": [time.time()], "run": [True]})
     summary = publish_shards(generated, str(tmp_path), pii_types=["email", "person"])
     frame = pd.read_parquet(tmp_path / "shard-00004.parquet")
     assert list(frame["text"]) == ["write to [EMAIL]", "no personal data here"]

@@ -139,11 +139,10 @@ def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path
 
 
 def test_budgets_cap_requests_and_tokens_and_the_report_prices_them(ray_local, tmp_path):
-    report = run_job_cli(QUICKSTART, [
-        f"output_dir={tmp_path / 'out'}", "raw_examples=30", "stages.0.num_examples=200",
-        "budget.max_requests=40", "budget.max_tokens=1500", "teacher.batch_size=4",
-        "student.train_sets=[]", "cost.usd_per_million_input_tokens=1.0",
-        "cost.usd_per_million_output_tokens=4.0"])
+    settings = [f"output_dir={tmp_path / 'out'}", "raw_examples=30", "stages.0.num_examples=200",
+                "budget.max_requests=40", "teacher.batch_size=4", "student.train_sets=[]",
+                "cost.usd_per_million_input_tokens=1.0", "cost.usd_per_million_output_tokens=4.0"]
+    report = run_job_cli(QUICKSTART, [*settings, "budget.max_tokens=1500"])
     counts, budget, cost = report["counts"], report["budget"], report["cost"]
     assert counts["planned"] == 40  # max_requests cut the plan of 200
     assert budget["exhausted"] and budget["tokens_used"] >= 1500
@@ -156,3 +155,10 @@ def test_budgets_cap_requests_and_tokens_and_the_report_prices_them(ray_local, t
     expected = teacher["tokens_in"] / 1e6 * 1.0 + teacher["tokens_out"] / 1e6 * 4.0
     assert cost["total_usd"] == pytest.approx(expected, rel=1e-4)
     assert cost["usd_per_accepted_example"] == pytest.approx(expected / counts["accepted"], rel=1e-3)
+
+    # A rerun with a larger cap keeps the shards done and goes on from there.
+    again = run_job_cli(QUICKSTART, [*settings, "budget.max_tokens=100000"])
+    assert again["shards"]["resumed"] == report["shards"]["run"]
+    assert not again["budget"]["exhausted"] and again["counts"]["not_run_budget"] == 0
+    assert again["counts"]["planned"] == 40 and again["shards"]["not_run"] == 0
+    assert_reconciles(again)
