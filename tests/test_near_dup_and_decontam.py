@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from raydag.filters.decontam import NgramIndex, mark_contaminated, ngrams
+from raydag.filters.exact import normalize_text
 from raydag.bench_minhash import synthetic_rows
 from raydag.filters.near_dup import (
     REASON_RAW,
@@ -287,6 +288,30 @@ def test_index_stores_digests_and_reports_the_first_eval_text():
     assert index.match(sentence(4, 3)) == ("b", 1, sentence(4, 3))
     assert index.split_sizes == {"a": 1, "b": 2}
     assert all(isinstance(k, bytes) and len(k) == 8 for k in index._grams)
+
+
+def test_the_batch_screen_keeps_every_text_the_index_matches():
+    import pickle
+    import random
+
+    from raydag.filters.decontam import _WORD, _word_bytes
+
+    rng = random.Random(0)
+    words = ["refund", "parcel", "Día", "naïve", "straße", "ok", "x_y", "42", "½", "日本"]
+
+    def text(k):
+        return " ".join(rng.choice(words) + rng.choice(["", ",", "!", "?!", "-", "_"]) for _ in range(k))
+    evals = {"test": [text(rng.randint(1, 20)) for _ in range(40)], "dev": [EVAL_SHORT, EVAL_LONG]}
+    rows = [text(rng.randint(0, 25)) for _ in range(3000)] + [
+        "is my REFUND on its way", EVAL_LONG.upper(), "Dear team, " + EVAL_LONG + " thanks", ""]
+    for row in rows[:500]:  # the screen's fast word split finds findall's words
+        assert _word_bytes(row) == [w.encode() for w in _WORD.findall(normalize_text(row))]
+    for n in (1, 3, 13):
+        index = pickle.loads(pickle.dumps(NgramIndex(evals, n)))  # as a worker gets it
+        exact = np.array([index.match(row) is not None for row in rows])
+        screened = index.may_match(rows)
+        # the same texts: a candidate the look-up turns down needs a 64-bit key collision
+        assert exact.sum() > 3 and (screened == exact).all()
 
 
 # ---------------------------------------------------------------- Ray Data glue

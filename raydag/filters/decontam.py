@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from raydag.filters.exact import normalize_text
@@ -31,6 +32,18 @@ STAGE = "decontam"
 REQUIRED_COLUMNS = ("text", "_status", "_order")
 MAX_EXAMPLES = 5
 _WORD = re.compile(r"\w+")  # punctuation separates words and is dropped: "parcel?" = "parcel"
+# In ASCII text \w is [A-Za-z0-9_]: the other bytes of ASCII text become spaces, then split.
+_ASCII_NON_WORD = bytes(c if c < 128 and (chr(c).isalnum() or chr(c) == "_") else 32
+                        for c in range(256))
+
+
+def _word_bytes(text: str) -> list[bytes]:
+    """The words of ``_WORD.findall`` of the normalised text, UTF-8 encoded; for ASCII text a
+    byte translation and a split, which find the same words 3x faster."""
+    text = normalize_text(text or "")
+    if text.isascii():
+        return text.encode().translate(_ASCII_NON_WORD).split()
+    return [word.encode() for word in _WORD.findall(text)]
 
 
 def ngrams(text: str, n: int) -> set[str]:
@@ -109,6 +122,12 @@ class NgramIndex:
                 self._owners.append((name, index))
                 for gram in _ngram_sequence(text, n):
                     self._grams.setdefault(_digest(gram), owner)
+        self._eval_texts = [text for texts in eval_texts.values() for text in texts]
+        self._keys: np.ndarray | None = None  # gram keys of the eval texts, built per process
+
+    def __getstate__(self) -> dict:
+        # the keys hash words with this process's str hash: each process builds its own
+        return {**self.__dict__, "_keys": None}
 
     def __len__(self) -> int:
         """The number of distinct grams indexed."""
@@ -129,6 +148,67 @@ class NgramIndex:
                 split, index = self._owners[owner]
                 return split, index, gram
         return None
+
+    def may_match(self, texts: Sequence[str]) -> np.ndarray:
+        """Which ``texts`` may share a gram with an eval text (bool per text): a screen with
+        no false negatives, for a batch at once; :meth:`match` settles the candidates.
+
+        Each word becomes its 64-bit ``hash``, each gram (of ``n`` words, or a short text's
+        one gram) a weighted sum of its words' hashes, computed for every gram of the batch
+        with array operations; a text is a candidate when one of its gram keys is an eval
+        gram's. Equal grams have equal keys, so no match is missed; a key shared by different
+        grams (odds ~ 2**-64 per pair) only makes a candidate that :meth:`match` turns down.
+        """
+        if self._keys is None:
+            keys, _ = _gram_keys(self._eval_texts, self.n)
+            self._keys = np.unique(keys)
+        keys, owner = _gram_keys(texts, self.n)
+        hit = np.zeros(len(texts), dtype=bool)
+        if len(keys) and len(self._keys):
+            at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+            hit[owner[self._keys[at] == keys]] = True
+        return hit
+
+
+# Fixed weights of a gram key's word positions, and one offset per gram length (the lengths
+# of short texts' grams); odd, so that no weight erases a word's bits.
+_WEIGHTS = np.random.default_rng(1729).integers(0, 2**63, size=(2, 4096), dtype=np.uint64) * 2 + 1
+
+
+def _gram_keys(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A uint64 key per gram of :func:`_ngram_sequence` of each text, and the text each came
+    from (its position in ``texts``); words hashed with this process's ``hash``."""
+    if n > _WEIGHTS.shape[1]:
+        raise ValueError(f"n must be at most {_WEIGHTS.shape[1]}, got {n}")
+    words: list[bytes] = []
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for position, text in enumerate(texts):
+        found = _word_bytes(text)
+        lengths[position] = len(found)
+        words.extend(found)
+    values = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(texts) else lengths
+    padded = np.concatenate([values, np.zeros(n, dtype=np.uint64)])
+    window = np.zeros(len(values), dtype=np.uint64)
+    short = np.flatnonzero((lengths > 0) & (lengths < n))
+    keys, owners = [], []
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as a hash should
+        for width in range(1, n + 1):  # window[i] = the key of the `width` words from i
+            window += padded[width - 1:width - 1 + len(values)] * _WEIGHTS[0, width - 1]
+            ended = short[lengths[short] == width]
+            if len(ended):
+                keys.append(window[starts[ended]] + _WEIGHTS[1, width - 1])
+                owners.append(ended)
+        full = np.flatnonzero(lengths >= n)
+        if len(full):
+            grams = lengths[full] - n + 1  # grams per text
+            owner = np.repeat(full, grams)
+            first = np.repeat(starts[full] - np.concatenate([[0], np.cumsum(grams)[:-1]]), grams)
+            keys.append(window[first + np.arange(len(owner))] + _WEIGHTS[1, n - 1])
+            owners.append(owner)
+    if not keys:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(keys), np.concatenate(owners)
 
 
 def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequence[str]],
@@ -218,20 +298,19 @@ def _block_summary(batch: pd.DataFrame, index: list) -> pd.DataFrame:
 
 
 def _mark_contaminated(batch, index: list):
-    """Ray Data task (Arrow batches): each accepted row's first shared gram looked up, the
-    matches marked; ``contaminated_by`` is ``"<split>:<eval index>"`` there, null elsewhere."""
-    import numpy as np
-
+    """Ray Data task (Arrow batches): each accepted row's first shared gram looked up (the
+    candidates of :meth:`NgramIndex.may_match`), the matches marked; ``contaminated_by`` is
+    ``"<split>:<eval index>"`` there, null elsewhere."""
     from raydag.stages import set_where, shared_object
 
     found = shared_object(index[0])
-    accepted = batch["_status"].to_numpy(zero_copy_only=False) == "accepted"
+    accepted = np.flatnonzero(batch["_status"].to_numpy(zero_copy_only=False) == "accepted")
+    texts = batch["text"].take(accepted).to_pylist()
     by = [None] * batch.num_rows
-    for position, text in enumerate(batch["text"].to_pylist()):
-        if accepted[position]:
-            match = found.match(text)
-            if match:
-                by[position] = f"{match[0]}:{match[1]}"
+    for position in np.flatnonzero(found.may_match(texts)):  # the screen, then the exact look-up
+        match = found.match(texts[position])
+        if match:
+            by[int(accepted[position])] = f"{match[0]}:{match[1]}"
     if "contaminated_by" in batch.column_names:
         batch = batch.drop_columns(["contaminated_by"])
     return set_where(batch, np.array([b is not None for b in by], dtype=bool), _status="dropped",
