@@ -275,10 +275,12 @@ def _coannotate(rows, job: JobConfig, run_dir: RunPath):
                           f"drop_above <= 1, got {config.accept_below} and {config.drop_above}")
     scored = rows.map_batches(_score_uncertainty, fn_kwargs={
         "measure": config.measure, "num_labels": len(job.data.labels)},
-        batch_format="pandas").materialize()
+        batch_format="pyarrow").materialize()
     settings = {"accept_below": config.accept_below, "drop_above": config.drop_above}
-    parts = scored.map_batches(_route_summary, fn_kwargs={**settings, "budget": config.human_budget},
-                               batch_size=None, batch_format="pandas").take_all()
+    parts = scored.select_columns(["_status", "_order", "label_uncertainty", "_uncertainty_error"]
+                                  ).map_batches(_route_summary, fn_kwargs={
+                                      **settings, "budget": config.human_budget},
+                                      batch_size=None, batch_format="pandas").take_all()
     errors = [p["error"] for p in parts if p["error"]]
     if errors:
         raise RaydagError(f"quality.coannotation (measure {config.measure}): {errors[0]}")
@@ -296,7 +298,7 @@ def _coannotate(rows, job: JobConfig, run_dir: RunPath):
     queue = [row for row in queued if row["id"] not in answered]
     marked = scored.map_batches(_route_rows, fn_kwargs={
         **settings, "chosen": [ray.put(chosen)], "overflow": config.overflow,
-        "answers": answered, "answer_columns": bool(answered)}, batch_format="pandas")
+        "answers": answered, "answer_columns": bool(answered)}, batch_format="pyarrow")
     folder = run_dir / HUMAN_QUEUE
     folder.mkdir(parents=True, exist_ok=True)
     tasks = label_studio_tasks(queue, model_version=job.teacher.model)
@@ -315,40 +317,54 @@ _QUEUE_COLUMNS = ["id", "text", "label", "label_confidence", "label_margin", "la
                   "label_votes", "_order"]
 
 
-def _is_set(value) -> bool:
-    return value is not None and not (isinstance(value, float) and np.isnan(value))
+def _score_uncertainty(batch, measure: str, num_labels: int):
+    """Ray Data task (Arrow batches): ``label_uncertainty`` of each accepted row a label stage
+    scored (null for the others); a row whose columns cannot be scored leaves the reason in
+    ``_uncertainty_error``. A margin with no votes is scored with array operations (``1 -
+    label_margin``, clipped, as :func:`raydag.ops.coannotate.uncertainty` does); any other row
+    goes through that function."""
+    import pyarrow as pa
 
-
-def _score_uncertainty(batch: pd.DataFrame, measure: str, num_labels: int) -> pd.DataFrame:
-    """Ray Data task: ``label_uncertainty`` of each accepted row a label stage scored (NaN for
-    the others); a row whose columns cannot be scored leaves the reason in ``_uncertainty_error``."""
     from raydag.ops.coannotate import uncertainty
 
-    batch = batch.copy()
-    scores, errors = [], []
-    present = [c for c in ("label_margin", "label_votes") if c in batch.columns]
-    for status, values in zip(batch["_status"], batch[present].itertuples(index=False)):
-        row = dict(zip(present, values))
-        if status != "accepted" or not any(_is_set(v) for v in row.values()):
-            scores.append(np.nan), errors.append("")
-            continue
-        try:
-            score = uncertainty(row, measure=measure, num_labels=num_labels)
-            if not 0.0 <= score <= 1.0:
-                raise ValueError(f"uncertainty must be in [0, 1], got {score}")
-            scores.append(score), errors.append("")
-        except ValueError as err:
-            scores.append(np.nan), errors.append(str(err))
-    batch["label_uncertainty"] = np.asarray(scores, dtype=float)
-    batch["_uncertainty_error"] = errors
-    return batch
+    batch = batch.drop_columns([c for c in ("label_uncertainty", "_uncertainty_error")
+                                if c in batch.column_names])
+    size = batch.num_rows
+    accepted = batch["_status"].to_numpy(zero_copy_only=False) == "accepted"
+    margin = (batch["label_margin"].to_numpy(zero_copy_only=False).astype(float)
+              if "label_margin" in batch.column_names else np.full(size, np.nan))
+    votes = (np.asarray(batch["label_votes"].is_valid()) if "label_votes" in batch.column_names
+             else np.zeros(size, dtype=bool))
+    has_margin = ~np.isnan(margin)
+    scored = accepted & (has_margin | votes)
+    fast = scored & ~votes if measure != "entropy" else np.zeros(size, dtype=bool)
+    scores = np.full(size, np.nan)
+    scores[fast] = np.clip(1.0 - margin[fast], 0.0, 1.0)
+    errors = [""] * size
+    slow = np.flatnonzero(scored & ~fast)
+    if len(slow):
+        present = [c for c in ("label_margin", "label_votes") if c in batch.column_names]
+        part = batch.select(present).take(slow).to_pylist()
+        for position, row in zip(slow, part):
+            if "label_margin" in row and row["label_margin"] is None:
+                row["label_margin"] = np.nan  # as pandas held it: "label_margin is NaN"
+            try:
+                score = uncertainty(row, measure=measure, num_labels=num_labels)
+                if not 0.0 <= score <= 1.0:
+                    raise ValueError(f"uncertainty must be in [0, 1], got {score}")
+                scores[position] = score
+            except ValueError as err:
+                errors[position] = str(err)
+    return (batch.append_column("label_uncertainty", pa.array(scores, mask=np.isnan(scores)))
+            .append_column("_uncertainty_error", pa.array(errors, pa.string())))
 
 
-def _route_of(uncertainty: pd.Series, accept_below: float, drop_above: float) -> pd.Series:
-    route = pd.Series("human", index=uncertainty.index, dtype=object)
+def _route_of(uncertainty: np.ndarray, accept_below: float, drop_above: float) -> np.ndarray:
+    """Each row's route by its uncertainty: ``auto``, ``human``, ``drop``, "" when unscored."""
+    route = np.full(len(uncertainty), "human", dtype=object)
     route[uncertainty < accept_below] = "auto"
     route[uncertainty > drop_above] = "drop"
-    route[uncertainty.isna()] = ""
+    route[np.isnan(uncertainty)] = ""
     return route
 
 
@@ -356,7 +372,7 @@ def _route_summary(batch: pd.DataFrame, accept_below: float, drop_above: float,
                    budget: int) -> pd.DataFrame:
     """Ray Data task: a block's accepted rows, rows per route, its ``budget`` most uncertain
     candidates for people (JSON) and the first scoring error."""
-    route = _route_of(batch["label_uncertainty"], accept_below, drop_above)
+    route = _route_of(batch["label_uncertainty"].to_numpy(dtype=float), accept_below, drop_above)
     human = batch[route == "human"]
     top = human.assign(_neg=-human["label_uncertainty"]).sort_values(["_neg", "_order"]).head(budget)
     errors = [e for e in batch["_uncertainty_error"] if e]
@@ -386,40 +402,43 @@ def _rows_in(batch: pd.DataFrame, orders: list) -> pd.DataFrame:
     return batch[batch["_order"].isin(shared_object(orders[0]))]
 
 
-def _route_rows(batch: pd.DataFrame, accept_below: float, drop_above: float, chosen: list,
-                overflow: str, answers: dict[str, dict], answer_columns: bool) -> pd.DataFrame:
-    """Ray Data task: each scored row's ``route`` and what it means for the row (a people's
-    label merged, quarantined for people, dropped as uncertain)."""
-    from raydag.stages import shared_object
+def _route_rows(batch, accept_below: float, drop_above: float, chosen: list, overflow: str,
+                answers: dict[str, dict], answer_columns: bool):
+    """Ray Data task (Arrow batches): each scored row's ``route`` and what it means for the
+    row (a people's label merged, quarantined for people, dropped as uncertain)."""
+    import pyarrow as pa
 
-    batch = batch.drop(columns="_uncertainty_error").copy()
-    route = _route_of(batch["label_uncertainty"], accept_below, drop_above)
-    over = (route == "human") & ~batch["_order"].isin(shared_object(chosen[0]))
+    from raydag.stages import set_where, shared_object
+
+    batch = batch.drop_columns(["_uncertainty_error"])
+    uncertainty = batch["label_uncertainty"].to_numpy(zero_copy_only=False).astype(float)
+    route = _route_of(uncertainty, accept_below, drop_above)
+    orders = batch["_order"].to_numpy(zero_copy_only=False)
+    over = (route == "human") & ~np.isin(orders, np.fromiter(shared_object(chosen[0]), np.int64))
     route[over] = "auto" if overflow == "accept" else "drop"
-    batch["label_uncertainty"] = batch["label_uncertainty"].round(4)
-    batch["route"] = route.where(route != "", None)
+    human = route == "human"
+    answered = np.zeros(len(route), dtype=bool)
     if answer_columns:
-        for column in ("teacher_label", "label_source", "annotator", "annotated_at"):
-            # a list of None: pd.Series(None, dtype=object) holds NaN under pandas 3
-            batch[column] = pd.Series([None] * len(batch), index=batch.index, dtype=object)
-    for column in ("_status", "_reason", "_stage", "label"):
-        batch[column] = batch[column].astype(object)
-    for index in batch.index[route == "human"]:
-        answer = answers.get(batch.at[index, "id"])
-        # one cell at a time: a multi-column .loc turns the other rows' None into NaN, and a
-        # column of NaN and strings no longer converts to Arrow
-        if answer is not None:
-            update = {"teacher_label": batch.at[index, "label"], "label": answer["label"],
-                      "label_source": "human", "annotator": str(answer["annotator"]),
-                      "annotated_at": str(answer["annotated_at"])}
-        else:
-            update = {"_status": "quarantined", "_reason": "human_review", "_stage": "coannotation"}
-        for column, value in update.items():
-            batch.at[index, column] = value
-    dropped = route == "drop"
-    batch.loc[dropped, "_status"] = "dropped"
-    batch.loc[dropped, "_reason"] = "uncertain_label"
-    batch.loc[dropped, "_stage"] = "coannotation"
+        ids = batch["id"].to_pylist()
+        answered = human & np.array([i in answers for i in ids], dtype=bool)
+        found = [answers.get(i) if hit else None for i, hit in zip(ids, answered)]
+        batch = set_where(batch, answered,
+                          teacher_label=batch["label"].to_pylist(),
+                          label=[a and a["label"] for a in found],
+                          label_source="human",
+                          annotator=[a and str(a["annotator"]) for a in found],
+                          annotated_at=[a and str(a["annotated_at"]) for a in found])
+    batch = set_where(batch, human & ~answered, _status="quarantined", _reason="human_review",
+                      _stage="coannotation")
+    batch = set_where(batch, route == "drop", _status="dropped", _reason="uncertain_label",
+                      _stage="coannotation")
+    rounded = np.round(uncertainty, 4)
+    columns = {"label_uncertainty": pa.array(rounded, mask=np.isnan(rounded)),
+               "route": pa.array(np.where(route == "", None, route), pa.string())}
+    for name, column in columns.items():
+        at = batch.column_names.index(name) if name in batch.column_names else -1
+        batch = (batch.set_column(at, name, column) if at >= 0
+                 else batch.append_column(name, column))
     return batch
 
 

@@ -246,6 +246,38 @@ def test_rephrase_rewrites_rows_that_carry_a_planted_shortcut_word(ray_local, tm
     assert sorted(again.to_pandas()["text"]) == sorted(out["text"])
 
 
+@pytest.mark.parametrize("measure", ["auto", "margin", "entropy"])
+def test_coannotation_scores_a_block_as_the_pure_uncertainty_does(measure):
+    """The block scorer's array path (margins) and per-row path (votes, errors) against
+    raydag.ops.coannotate.uncertainty row by row."""
+    import pyarrow as pa
+
+    from raydag.ops.coannotate import uncertainty
+    from raydag.quality import _score_uncertainty
+
+    margins = [0.9, -0.2, 1.4, None, 0.5, None, 0.25, None, 0.7]
+    votes = [None, None, None, '["a", "b"]', '["a", "a", "b"]', '["a"]', "not json", None, None]
+    statuses = ["accepted"] * 8 + ["dropped"]
+    block = pa.table({"_status": statuses, "label_margin": pa.array(margins, pa.float64()),
+                      "label_votes": pa.array(votes, pa.string())})
+    out = _score_uncertainty(block, measure=measure, num_labels=3).to_pydict()
+    for i, (margin, vote, status) in enumerate(zip(margins, votes, statuses)):
+        row = {"label_margin": float("nan") if margin is None else margin, "label_votes": vote}
+        if status != "accepted" or (margin is None and vote is None):
+            assert out["label_uncertainty"][i] is None and out["_uncertainty_error"][i] == ""
+            continue
+        try:
+            expected, error = uncertainty(row, measure=measure, num_labels=3), ""
+        except ValueError as err:
+            expected, error = None, str(err)
+        assert out["_uncertainty_error"][i] == error, i
+        if expected is None:
+            assert out["label_uncertainty"][i] is None
+        else:
+            assert out["label_uncertainty"][i] == pytest.approx(expected)
+    assert sum(e != "" for e in out["_uncertainty_error"]) >= 1  # the errors are exercised
+
+
 @pytest.mark.parametrize("overflow", ["accept", "drop"])
 def test_coannotation_routing_in_ray_data_equals_the_pure_router(ray_local, tmp_path, overflow):
     """Blocks of planted rows: the same routes as raydag.ops.coannotate.route over all rows
