@@ -158,7 +158,7 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: RunPath,
     columns = ["_status", "_reason"] + (["pii_redacted"] if "pii_redacted" in rows.columns() else [])
     # counts per block, summed here: O(blocks x reasons) on the driver, nothing per row
     counts = pd.DataFrame(rows.select_columns(columns).map_batches(
-        _status_counts, batch_size=None, batch_format="pandas").take_all())
+        _status_counts, batch_size=None, batch_format="pyarrow").take_all())
     if counts.empty:
         counts = pd.DataFrame({"_status": [], "_reason": [], "rows": [], "pii": []})
     totals = counts.groupby(["_status", "_reason"], dropna=False)["rows"].sum()
@@ -191,11 +191,17 @@ def _pii_totals(found) -> dict[str, int]:
     return pii
 
 
-def _status_counts(batch: pd.DataFrame) -> pd.DataFrame:
-    """Rows of one block by (status, reason), and its PII redactions summed (JSON, on the
-    block's first line)."""
-    counts = batch.groupby(["_status", "_reason"], dropna=False).size().rename("rows").reset_index()
-    pii = _pii_totals(batch.get("pii_redacted", pd.Series(dtype=object)).dropna())
+def _status_counts(batch) -> pd.DataFrame:
+    """Rows of one block (Arrow) by (status, reason), and its PII redactions summed (JSON, on
+    the block's first line); grouped by Arrow, so no text becomes a Python string."""
+    import pyarrow.compute as pc
+
+    keys = batch.select(["_status", "_reason"])
+    counts = keys.group_by(["_status", "_reason"]).aggregate([([], "count_all")]).to_pandas()
+    counts = counts.rename(columns={"count_all": "rows"})[["_status", "_reason", "rows"]]
+    found = (pc.drop_null(batch["pii_redacted"]).to_pylist()
+             if "pii_redacted" in batch.column_names else [])
+    pii = _pii_totals(found)
     counts["pii"] = [json.dumps(pii)] + [""] * (len(counts) - 1) if len(counts) else []
     return counts
 

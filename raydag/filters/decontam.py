@@ -260,8 +260,8 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
     shared = ray.put(index)  # one copy in the object store, read once per worker
     marked = rows.map_batches(_mark_contaminated, fn_kwargs={"index": [shared]},
                               batch_format="pyarrow").materialize()
-    hits = marked.filter(expr=col("_stage") == STAGE).select_columns(
-        ["_order", "contaminated_by", "text", "_status"])
+    hits = marked.select_columns(["_order", "contaminated_by", "text", "_status", "_stage"]
+                                 ).filter(expr=col("_stage") == STAGE)
     blocks = hits.map_batches(_block_summary, fn_kwargs={"index": [shared]}, batch_size=None,
                               batch_format="pandas").take_all()
     by_split = {name: int(sum(b["by_split"].get(name, 0) for b in blocks))
@@ -272,7 +272,8 @@ def mark_contaminated(rows: ray.data.Dataset, *, eval_texts: Mapping[str, Sequen
         "method": "ngram",
         "n": n,
         "splits": dict(index.split_sizes),
-        "checked": marked.filter(expr=col("_status") == "accepted").count() + matched,
+        "checked": marked.select_columns(["_status"]).filter(
+            expr=col("_status") == "accepted").count() + matched,
         "matched": matched,
         "by_split": by_split,
         "examples": [{"text": text, "eval_split": split,
