@@ -491,7 +491,11 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     pairs = pairs.materialize()
     edge_blocks = []
     if pairs.count():  # a join of a dataset with no rows loses its columns
-        keys = signed.select_columns(["_order", "id", "_signature"])
+        # Only the rows of some pair take part in the joins: a sorted array of their orders
+        # (8 bytes per such row), made by one task, screens the signatures first.
+        involved = _involved_task().remote(*pairs.to_arrow_refs())
+        keys = signed.select_columns(["_order", "id", "_signature"]).map_batches(
+            _rows_in_pairs, fn_kwargs={"involved": [involved]}, batch_format="pyarrow")
         for side in ("a", "b"):
             pairs = pairs.join(keys.rename_columns({"_order": side, "id": f"{side}_id",
                                                     "_signature": f"{side}_signature"}),
@@ -545,6 +549,26 @@ def _band_rows(batch: dict[str, np.ndarray], *, num_perm: int, bands: int,
 def _pairs_in_buckets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     a, b = bucket_pairs(batch["_band"], batch["_order"])
     return {"a": a, "b": b}
+
+
+def _involved_orders(*tables) -> np.ndarray:
+    """Every order of a candidate pair, sorted, once."""
+    parts = [t.column(side).to_numpy() for t in tables if t.num_rows for side in ("a", "b")]
+    return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def _involved_task():
+    """The Ray task form of :func:`_involved_orders`, made on first use."""
+    import ray
+
+    return ray.remote(num_cpus=1)(_involved_orders)
+
+
+def _rows_in_pairs(batch, involved: list):
+    from raydag.stages import orders_in, shared_object
+
+    hit, _ = orders_in(batch["_order"].to_numpy(), shared_object(involved[0]))
+    return batch.filter(hit)
 
 
 def _confirmed(batch: dict[str, np.ndarray], *, threshold: float,
