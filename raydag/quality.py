@@ -122,6 +122,7 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
     quality, summary = job.quality, {}
     raw_texts = raw["text"].astype(str).tolist() if raw is not None else []
     raw_ids = raw["id"].astype(str).tolist() if raw is not None else []
+    decontam = quality.decontam.enabled and bool(evals)
     if quality.near_dup.enabled:
         from raydag.filters.near_dup import mark_near_duplicates
 
@@ -130,13 +131,12 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
             rows, reference_texts=raw_texts if near.against_raw else None,
             reference_ids=raw_ids if near.against_raw else None, threshold=near.threshold,
             num_perm=near.num_perm, shingle_size=near.shingle_size, seed=job.seed)
-        rows = rows.materialize()
-    decontam = quality.decontam.enabled and bool(evals)
+        if not decontam:  # else Ray Data fuses this marking into decontamination's pass
+            rows = rows.materialize()
     if decontam:
         from raydag.filters.decontam import mark_contaminated
 
         rows, summary["decontam"] = mark_contaminated(rows, eval_texts=evals, n=quality.decontam.ngram)
-        rows = rows.materialize()
         summary["decontam"]["embedding_threshold"] = quality.decontam.embedding_threshold
     embed_dups = quality.near_dup.enabled and quality.near_dup.embedding_threshold is not None
     embed_decontam = decontam and quality.decontam.embedding_threshold is not None
@@ -257,9 +257,9 @@ def _pvi_summary(batch: pd.DataFrame) -> pd.DataFrame:
 
 def _coannotate(rows, job: JobConfig, run_dir: RunPath):
     """Co-annotation routing in Ray Data: each labelled accepted row's uncertainty is scored in
-    ``map_batches``; each block sends the driver its route counts and its ``human_budget`` most
-    uncertain candidates for people, of which the driver keeps the most uncertain; a second
-    ``map_batches`` marks every row by its route. The driver holds O(blocks x human_budget)
+    ``map_batches`` over four columns; each block sends the driver its route counts and its
+    ``human_budget`` most uncertain candidates for people, of which the driver keeps the most
+    uncertain; a second ``map_batches`` scores again and marks every row by its route. The driver holds O(blocks x human_budget)
     numbers and the human queue, nothing per row."""
     import ray
 
@@ -273,14 +273,15 @@ def _coannotate(rows, job: JobConfig, run_dir: RunPath):
     if not 0.0 <= config.accept_below <= config.drop_above <= 1.0:
         raise RaydagError(f"quality.coannotation: thresholds must satisfy 0 <= accept_below <= "
                           f"drop_above <= 1, got {config.accept_below} and {config.drop_above}")
-    scored = rows.map_batches(_score_uncertainty, fn_kwargs={
-        "measure": config.measure, "num_labels": len(job.data.labels)},
-        batch_format="pyarrow").materialize()
+    scoring = {"measure": config.measure, "num_labels": len(job.data.labels)}
     settings = {"accept_below": config.accept_below, "drop_above": config.drop_above}
-    parts = scored.select_columns(["_status", "_order", "label_uncertainty", "_uncertainty_error"]
-                                  ).map_batches(_route_summary, fn_kwargs={
-                                      **settings, "budget": config.human_budget},
-                                      batch_size=None, batch_format="pandas").take_all()
+    # A first read of four columns scores the rows and sums the routes per block; the marking
+    # pass scores them again (arrays: cheaper than keeping every row between the passes).
+    read = [c for c in ("_status", "_order", "label_margin", "label_votes") if c in rows.columns()]
+    parts = rows.select_columns(read).map_batches(
+        _score_uncertainty, fn_kwargs=scoring, batch_format="pyarrow").map_batches(
+        _route_summary, fn_kwargs={**settings, "budget": config.human_budget},
+        batch_size=None, batch_format="pandas").take_all()
     errors = [p["error"] for p in parts if p["error"]]
     if errors:
         raise RaydagError(f"quality.coannotation (measure {config.measure}): {errors[0]}")
@@ -292,12 +293,12 @@ def _coannotate(rows, job: JobConfig, run_dir: RunPath):
     overflow = totals["human"] - len(chosen)
     counts = {"auto": totals["auto"], "human": len(chosen), "drop": totals["drop"]}
     counts["auto" if config.overflow == "accept" else "drop"] += overflow
-    queued = _chosen_rows(scored, chosen)
+    queued = _chosen_rows(rows, chosen)
     human = _human_labels(run_dir)
     answered = {row["id"]: human[row["id"]] for row in queued if row["id"] in human}
     queue = [row for row in queued if row["id"] not in answered]
-    marked = scored.map_batches(_route_rows, fn_kwargs={
-        **settings, "chosen": [ray.put(chosen)], "overflow": config.overflow,
+    marked = rows.map_batches(_route_rows, fn_kwargs={
+        **scoring, **settings, "chosen": [ray.put(chosen)], "overflow": config.overflow,
         "answers": answered, "answer_columns": bool(answered)}, batch_format="pyarrow")
     folder = run_dir / HUMAN_QUEUE
     folder.mkdir(parents=True, exist_ok=True)
@@ -384,14 +385,14 @@ def _route_summary(batch: pd.DataFrame, accept_below: float, drop_above: float,
                          "error": [errors[0] if errors else ""]})
 
 
-def _chosen_rows(scored, chosen: frozenset) -> list[dict]:
+def _chosen_rows(rows, chosen: frozenset) -> list[dict]:
     """The rows chosen for people (at most ``human_budget``), in row order."""
     import ray
 
     if not chosen:
         return []
-    present = [c for c in _QUEUE_COLUMNS if c in scored.columns()]
-    frame = scored.select_columns(present).map_batches(
+    present = [c for c in _QUEUE_COLUMNS if c in rows.columns()]
+    frame = rows.select_columns(present).map_batches(
         _rows_in, fn_kwargs={"orders": [ray.put(chosen)]}, batch_format="pandas").to_pandas()
     return frame.sort_values("_order").to_dict("records")
 
@@ -402,15 +403,16 @@ def _rows_in(batch: pd.DataFrame, orders: list) -> pd.DataFrame:
     return batch[batch["_order"].isin(shared_object(orders[0]))]
 
 
-def _route_rows(batch, accept_below: float, drop_above: float, chosen: list, overflow: str,
-                answers: dict[str, dict], answer_columns: bool):
-    """Ray Data task (Arrow batches): each scored row's ``route`` and what it means for the
-    row (a people's label merged, quarantined for people, dropped as uncertain)."""
+def _route_rows(batch, measure: str, num_labels: int, accept_below: float, drop_above: float,
+                chosen: list, overflow: str, answers: dict[str, dict], answer_columns: bool):
+    """Ray Data task (Arrow batches): each row scored (:func:`_score_uncertainty`), its
+    ``route``, and what the route means for the row (a people's label merged, quarantined for
+    people, dropped as uncertain)."""
     import pyarrow as pa
 
     from raydag.stages import set_where, shared_object
 
-    batch = batch.drop_columns(["_uncertainty_error"])
+    batch = _score_uncertainty(batch, measure, num_labels).drop_columns(["_uncertainty_error"])
     uncertainty = batch["label_uncertainty"].to_numpy(zero_copy_only=False).astype(float)
     route = _route_of(uncertainty, accept_below, drop_above)
     orders = batch["_order"].to_numpy(zero_copy_only=False)

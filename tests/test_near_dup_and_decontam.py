@@ -294,7 +294,7 @@ def test_the_batch_screen_keeps_every_text_the_index_matches():
     import pickle
     import random
 
-    from raydag.filters.decontam import _WORD, _word_bytes
+    from raydag.filters.exact import WORD, word_bytes
 
     rng = random.Random(0)
     words = ["refund", "parcel", "Día", "naïve", "straße", "ok", "x_y", "42", "½", "日本"]
@@ -305,7 +305,7 @@ def test_the_batch_screen_keeps_every_text_the_index_matches():
     rows = [text(rng.randint(0, 25)) for _ in range(3000)] + [
         "is my REFUND on its way", EVAL_LONG.upper(), "Dear team, " + EVAL_LONG + " thanks", ""]
     for row in rows[:500]:  # the screen's fast word split finds findall's words
-        assert _word_bytes(row) == [w.encode() for w in _WORD.findall(normalize_text(row))]
+        assert word_bytes(row) == [w.encode() for w in WORD.findall(normalize_text(row))]
     for n in (1, 3, 13):
         index = pickle.loads(pickle.dumps(NgramIndex(evals, n)))  # as a worker gets it
         exact = np.array([index.match(row) is not None for row in rows])

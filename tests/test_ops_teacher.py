@@ -567,6 +567,7 @@ def test_judge_pair_mode_shows_both_texts():
     "raydag.ops.reform",
     "raydag.ops.judge",
     "raydag.chain",
+    "raydag.filters.exact",
 ])
 def test_docstring_examples_hold(module):
     result = doctest.testmod(importlib.import_module(module), verbose=False, report=False)

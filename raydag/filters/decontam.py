@@ -15,14 +15,13 @@ flagging every text that contains those three words.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from raydag.filters.exact import normalize_text
+from raydag.filters.exact import WORD, normalize_text, word_bytes
 
 if TYPE_CHECKING:
     import ray.data
@@ -31,21 +30,6 @@ REASON = "contaminated"
 STAGE = "decontam"
 REQUIRED_COLUMNS = ("text", "_status", "_order")
 MAX_EXAMPLES = 5
-_WORD = re.compile(r"\w+")  # punctuation separates words and is dropped: "parcel?" = "parcel"
-# In ASCII text \w is [A-Za-z0-9_]: the other bytes of ASCII text become spaces, then split.
-_ASCII_NON_WORD = bytes(c if c < 128 and (chr(c).isalnum() or chr(c) == "_") else 32
-                        for c in range(256))
-
-
-def _word_bytes(text: str) -> list[bytes]:
-    """The words of ``_WORD.findall`` of the normalised text, UTF-8 encoded; for ASCII text a
-    byte translation and a split, which find the same words 3x faster."""
-    text = normalize_text(text or "")
-    if text.isascii():
-        return text.encode().translate(_ASCII_NON_WORD).split()
-    return [word.encode() for word in _WORD.findall(text)]
-
-
 def ngrams(text: str, n: int) -> set[str]:
     """The word n-grams of the normalised text, each the words joined by single spaces.
 
@@ -77,7 +61,7 @@ def _ngram_sequence(text: str, n: int) -> Iterator[str]:
     """The grams of :func:`ngrams` in the order they start in the text (repeats included)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    words = _WORD.findall(normalize_text(text or ""))
+    words = WORD.findall(normalize_text(text or ""))
     if len(words) < n:
         if words:
             yield " ".join(words)
@@ -183,7 +167,7 @@ def _gram_keys(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     words: list[bytes] = []
     lengths = np.zeros(len(texts), dtype=np.int64)
     for position, text in enumerate(texts):
-        found = _word_bytes(text)
+        found = word_bytes(text)
         lengths[position] = len(found)
         words.extend(found)
     values = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)

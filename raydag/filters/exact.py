@@ -8,11 +8,16 @@ writes, and :func:`raydag.stages.deduplicate` finds exact copies across shards w
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 
 import pandas as pd
 
 _EDGE_PUNCT = " \t\n\"'“”‘’`.,;:!?-"
+WORD = re.compile(r"\w+")  # punctuation separates words and is dropped: "parcel?" = "parcel"
+# In ASCII text \w is [A-Za-z0-9_]: the other bytes of ASCII text become spaces, then split.
+_ASCII_NON_WORD = bytes(c if c < 128 and (chr(c).isalnum() or chr(c) == "_") else 32
+                        for c in range(256))
 
 
 def normalize_text(text: str) -> str:
@@ -21,6 +26,21 @@ def normalize_text(text: str) -> str:
     # str.split() splits at the characters \s matches (str.isspace), as re.sub(r"\s+", " ")
     # would, 5x faster; the whitespace at the ends goes either way with the edge punctuation
     return " ".join(text.split()).strip(_EDGE_PUNCT)
+
+
+def word_bytes(text: str) -> list[bytes]:
+    """The words (runs of ``\\w``) of the normalised text, UTF-8 encoded: what near-duplicate
+    shingles and decontamination grams are made of. ASCII text is split by a byte translation,
+    which finds the words of ``WORD.findall`` 3x faster.
+
+    Example:
+        >>> word_bytes("Where's my parcel?!")
+        [b'where', b's', b'my', b'parcel']
+    """
+    text = normalize_text(text or "")
+    if text.isascii():
+        return text.encode().translate(_ASCII_NON_WORD).split()
+    return [word.encode() for word in WORD.findall(text)]
 
 
 def row_filter_reason(text: str, *, raw_norms: frozenset[str], test_norms: frozenset[str],
