@@ -458,7 +458,7 @@ def deduplicate(rows):
         _later_copies_in_block, batch_size=None, batch_format="pandas")
     # Materialised first: to_arrow_refs of the lazy dataset ran the shuffle a second time to
     # learn its schema (measured: 11 s more at 10,000 rows)
-    orders = _sorted_orders_task().remote(*copies.materialize().to_arrow_refs())
+    orders = sorted_orders_task().remote(*copies.materialize().to_arrow_refs())
     return rows.map_batches(_mark_copies, fn_kwargs={"copies": [orders]}, batch_format="pyarrow")
 
 
@@ -474,12 +474,13 @@ def _later_copies_in_block(batch: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"_order": np.array(sorted(later_copies(batch)), dtype=np.int64)})
 
 
-def _sorted_orders(*tables) -> np.ndarray:
-    parts = [t.column("_order").to_numpy() for t in tables if t.num_rows]
+def _sorted_orders(*tables, columns: tuple[str, ...] = ("_order",)) -> np.ndarray:
+    """The orders in ``columns`` of every table, sorted (repeats kept)."""
+    parts = [t.column(c).to_numpy() for t in tables if t.num_rows for c in columns]
     return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
-def _sorted_orders_task():
+def sorted_orders_task():
     """The Ray task form of :func:`_sorted_orders`, made on first use."""
     import ray
 

@@ -30,6 +30,8 @@ REASON = "contaminated"
 STAGE = "decontam"
 REQUIRED_COLUMNS = ("text", "_status", "_order")
 MAX_EXAMPLES = 5
+
+
 def ngrams(text: str, n: int) -> set[str]:
     """The word n-grams of the normalised text, each the words joined by single spaces.
 

@@ -452,7 +452,8 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     import ray
 
     # here: raydag.stages imports this package
-    from raydag.stages import check_dataset_columns, colocate, shuffle_partitions
+    from raydag.stages import (check_dataset_columns, colocate, shuffle_partitions,
+                               sorted_orders_task)
 
     check_dataset_columns(STAGE, REQUIRED_COLUMNS, rows)
     reference_texts = list(reference_texts or [])
@@ -491,7 +492,7 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     if pairs.count():  # a join of a dataset with no rows loses its columns
         # Only the rows of some pair take part in the joins: a sorted array of their orders
         # (8 bytes per such row), made by one task, screens the signatures first.
-        involved = _involved_task().remote(*pairs.to_arrow_refs())
+        involved = sorted_orders_task().remote(*pairs.to_arrow_refs(), columns=("a", "b"))
         keys = signed.select_columns(["_order", "id", "_signature"]).map_batches(
             _rows_in_pairs, fn_kwargs={"involved": [involved]}, batch_format="pyarrow")
         for side in ("a", "b"):
@@ -547,19 +548,6 @@ def _band_rows(batch: dict[str, np.ndarray], *, num_perm: int, bands: int,
 def _pairs_in_buckets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     a, b = bucket_pairs(batch["_band"], batch["_order"])
     return {"a": a, "b": b}
-
-
-def _involved_orders(*tables) -> np.ndarray:
-    """Every order of a candidate pair, sorted, once."""
-    parts = [t.column(side).to_numpy() for t in tables if t.num_rows for side in ("a", "b")]
-    return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
-
-
-def _involved_task():
-    """The Ray task form of :func:`_involved_orders`, made on first use."""
-    import ray
-
-    return ray.remote(num_cpus=1)(_involved_orders)
 
 
 def _rows_in_pairs(batch, involved: list):
