@@ -259,8 +259,8 @@ def _coannotate(rows, job: JobConfig, run_dir: RunPath):
     """Co-annotation routing in Ray Data: each labelled accepted row's uncertainty is scored in
     ``map_batches`` over four columns; each block sends the driver its route counts and its
     ``human_budget`` most uncertain candidates for people, of which the driver keeps the most
-    uncertain; a second ``map_batches`` scores again and marks every row by its route. The driver holds O(blocks x human_budget)
-    numbers and the human queue, nothing per row."""
+    uncertain; a second ``map_batches`` scores again and marks every row by its route. The
+    driver holds O(blocks x human_budget) numbers and the human queue, nothing per row."""
     import ray
 
     from raydag.errors import RaydagError
