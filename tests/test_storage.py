@@ -21,7 +21,8 @@ import pytest
 from conftest import QUICKSTART, free_port
 from raydag.config import load_job
 from raydag.errors import DataError
-from raydag.storage import StorePath, display, location, read_frame, remove_tree, write_table
+from raydag.storage import (StorePath, display, location, read_dataset, read_frame, remove_tree,
+                            write_table)
 
 BUCKET = "raydag-test"
 
@@ -75,6 +76,25 @@ def test_store_paths_read_write_list_and_hide_credentials(s3_store):
     assert list(root.iterdir()) == []
     assert "testing:testing" not in display(root) and display(root).startswith("s3://***@")
     assert "testing:testing" not in repr(root)
+
+
+def test_datasets_are_read_one_block_per_file_on_disk_and_on_a_store(ray_local, s3_store,
+                                                                      tmp_path):
+    """Ray's default would cut these files into many small blocks, each a task in every pass."""
+    import pyarrow as pa
+
+    for root in (tmp_path, location(s3_store())):
+        folder = root / "synthetic"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            write_table(pa.table({"x": list(range(i * 1000, (i + 1) * 1000))}),
+                        folder / f"part-{i}.parquet")
+        whole = read_dataset(folder).materialize()
+        assert whole.num_blocks() == 3 and whole.count() == 3000
+        two = read_dataset([folder / "part-0.parquet", folder / "part-2.parquet"]).materialize()
+        assert two.num_blocks() == 2
+        assert sorted(two.to_pandas()["x"])[::1000] == [0, 2000]
+        assert read_dataset(folder, override_num_blocks=6).materialize().num_blocks() == 6
 
 
 def _fixed_job(output_dir, *more):
