@@ -289,6 +289,12 @@ def init_ray() -> dict[str, float]:
     # released as idle, and the read failed ("The actor died because its node has
     # died"). The V1 reader's tasks are retried on another node when theirs goes away.
     ctx.use_datasource_v2 = False
+    if not may_autoscale():
+        # Ray Data reserves every running operator at least one task's CPUs. On one machine
+        # of a few cores those reservations take every CPU, and the map before a shuffle ran
+        # one task at a time on 2 cores (the near-duplicate band pass of `bench scale`: 40 s
+        # with them, 24 s without, at 1,000,000 rows). Clusters keep Ray's reservations.
+        ctx.op_resource_reservation_enabled = False
     return ray.cluster_resources()
 
 

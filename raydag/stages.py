@@ -421,7 +421,7 @@ def colocate(dataset, key: str, partitions: int):
 
     if dataset.context.shuffle_strategy in (ShuffleStrategy.HASH_SHUFFLE,
                                             ShuffleStrategy.SHUFFLE_V2):
-        return dataset.repartition(partitions, keys=[key], sort=True)
+        return dataset.repartition(partitions, keys=[key])  # one block per partition
     return dataset.sort(key)
 
 

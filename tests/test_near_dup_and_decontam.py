@@ -10,6 +10,7 @@ from raydag.filters.decontam import NgramIndex, mark_contaminated, ngrams
 from raydag.filters.exact import normalize_text
 from raydag.bench_minhash import synthetic_rows
 from raydag.filters.near_dup import (
+    BROADCAST_BYTES,
     REASON_RAW,
     REASON_SYNTHETIC,
     band_keys,
@@ -335,8 +336,14 @@ def _by_id(dataset) -> pd.DataFrame:
     return dataset.to_pandas().set_index("id").sort_index()
 
 
+# the paired rows' signatures reach the Jaccard check broadcast (small) or by two joins (large)
+CONFIRMATION = pytest.mark.parametrize("broadcast_bytes", [BROADCAST_BYTES, 0],
+                                       ids=["broadcast", "joins"])
+
+
 @pytest.mark.slow
-def test_mark_near_duplicates_marks_copies_and_keeps_every_row(ray_up):
+@CONFIRMATION
+def test_mark_near_duplicates_marks_copies_and_keeps_every_row(ray_up, broadcast_bytes):
     a, b, c, d = sentence(0, 25), sentence(25, 10), sentence(40, 30), sentence(80, 22)
     raw = ["nothing like the others here", c]
     rows = [
@@ -354,7 +361,8 @@ def test_mark_near_duplicates_marks_copies_and_keeps_every_row(ray_up):
     ]
     marked, summary = mark_near_duplicates(_dataset(rows), reference_texts=raw,
                                            reference_ids=["raw-1", "raw-2"], threshold=0.8,
-                                           num_perm=128, shingle_size=3, seed=1)
+                                           num_perm=128, shingle_size=3, seed=1,
+                                           broadcast_bytes=broadcast_bytes)
     out = _by_id(marked)
 
     assert sorted(out.index) == sorted(r["id"] for r in rows)  # rows in == rows out
@@ -403,14 +411,16 @@ def test_mark_near_duplicates_without_reference_names_raw_rows_by_index(ray_up):
 
 
 @pytest.mark.slow
-def test_mark_near_duplicates_on_ray_drops_the_rows_the_lsh_index_drops(ray_up):
+@CONFIRMATION
+def test_mark_near_duplicates_on_ray_drops_the_rows_the_lsh_index_drops(ray_up, broadcast_bytes):
     import ray
 
     frame, _ = synthetic_rows(4000, seed=3)
     frame = frame.sample(frac=1.0, random_state=0)  # orders out of block order
     raw = frame["text"].head(40).map(lambda t: t + " again").tolist()
     dataset = ray.data.from_pandas([frame.iloc[i : i + 700] for i in range(0, len(frame), 700)])
-    marked, summary = mark_near_duplicates(dataset, reference_texts=raw, threshold=0.8)
+    marked, summary = mark_near_duplicates(dataset, reference_texts=raw, threshold=0.8,
+                                           broadcast_bytes=broadcast_bytes)
     out = marked.to_pandas().set_index("_order")
 
     expected = near_duplicate_pairs(minhash_signatures(frame["text"].tolist()),

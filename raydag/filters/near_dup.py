@@ -2,10 +2,10 @@
 
 Pure part: :func:`word_shingles`, :func:`minhash_signatures` and :func:`near_duplicate_pairs`
 decide which rows repeat an earlier row or a reference row (e.g. the raw examples) closely
-enough. Ray Data part: :func:`mark_near_duplicates` computes the signatures of the accepted rows
-in parallel, brings only ``_order``, ``id`` and the signature of each to the driver, decides
-there, and marks the later copies as dropped (the pattern of :func:`raydag.stages.deduplicate`).
-A dropped row keeps all its columns: only ``_status``, ``_reason``, ``_stage`` and
+enough. Ray Data part: :func:`mark_near_duplicates` makes the same decisions with every step in
+Ray Data (LSH bands as a hash shuffle, candidate pairs joined with their signatures, one task
+resolving the confirmed pairs) and marks the later copies as dropped; the driver holds nothing
+per row. A dropped row keeps all its columns: only ``_status``, ``_reason``, ``_stage`` and
 ``near_dup_of`` change.
 
 The similarity is the Jaccard index of the sets of word ``shingle_size``-grams of the
@@ -44,6 +44,9 @@ MAX_EXAMPLES = 5
 # threshold in the benchmark, against 68% with datasketch's default (0.5, 0.5) (9 bands of 13).
 LSH_WEIGHTS = (0.05, 0.95)
 _SIGNATURE_BATCH_ROWS = 4096
+# Paired rows (some 5% of the rows when 2% are near duplicates) up to this size are broadcast
+# to the confirming tasks: 256 MB is about 480,000 rows at 128 permutations.
+BROADCAST_BYTES = 256 << 20
 
 
 def word_shingles(text: str, size: int) -> set[bytes]:
@@ -391,20 +394,26 @@ def resolve_near_duplicates(a, b, similarity, *, threshold: float) -> dict[int, 
 
 def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] | None = None,
                          reference_ids: list[str] | None = None, threshold: float = 0.8,
-                         num_perm: int = 128, shingle_size: int = 3,
-                         seed: int = 1) -> tuple[ray.data.Dataset, dict[str, Any]]:
+                         num_perm: int = 128, shingle_size: int = 3, seed: int = 1,
+                         broadcast_bytes: int = BROADCAST_BYTES,
+                         ) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """Drop accepted rows that nearly repeat an earlier accepted row or a reference text.
 
     Rows whose ``id`` is a reference id are the references themselves and are left alone.
 
     Every step runs in Ray Data; the driver holds the plan and the counts, nothing per row:
 
-    1. signatures: ``map_batches`` over the accepted rows and the reference texts (these get
-       negative orders, so they come first);
-    2. LSH buckets: one row per (row, band) with its band key, hash-shuffled on the key so
-       each bucket is in one block, where its pairs are listed (:func:`bucket_pairs`);
-    3. confirmation: the pairs are joined with the signatures of both rows and kept when the
-       estimated Jaccard reaches ``threshold``;
+    1. LSH buckets: ``map_batches`` signs the accepted rows and the reference texts (these
+       get negative orders, so they come first) and emits one row per (row, band) with its
+       band key, 16 bytes, hash-shuffled on the key so each bucket is in one block, where its
+       pairs are listed (:func:`bucket_pairs`); the signatures are not kept;
+    2. signatures of the paired rows: the rows of some pair (a sorted array of their orders,
+       made by one task) are signed again, the others skipped;
+    3. confirmation: the pairs get the signatures of both rows and are kept when the
+       estimated Jaccard reaches ``threshold``. Up to ``broadcast_bytes`` of paired rows, one
+       task sorts them into one object that every confirming task reads zero-copy (a
+       broadcast join); beyond that, two hash joins (a Ray Data join costs about 5 s on 2
+       cores however small it is);
     4. decisions: one Ray task visits the confirmed pairs in order
        (:func:`resolve_near_duplicates`: the decisions of :func:`near_duplicate_pairs`, so the
        same rows are dropped) and puts the marks in the object store;
@@ -415,8 +424,8 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     repeats (a kept row's ``id``, or the reference id); ``near_dup_of`` is null on all other
     rows. No row is added or removed. ``_order`` must be unique among accepted rows.
 
-    ``rows`` is read three times (signatures, examples, marking): materialize it first if it
-    is expensive to compute.
+    ``rows`` is read five times (bands, the candidate count, the paired rows' signatures,
+    examples, marking): materialize it first if it is expensive to compute.
 
     Args:
         rows: Rows with ``id``, ``text``, ``_status`` and ``_order``; only ``accepted`` rows are
@@ -427,6 +436,8 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
         num_perm: Signature length (MinHash permutations).
         shingle_size: Words per shingle.
         seed: Seed of the MinHash permutations.
+        broadcast_bytes: The largest size of the paired rows' signatures (``id``, ``_order``
+            and ``num_perm`` uint32 each) that is broadcast rather than joined.
 
     Returns:
         The marked dataset (lazy) and a summary: ``checked`` (accepted rows),
@@ -469,38 +480,46 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
 
     # A row that is a reference itself (a raw example a label or judge stage passed on) is
     # not a candidate: it would match its own reference.
-    signed = rows.select_columns(list(REQUIRED_COLUMNS)).map_batches(
-        _signed_rows, fn_kwargs={"own": frozenset(reference_ids), **settings},
-        batch_format="pandas", batch_size=_SIGNATURE_BATCH_ROWS)
+    candidates = rows.select_columns(list(REQUIRED_COLUMNS))
     count = len(reference_texts)
-    if count:
-        references = ray.data.from_pandas(pd.DataFrame({
-            "_order": np.arange(count, dtype=np.int64) - count, "id": reference_ids,
-            "text": reference_texts, "_status": "accepted"}))
-        signed = signed.union(references.map_batches(
-            _signed_rows, fn_kwargs={"own": frozenset(), **settings}, batch_format="pandas"))
-    signed = signed.materialize()
-    checked = signed.count() - count
-    partitions = shuffle_partitions(signed.size_bytes())
+    references = ray.data.from_pandas(pd.DataFrame({
+        "_order": np.arange(count, dtype=np.int64) - count, "id": reference_ids,
+        "text": reference_texts, "_status": "accepted"})) if count else None
 
-    pairs = colocate(signed.map_batches(_band_rows, fn_kwargs={
-        "num_perm": num_perm, "bands": bands, "rows_per_band": rows_per_band},
-        batch_format="numpy"), "_band", partitions).map_batches(
-            _pairs_in_buckets, batch_size=None, batch_format="numpy")
-    pairs = pairs.materialize()
+    def signed(fn, **kwargs):
+        """``fn`` over the candidates and the references (these with no own ids)."""
+        done = candidates.map_batches(fn, fn_kwargs={"own": frozenset(reference_ids), **settings,
+                                                     **kwargs},
+                                      batch_format="pyarrow", batch_size=_SIGNATURE_BATCH_ROWS)
+        if references is None:
+            return done
+        return done.union(references.map_batches(fn, fn_kwargs={
+            "own": frozenset(), **settings, **kwargs}, batch_format="pyarrow"))
+
+    # Signatures are not kept: each candidate's band keys go straight into the shuffle, and
+    # only the rows of some candidate pair are signed again for the Jaccard check.
+    banded = signed(_band_rows, bands=bands, rows_per_band=rows_per_band)
+    partitions = shuffle_partitions(rows.count() * bands * 16)  # 16 bytes per band row
+    pairs = colocate(banded, "_band", partitions).map_batches(
+        _pairs_in_buckets, batch_size=None, batch_format="numpy").materialize()
+    checked = candidates.filter(expr=_is_candidate(reference_ids)).count()
     edge_blocks = []
     if pairs.count():  # a join of a dataset with no rows loses its columns
-        # Only the rows of some pair take part in the joins: a sorted array of their orders
-        # (8 bytes per such row), made by one task, screens the signatures first.
+        # the orders of the rows in some pair, sorted (8 bytes per such row), made by one task
         involved = sorted_orders_task().remote(*pairs.to_arrow_refs(), columns=("a", "b"))
-        keys = signed.select_columns(["_order", "id", "_signature"]).map_batches(
-            _rows_in_pairs, fn_kwargs={"involved": [involved]}, batch_format="pyarrow")
-        for side in ("a", "b"):
-            pairs = pairs.join(keys.rename_columns({"_order": side, "id": f"{side}_id",
-                                                    "_signature": f"{side}_signature"}),
-                               "inner", partitions, on=(side,))
-        edge_blocks = pairs.map_batches(_confirmed, fn_kwargs={
-            "threshold": threshold, "num_perm": num_perm}, batch_format="numpy").to_arrow_refs()
+        keys = signed(_signed_rows, involved=[involved]).materialize()
+        confirm = {"threshold": threshold, "num_perm": num_perm}
+        if keys.size_bytes() <= broadcast_bytes:  # a broadcast join: one sorted copy for all
+            table = _paired_rows_task().remote(num_perm, *keys.to_arrow_refs())
+            edges = pairs.map_batches(_confirmed_from_table, fn_kwargs={
+                "table": [table], **confirm}, batch_format="numpy")
+        else:
+            for side in ("a", "b"):
+                pairs = pairs.join(keys.rename_columns({"_order": side, "id": f"{side}_id",
+                                                        "_signature": f"{side}_signature"}),
+                                   "inner", partitions, on=(side,))
+            edges = pairs.map_batches(_confirmed, fn_kwargs=confirm, batch_format="numpy")
+        edge_blocks = edges.to_arrow_refs()
     marks, found = _resolve_task().options(num_returns=2).remote(
         threshold, reference_ids, *edge_blocks)
     found = ray.get(found)
@@ -517,16 +536,59 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
     return marked, summary
 
 
-def _signed_rows(batch: pd.DataFrame, *, own: frozenset, num_perm: int, shingle_size: int,
-                 seed: int) -> pd.DataFrame:
-    """``_order``, ``id`` and the signature (``num_perm`` uint32, as bytes) of each candidate."""
-    candidate = (batch["_status"] == "accepted") & ~batch["id"].astype(str).isin(own)
-    batch = batch[candidate]
-    signatures = minhash_signatures(batch["text"].tolist(), num_perm=num_perm,
-                                    shingle_size=shingle_size, seed=seed).astype(np.uint32)
-    return pd.DataFrame({"_order": batch["_order"].to_numpy(dtype=np.int64),
-                         "id": batch["id"].astype(str).to_numpy(dtype=object),
-                         "_signature": [row.tobytes() for row in signatures]})
+def _is_candidate(reference_ids: list[str]):
+    """The Ray Data expression of a candidate row: accepted, and not a reference itself."""
+    from ray.data.expressions import col
+
+    accepted = col("_status") == "accepted"
+    return (accepted & ~col("id").is_in(list(reference_ids))) if reference_ids else accepted
+
+
+def _candidates(batch, own: frozenset):
+    """The accepted rows of a pyarrow batch that are not references themselves."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pc.equal(batch["_status"], "accepted")
+    if own:
+        ids = batch["id"].cast(pa.string())
+        keep = pc.and_(keep, pc.invert(pc.is_in(ids, value_set=pa.array(sorted(own)))))
+    return batch.filter(pc.fill_null(keep, False))
+
+
+def _signatures(batch, num_perm: int, shingle_size: int, seed: int) -> np.ndarray:
+    return minhash_signatures(batch["text"].to_pylist(), num_perm=num_perm,
+                              shingle_size=shingle_size, seed=seed)
+
+
+def _band_rows(batch, *, own: frozenset, num_perm: int, shingle_size: int, seed: int,
+               bands: int, rows_per_band: int) -> dict[str, np.ndarray]:
+    """One row per (candidate, band): ``_band`` (the key) and ``_order``; empty texts have
+    none."""
+    batch = _candidates(batch, own)
+    signatures = _signatures(batch, num_perm, shingle_size, seed)
+    nonempty = ~(signatures == _EMPTY_SLOT).all(axis=1)
+    keys = band_keys(signatures[nonempty], bands, rows_per_band)
+    orders = batch["_order"].to_numpy().astype(np.int64)
+    return {"_band": keys.reshape(-1), "_order": np.repeat(orders[nonempty], bands)}
+
+
+def _signed_rows(batch, *, own: frozenset, involved: list, num_perm: int, shingle_size: int,
+                 seed: int):
+    """``_order``, ``id`` and the signature (``num_perm`` uint32, as bytes) of each candidate
+    in some pair (its order is in the sorted array ``involved[0]``)."""
+    import pyarrow as pa
+
+    from raydag.stages import orders_in, shared_object
+
+    batch = _candidates(batch, own)
+    hit, _ = orders_in(batch["_order"].to_numpy().astype(np.int64), shared_object(involved[0]))
+    batch = batch.filter(pa.array(hit))
+    signatures = _signatures(batch, num_perm, shingle_size, seed).astype(np.uint32)
+    return pa.table({"_order": batch["_order"].cast(pa.int64()),
+                     "id": batch["id"].cast(pa.string()),
+                     "_signature": pa.array([row.tobytes() for row in signatures],
+                                            type=pa.binary())})
 
 
 def _signatures_of(column, num_perm: int) -> np.ndarray:
@@ -535,37 +597,63 @@ def _signatures_of(column, num_perm: int) -> np.ndarray:
     return np.frombuffer(b"".join(column), dtype=np.uint32).reshape(len(column), num_perm)
 
 
-def _band_rows(batch: dict[str, np.ndarray], *, num_perm: int, bands: int,
-               rows_per_band: int) -> dict[str, np.ndarray]:
-    """One row per (row, band): ``_band`` (the key) and ``_order``; empty texts have none."""
-    signatures = _signatures_of(batch["_signature"], num_perm)
-    nonempty = ~(signatures == _EMPTY_SLOT).all(axis=1)
-    keys = band_keys(signatures[nonempty], bands, rows_per_band)
-    return {"_band": keys.reshape(-1),
-            "_order": np.repeat(batch["_order"][nonempty].astype(np.int64), bands)}
-
-
 def _pairs_in_buckets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     a, b = bucket_pairs(batch["_band"], batch["_order"])
     return {"a": a, "b": b}
 
 
-def _rows_in_pairs(batch, involved: list):
-    from raydag.stages import orders_in, shared_object
-
-    hit, _ = orders_in(batch["_order"].to_numpy(), shared_object(involved[0]))
-    return batch.filter(hit)
-
-
 def _confirmed(batch: dict[str, np.ndarray], *, threshold: float,
                num_perm: int) -> dict[str, np.ndarray]:
-    """The pairs whose estimated Jaccard (equal signature slots) reaches the threshold."""
-    similarity = (_signatures_of(batch["a_signature"], num_perm)
-                  == _signatures_of(batch["b_signature"], num_perm)).mean(axis=1)
+    """The joined pairs whose estimated Jaccard (equal signature slots) reaches the
+    threshold."""
+    return _kept_pairs(batch["a"], batch["b"], _signatures_of(batch["a_signature"], num_perm),
+                       _signatures_of(batch["b_signature"], num_perm), batch["a_id"],
+                       batch["b_id"], threshold)
+
+
+def _kept_pairs(a, b, a_signatures, b_signatures, a_ids, b_ids,
+                threshold: float) -> dict[str, np.ndarray]:
+    similarity = (a_signatures == b_signatures).mean(axis=1)
     keep = similarity >= threshold
-    return {"a": batch["a"][keep].astype(np.int64), "b": batch["b"][keep].astype(np.int64),
-            "similarity": similarity[keep], "a_id": batch["a_id"][keep],
-            "b_id": batch["b_id"][keep]}
+    return {"a": a[keep].astype(np.int64), "b": b[keep].astype(np.int64),
+            "similarity": similarity[keep], "a_id": a_ids[keep], "b_id": b_ids[keep]}
+
+
+def _paired_rows(num_perm: int, *tables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The paired rows' ``_order`` (sorted), signatures (``(n, num_perm)`` uint32) and ids."""
+    import pyarrow as pa
+
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return np.empty(0, np.int64), np.empty((0, num_perm), np.uint32), np.empty(0, object)
+    table = pa.concat_tables(tables).sort_by("_order")
+    ids = np.asarray(table["id"].to_pylist(), dtype=object)
+    return (table["_order"].to_numpy().astype(np.int64),
+            _signatures_of(table["_signature"].to_pylist(), num_perm), ids)
+
+
+def _paired_rows_task():
+    """The Ray task form of :func:`_paired_rows`, made on first use."""
+    import ray
+
+    return ray.remote(num_cpus=1)(_paired_rows)
+
+
+def _confirmed_from_table(batch: dict[str, np.ndarray], *, table: list, threshold: float,
+                          num_perm: int) -> dict[str, np.ndarray]:
+    """:func:`_confirmed` with both rows of each pair looked up in the broadcast paired rows
+    (a binary search each); a pair whose row is missing is left out, as an inner join
+    would."""
+    from raydag.stages import orders_in, shared_object
+
+    orders, signatures, ids = shared_object(table[0])
+    a, b = batch["a"].astype(np.int64), batch["b"].astype(np.int64)
+    found_a, at_a = orders_in(a, orders)
+    found_b, at_b = orders_in(b, orders)
+    both = found_a & found_b
+    at_a, at_b = at_a[both], at_b[both]
+    return _kept_pairs(a[both], b[both], signatures[at_a], signatures[at_b], ids[at_a],
+                       ids[at_b], threshold)
 
 
 def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables):
