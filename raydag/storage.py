@@ -257,24 +257,44 @@ def write_table(table, path: RunPath) -> None:
     _publish(path, write)
 
 
+# Parquet bytes per block when a dataset is read: ~50 MB in memory at the shards' ~3x encoding.
+BLOCK_FILE_BYTES = 16 << 20
+
+
 def read_dataset(paths: RunPath | list[RunPath], **options):
     """``ray.data.read_parquet`` of a folder or files on disk or on one store.
 
-    One block per file unless ``override_num_blocks`` says otherwise (files are sized for the
-    filesystem, tens of MB): Ray's default cuts a few files into about 200 small blocks, and
-    every later pass then pays their per-task overhead (about 4 s a pass at 1,000,000 rows on
-    2 cores in ``bench scale``).
+    One block per ``BLOCK_FILE_BYTES`` of Parquet, at most one per file, unless
+    ``override_num_blocks`` says otherwise. Ray's default cuts the files into about 200 small
+    blocks, and every later pass pays their per-task overhead (about 4 s a pass at 1,000,000
+    rows on 2 cores in ``bench scale``; a pass over 10,000 rows, ~60 tiny shards, still cost
+    ~2 s with one block per file).
     """
     import ray
 
-    if not isinstance(paths, list):
-        files = sum(1 for _ in paths.glob("*.parquet")) if paths.is_dir() else 1
-        paths = [paths]
-    else:
-        files = len(paths)
-    options.setdefault("override_num_blocks", max(files, 1))
+    paths = paths if isinstance(paths, list) else [paths]
+    if paths and "override_num_blocks" not in options:
+        options["override_num_blocks"] = _blocks_for(paths)
     return ray.data.read_parquet([arrow(p)[0] for p in paths],
                                  filesystem=arrow(paths[0])[1] if paths else None, **options)
+
+
+def _blocks_for(paths: list[RunPath]) -> int:
+    """Blocks for reading these files or folders: their Parquet bytes over
+    ``BLOCK_FILE_BYTES``, at least 1, at most one per file (one listing per folder)."""
+    import pyarrow.fs
+
+    filesystem = arrow(paths[0])[1] or pyarrow.fs.LocalFileSystem()
+    named = [arrow(p)[0] if isinstance(p, StorePath) else os.path.abspath(p) for p in paths]
+    files = []
+    for info in filesystem.get_file_info(named):
+        if info.type == pyarrow.fs.FileType.Directory:
+            files += [f for f in filesystem.get_file_info(pyarrow.fs.FileSelector(info.path))
+                      if f.type == pyarrow.fs.FileType.File and f.path.endswith(".parquet")]
+        elif info.type == pyarrow.fs.FileType.File:
+            files.append(info)
+    size = sum(f.size or 0 for f in files)
+    return max(1, min(len(files), -(-size // BLOCK_FILE_BYTES)))
 
 
 def write_dataset(dataset, path: RunPath, **options) -> None:

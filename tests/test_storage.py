@@ -78,10 +78,12 @@ def test_store_paths_read_write_list_and_hide_credentials(s3_store):
     assert "testing:testing" not in repr(root)
 
 
-def test_datasets_are_read_one_block_per_file_on_disk_and_on_a_store(ray_local, s3_store,
-                                                                      tmp_path):
+def test_datasets_are_read_in_blocks_sized_by_bytes_on_disk_and_on_a_store(
+        ray_local, s3_store, tmp_path, monkeypatch):
     """Ray's default would cut these files into many small blocks, each a task in every pass."""
     import pyarrow as pa
+
+    from raydag import storage
 
     for root in (tmp_path, location(s3_store())):
         folder = root / "synthetic"
@@ -89,12 +91,18 @@ def test_datasets_are_read_one_block_per_file_on_disk_and_on_a_store(ray_local, 
         for i in range(3):
             write_table(pa.table({"x": list(range(i * 1000, (i + 1) * 1000))}),
                         folder / f"part-{i}.parquet")
-        whole = read_dataset(folder).materialize()
-        assert whole.num_blocks() == 3 and whole.count() == 3000
+        whole = read_dataset(folder).materialize()  # three small files: one block
+        assert whole.num_blocks() == 1 and whole.count() == 3000
+        size = storage.file_size(folder / "part-0.parquet")
+        monkeypatch.setattr(storage, "BLOCK_FILE_BYTES", size)  # one file's bytes per block
+        assert read_dataset(folder).materialize().num_blocks() == 3
         two = read_dataset([folder / "part-0.parquet", folder / "part-2.parquet"]).materialize()
         assert two.num_blocks() == 2
         assert sorted(two.to_pandas()["x"])[::1000] == [0, 2000]
+        monkeypatch.setattr(storage, "BLOCK_FILE_BYTES", 2 * size + 1)
+        assert read_dataset(folder).materialize().num_blocks() == 2
         assert read_dataset(folder, override_num_blocks=6).materialize().num_blocks() == 6
+        monkeypatch.undo()
 
 
 def _fixed_job(output_dir, *more):
