@@ -135,7 +135,7 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: RunPath,
 
     from raydag.quality import apply_quality
 
-    rows = read_dataset([shard_path(shard_dir, i) for i in shards])  # one block per shard
+    rows = read_dataset([shard_path(shard_dir, i) for i in shards])
     rows = deduplicate(rows)  # also texts a label or judge stage took in as they were
     novelty = next((s for s in job.stages if s.type == "self_instruct"), None)
     if novelty is not None:

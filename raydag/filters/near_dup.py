@@ -3,8 +3,8 @@
 Pure part: :func:`word_shingles`, :func:`minhash_signatures` and :func:`near_duplicate_pairs`
 decide which rows repeat an earlier row or a reference row (e.g. the raw examples) closely
 enough. Ray Data part: :func:`mark_near_duplicates` makes the same decisions with every step in
-Ray Data (LSH bands as a hash shuffle, candidate pairs joined with their signatures, one task
-resolving the confirmed pairs) and marks the later copies as dropped; the driver holds nothing
+Ray Data (LSH bands as a hash shuffle, candidate pairs given their signatures by a broadcast or
+a join, one task resolving the confirmed pairs) and marks the later copies as dropped; the driver holds nothing
 per row. A dropped row keeps all its columns: only ``_status``, ``_reason``, ``_stage`` and
 ``near_dup_of`` change.
 
@@ -480,29 +480,29 @@ def mark_near_duplicates(rows: ray.data.Dataset, *, reference_texts: list[str] |
 
     # A row that is a reference itself (a raw example a label or judge stage passed on) is
     # not a candidate: it would match its own reference.
-    candidates = rows.select_columns(list(REQUIRED_COLUMNS))
+    candidates = rows.select_columns(list(REQUIRED_COLUMNS)).filter(
+        expr=_is_candidate(reference_ids))
     count = len(reference_texts)
     references = ray.data.from_pandas(pd.DataFrame({
         "_order": np.arange(count, dtype=np.int64) - count, "id": reference_ids,
         "text": reference_texts, "_status": "accepted"})) if count else None
 
     def signed(fn, **kwargs):
-        """``fn`` over the candidates and the references (these with no own ids)."""
-        done = candidates.map_batches(fn, fn_kwargs={"own": frozenset(reference_ids), **settings,
-                                                     **kwargs},
+        """``fn`` over the candidates and the references."""
+        done = candidates.map_batches(fn, fn_kwargs={**settings, **kwargs},
                                       batch_format="pyarrow", batch_size=_SIGNATURE_BATCH_ROWS)
         if references is None:
             return done
-        return done.union(references.map_batches(fn, fn_kwargs={
-            "own": frozenset(), **settings, **kwargs}, batch_format="pyarrow"))
+        return done.union(references.map_batches(fn, fn_kwargs={**settings, **kwargs},
+                                                 batch_format="pyarrow"))
 
     # Signatures are not kept: each candidate's band keys go straight into the shuffle, and
     # only the rows of some candidate pair are signed again for the Jaccard check.
+    checked = candidates.count()
     banded = signed(_band_rows, bands=bands, rows_per_band=rows_per_band)
-    partitions = shuffle_partitions(rows.count() * bands * 16)  # 16 bytes per band row
+    partitions = shuffle_partitions((checked + count) * bands * 16)  # 16 bytes per band row
     pairs = colocate(banded, "_band", partitions).map_batches(
         _pairs_in_buckets, batch_size=None, batch_format="numpy").materialize()
-    checked = candidates.filter(expr=_is_candidate(reference_ids)).count()
     edge_blocks = []
     if pairs.count():  # a join of a dataset with no rows loses its columns
         # the orders of the rows in some pair, sorted (8 bytes per such row), made by one task
@@ -544,28 +544,15 @@ def _is_candidate(reference_ids: list[str]):
     return (accepted & ~col("id").is_in(list(reference_ids))) if reference_ids else accepted
 
 
-def _candidates(batch, own: frozenset):
-    """The accepted rows of a pyarrow batch that are not references themselves."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    keep = pc.equal(batch["_status"], "accepted")
-    if own:
-        ids = batch["id"].cast(pa.string())
-        keep = pc.and_(keep, pc.invert(pc.is_in(ids, value_set=pa.array(sorted(own)))))
-    return batch.filter(pc.fill_null(keep, False))
-
-
 def _signatures(batch, num_perm: int, shingle_size: int, seed: int) -> np.ndarray:
     return minhash_signatures(batch["text"].to_pylist(), num_perm=num_perm,
                               shingle_size=shingle_size, seed=seed)
 
 
-def _band_rows(batch, *, own: frozenset, num_perm: int, shingle_size: int, seed: int,
-               bands: int, rows_per_band: int) -> dict[str, np.ndarray]:
+def _band_rows(batch, *, num_perm: int, shingle_size: int, seed: int, bands: int,
+               rows_per_band: int) -> dict[str, np.ndarray]:
     """One row per (candidate, band): ``_band`` (the key) and ``_order``; empty texts have
     none."""
-    batch = _candidates(batch, own)
     signatures = _signatures(batch, num_perm, shingle_size, seed)
     nonempty = ~(signatures == _EMPTY_SLOT).all(axis=1)
     keys = band_keys(signatures[nonempty], bands, rows_per_band)
@@ -573,15 +560,13 @@ def _band_rows(batch, *, own: frozenset, num_perm: int, shingle_size: int, seed:
     return {"_band": keys.reshape(-1), "_order": np.repeat(orders[nonempty], bands)}
 
 
-def _signed_rows(batch, *, own: frozenset, involved: list, num_perm: int, shingle_size: int,
-                 seed: int):
+def _signed_rows(batch, *, involved: list, num_perm: int, shingle_size: int, seed: int):
     """``_order``, ``id`` and the signature (``num_perm`` uint32, as bytes) of each candidate
     in some pair (its order is in the sorted array ``involved[0]``)."""
     import pyarrow as pa
 
     from raydag.stages import orders_in, shared_object
 
-    batch = _candidates(batch, own)
     hit, _ = orders_in(batch["_order"].to_numpy().astype(np.int64), shared_object(involved[0]))
     batch = batch.filter(pa.array(hit))
     signatures = _signatures(batch, num_perm, shingle_size, seed).astype(np.uint32)
