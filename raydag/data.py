@@ -231,7 +231,9 @@ def read_labelled(
     check: Callable[[str], tuple[str, str] | None] | None = None,
     deferred_check: Callable[[str], tuple[str, str] | None] | None = None,
 ) -> pd.DataFrame:
-    """Read and check a labelled file; return columns ``id``, ``text``, ``label``.
+    """Read and check a small labelled file (an evaluation split) into a frame with columns
+    ``id``, ``text``, ``label`` (and ``_deferred``), in file order: :func:`read_labelled_in_ray`,
+    then collected on the driver.
 
     Args:
         path: The file (.jsonl, .csv or .parquet).
@@ -242,63 +244,39 @@ def read_labelled(
         max_text_chars: Longer texts are bad rows.
         check: Another check of each text: ``(reason, message)`` for a bad one, else None
             (e.g. :func:`context_check`).
-        deferred_check: A check that does not make a row bad now: its problem, as
-            ``"<file>:<line>: <message>"``, goes into a ``_deferred`` column (None when the
-            text passes), for the caller to raise only if the row is used (e.g. a pool text
-            that is too long for the teacher matters only when it is sampled).
+        deferred_check: A check that does not make a row bad now (see :class:`RowCheck`).
 
     Raises:
         DataError: naming the file and line (or column) of the first problems found.
     """
-    path = location(path)
-    bad = bad if bad is not None else BadRows()
-    frame, where = read_table(path, bad)
-    for column in (text_column, label_column):
-        if column not in frame.columns:
-            raise DataError(
-                f"{path}: missing column '{column}' (columns found: {', '.join(map(str, frame.columns))})"
-            )
-    known = set(labels)
-    texts, row_labels = frame[text_column].tolist(), frame[label_column].tolist()
-
-    def problem_of(index: int) -> tuple[str, str] | None:
-        label = row_labels[index]
-        problem = _text_problem(texts[index], text_column, max_text_chars, check)
-        if problem is None:
-            if label is None or (isinstance(label, float) and math.isnan(label)):
-                problem = "missing_label", f"missing '{label_column}'"
-            elif not isinstance(label, str):
-                problem = "label_not_a_string", (
-                    f"label {label!r} is a {type(label).__name__}, not a string; labels are the "
-                    f"class names {labels} (write \"{label}\" if that is one)")
-            elif label not in known:
-                problem = "unknown_label", f"label '{label}' is not in the job's labels {labels}"
-        return problem
-
-    kept = _good_rows(frame, where, bad, problem_of, path)
-    out = pd.DataFrame({"text": kept[text_column].astype(str).to_numpy(),
-                        "label": kept[label_column].astype(str).to_numpy()})
-    out.insert(0, "id", [raw_row_id(t, lab) for t, lab in zip(out["text"], out["label"])])
-    if deferred_check is not None:
-        lines = [where[i] for i in frame.index.get_indexer(kept.index)]
-        out["_deferred"] = [None if problem is None else f"{line}: {problem[1]}"
-                            for line, problem in zip(lines, map(deferred_check, out["text"]))]
-    return out
+    return read_labelled_in_ray(path, text_column, label_column, labels,
+                                bad=bad if bad is not None else BadRows(),
+                                max_text_chars=max_text_chars, check=check,
+                                deferred_check=deferred_check).to_pandas()
 
 
-def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """Draw ``n`` rows, each label getting its share of the pool (largest remainder).
-
-    The draw depends only on the seed and the pool's content, not on the file order.
-    """
-    if n >= len(frame):
-        return frame.sort_values("id").reset_index(drop=True)
-    counts = frame["label"].value_counts().sort_index()
+def label_quotas(counts: pd.Series, n: int) -> pd.Series:
+    """Rows to draw per label (``counts``: rows per label, sorted by label) so that each label
+    gets its share of ``n`` (largest remainder; ties to the earlier label)."""
     quota = counts / counts.sum() * n
     take = np.floor(quota).astype(int)
     order = (quota - take).sort_values(ascending=False, kind="stable").index
     for label in order[: n - int(take.sum())]:
         take[label] += 1
+    return take
+
+
+def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Draw ``n`` rows, each label getting its share of the pool (:func:`label_quotas`): per
+    label, in label order, ``k`` positions drawn without replacement from that label's rows
+    sorted by id.
+
+    The draw depends only on the seed and the pool's content, not on the file order.
+    :func:`sample_in_ray` makes the same draw from rows in Ray Data.
+    """
+    if n >= len(frame):
+        return frame.sort_values("id").reset_index(drop=True)
+    take = label_quotas(frame["label"].value_counts().sort_index(), n)
     rng = np.random.default_rng(seed)
     parts = []
     for label, k in take.items():
@@ -306,6 +284,46 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
         picks = rng.choice(len(pool), size=int(k), replace=False)
         parts.append(pool.iloc[np.sort(picks)])
     return pd.concat(parts).sort_values("id").reset_index(drop=True)
+
+
+def sample_in_ray(rows: InputRows, n: int, seed: int) -> pd.DataFrame:
+    """:func:`stratified_sample` of rows read in Ray Data (:func:`read_labelled_in_ray`), the
+    same draw for the same content, without the pool on the driver.
+
+    One Ray task takes the pool's keys (``label``, ``id`` and ``_row``: about 40 bytes per
+    row, never the texts) and draws from them with :func:`stratified_sample` itself; a filter
+    then fetches the drawn rows. The driver holds the ``n`` drawn rows. (Ray Data's groupby
+    and sort would spread the keys over the cluster, at about 4 s each however small the pool;
+    a labelled pool is small next to a worker's memory: 10 million rows' keys are ~400 MB.)
+
+    Returns:
+        The drawn rows (``id``, ``text``, ``label`` and ``_deferred`` if read), sorted by id.
+    """
+    import ray
+    from ray.data.expressions import col
+
+    dataset = rows.dataset
+    if n < rows.count:
+        keys = dataset.select_columns(["label", "id", "_row"]).to_arrow_refs()
+        drawn = ray.get(_drawn_rows_task().remote(n, seed, *keys))
+        dataset = dataset.filter(expr=col("_row").is_in(drawn))
+    frame = dataset.drop_columns(["_row"]).to_pandas()
+    return _plain_strings(frame.sort_values("id", kind="stable").reset_index(drop=True))
+
+
+def _drawn_rows(n: int, seed: int, *tables) -> list[int]:
+    """The ``_row`` of each row :func:`stratified_sample` draws from the keys in ``tables``."""
+    import pyarrow as pa
+
+    keys = pa.concat_tables([t for t in tables if t.num_rows]).to_pandas()
+    return sorted(int(r) for r in stratified_sample(keys, n, seed)["_row"])
+
+
+def _drawn_rows_task():
+    """The Ray task form of :func:`_drawn_rows`, made on first use."""
+    import ray
+
+    return ray.remote(num_cpus=1)(_drawn_rows)
 
 
 # Columns every written row carries (lineage first).
@@ -352,13 +370,72 @@ def read_texts(path: str | os.PathLike, required: list[str], optional: list[str]
 READ_CHUNK_BYTES = 16 << 20  # a Ray Data read task's part of a JSONL file
 
 
+@dataclass(frozen=True)
+class RowCheck:
+    """What a read in Ray Data takes from each row and how it checks it; it travels to the
+    read tasks, so it holds only picklable settings.
+
+    Attributes:
+        text_column: The text's column.
+        label_column: The label's column, for a labelled file (None: texts only).
+        labels: The job's label set (labelled files).
+        max_text_chars: Longer texts are bad rows.
+        check: Another check of each text: ``(reason, message)`` for a bad one, else None.
+        deferred_check: A check whose problem does not make the row bad now: it is kept as the
+            row's ``_deferred`` (``"<file>:<line>: <message>"``) for the caller to raise only if
+            the row is used (a pool text too long for the teacher matters only when sampled).
+    """
+
+    text_column: str
+    label_column: str | None = None
+    labels: tuple[str, ...] = ()
+    max_text_chars: int = MAX_TEXT_CHARS
+    check: Callable[[str], tuple[str, str] | None] | None = None
+    deferred_check: Callable[[str], tuple[str, str] | None] | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.text_column] + ([self.label_column] if self.label_column else [])
+
+    def problem(self, values: tuple) -> tuple[str, str] | None:
+        """The row's ``(reason, message)``, or None for a good row (``values`` in
+        :attr:`columns` order)."""
+        problem = _text_problem(values[0], self.text_column, self.max_text_chars, self.check)
+        if problem is None and self.label_column is not None:
+            problem = _label_problem(values[1], self.label_column, list(self.labels))
+        return problem
+
+    def row_id(self, values: tuple) -> str:
+        return raw_row_id(values[0], values[1]) if self.label_column else stable_hash(values[0])
+
+
+def _label_problem(label, column: str, labels: list[str]) -> tuple[str, str] | None:
+    if (label is None or (isinstance(label, float) and math.isnan(label))
+            or (isinstance(label, str) and not label.strip())):  # a CSV's empty field is ""
+        return "missing_label", f"missing '{column}'"
+    if not isinstance(label, str):
+        return "label_not_a_string", (
+            f"label {label!r} is a {type(label).__name__}, not a string; labels are the "
+            f"class names {labels} (write \"{label}\" if that is one)")
+    if label not in labels:
+        return "unknown_label", f"label '{label}' is not in the job's labels {labels}"
+    return None
+
+
+def _missing_columns(path, missing: list[str], found) -> DataError:
+    names = ", ".join(f"'{c}'" for c in missing)
+    return DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {names} "
+                     f"(columns found: {', '.join(map(str, found))})")
+
+
 @dataclass
 class InputRows:
-    """A file of texts read and checked by Ray Data tasks, never held on the driver.
+    """A file of rows read and checked by Ray Data tasks, never held on the driver.
 
     Attributes:
         dataset: The good rows, materialised in the object store: ``id`` (a hash of the
-            text), ``text`` and ``_row`` (the row's number among the good rows, in file order).
+            content), ``text``, ``label`` (labelled files), ``_row`` (the row's number among
+            the good rows, in file order) and ``_deferred`` (with a ``deferred_check``).
         count: How many good rows.
     """
 
@@ -375,22 +452,68 @@ class InputRows:
         frame = self.dataset.filter(expr=col("_row") < n).to_pandas()
         return frame.sort_values("_row")[["id", "text"]].reset_index(drop=True)
 
+    def to_pandas(self) -> pd.DataFrame:
+        """Every row, in file order, without ``_row``: for the small files (an evaluation
+        split) that the driver keeps."""
+        frame = self.dataset.to_pandas().sort_values("_row", kind="stable")
+        return _plain_strings(frame.drop(columns="_row").reset_index(drop=True))
+
+
+def _plain_strings(frame: pd.DataFrame) -> pd.DataFrame:
+    """``id``, ``text`` and ``label`` as pandas' own string dtype and ``_deferred`` as
+    Python objects, as a read on the driver gives them (Ray Data hands back Arrow-typed columns, whose comparisons return Arrow
+    booleans)."""
+    for column in ("id", "text", "label"):
+        if column in frame.columns:
+            frame[column] = frame[column].astype(str)
+    if "_deferred" in frame.columns:  # None where the text passed
+        frame["_deferred"] = pd.Series([None if pd.isna(v) else v for v in frame["_deferred"]],
+                                       dtype=object, index=frame.index)
+    return frame
+
 
 def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
                       max_text_chars: int = MAX_TEXT_CHARS,
                       check: Callable[[str], tuple[str, str] | None] | None = None,
                       chunk_bytes: int = READ_CHUNK_BYTES) -> InputRows:
-    """:func:`read_texts` of one text column of a JSONL or Parquet file, in Ray Data tasks.
-
-    A JSONL file is cut into byte ranges of ``chunk_bytes``; a first pass counts each range's
-    lines (so every bad row is named by ``file:line``), a second parses and checks its lines.
-    A Parquet file is read by row group, numbered from its footer. The driver holds one number
-    per range or row group and the bad rows it reports (the first 20 of each reason; the rest
-    counted). A CSV file (whose quoted fields may hold line breaks) is read by Ray Data's CSV
-    reader and numbered by its blocks (:func:`_read_csv_in_ray`).
+    """:func:`read_texts` of one text column of a file, in Ray Data tasks (see
+    :func:`read_in_ray`).
 
     Raises:
         DataError: as :func:`read_texts`.
+    """
+    return read_in_ray(path, RowCheck(column, max_text_chars=max_text_chars, check=check),
+                       bad=bad, chunk_bytes=chunk_bytes)
+
+
+def read_labelled_in_ray(
+    path: str | os.PathLike, text_column: str, label_column: str, labels: list[str], *,
+    bad: BadRows, max_text_chars: int = MAX_TEXT_CHARS,
+    check: Callable[[str], tuple[str, str] | None] | None = None,
+    deferred_check: Callable[[str], tuple[str, str] | None] | None = None,
+    chunk_bytes: int = READ_CHUNK_BYTES,
+) -> InputRows:
+    """:func:`read_labelled` in Ray Data tasks: the rows stay in the object store (see
+    :func:`read_in_ray`); ``id`` is :func:`raw_row_id` of text and label."""
+    return read_in_ray(path, RowCheck(text_column, label_column, tuple(labels), max_text_chars,
+                                      check, deferred_check), bad=bad, chunk_bytes=chunk_bytes)
+
+
+def read_in_ray(path: str | os.PathLike, rule: RowCheck, *, bad: BadRows,
+                chunk_bytes: int = READ_CHUNK_BYTES) -> InputRows:
+    """Read and check a JSONL, CSV or Parquet file in Ray Data tasks.
+
+    A JSONL file is cut into byte ranges of ``chunk_bytes``; a first pass counts each range's
+    lines (so every bad row is named by ``file:line``) and looks for the columns' names, a
+    second parses and checks its lines. A Parquet file is read by row group, numbered from its
+    footer. The driver holds one number per range or row group and the bad rows it reports
+    (the first 20 of each reason; the rest counted). A CSV file (whose quoted fields may hold
+    line breaks) is read by Ray Data's CSV reader and numbered by its blocks
+    (:func:`_read_csv_in_ray`).
+
+    Raises:
+        DataError: a missing, empty or unreadable file, a missing column, no good rows, or
+            (in ``error`` mode) bad rows, naming the file and line.
     """
     import ray
 
@@ -399,19 +522,22 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
     if kind is None or not path.is_file() or file_size(path) == 0:
         read_table(path)  # raises the right error: unknown type, missing or empty file
     if kind == "csv":
-        return _read_csv_in_ray(path, column, bad, max_text_chars, check)
-    settings = {"path": str(path), "column": column, "max_text_chars": max_text_chars, "check": check}
+        return _read_csv_in_ray(path, rule, bad)
+    settings = {"path": str(path), "rule": rule}
     if kind == "parquet":
-        chunks, parse, where = _parquet_row_groups(path, column), _parse_parquet_group, "{path}: row {n}"
+        chunks, parse, where = _parquet_row_groups(path, rule.columns), _parse_parquet_group, "{path}: row {n}"
     else:
         size = file_size(path)
         starts = list(range(0, size, chunk_bytes))
         chunks = pd.DataFrame({"chunk": range(len(starts)), "start": starts,
                                "end": starts[1:] + [size]})
         newlines = ray.data.from_pandas(chunks).map_batches(
-            _count_newlines, fn_kwargs={"path": str(path)}, batch_size=1, batch_format="pandas")
-        by_chunk = dict(sorted((int(r["chunk"]), int(r["newlines"])) for r in newlines.take_all()))
-        chunks["first_line"] = np.cumsum([0] + list(by_chunk.values())[:-1]) + 1
+            _count_newlines, fn_kwargs={"path": str(path), "columns": rule.columns},
+            batch_size=1, batch_format="pandas").to_pandas().sort_values("chunk")
+        missing = [c for i, c in enumerate(rule.columns) if not newlines[f"has_{i}"].any()]
+        if missing:  # the name is nowhere in the file: no line has the column
+            raise _missing_columns(path, missing, _first_object_keys(path))
+        chunks["first_line"] = np.cumsum([0] + newlines["newlines"].tolist()[:-1]) + 1
         parse, where = _parse_jsonl_chunk, "{path}:{n}"
     parsed = ray.data.from_pandas(chunks).map_batches(
         parse, batch_size=1, batch_format="pandas", fn_kwargs=settings).materialize()
@@ -425,12 +551,28 @@ def read_texts_in_ray(path: str | os.PathLike, column: str, *, bad: BadRows,
     offsets, total = {}, 0
     for chunk in sorted(good_per_chunk):
         offsets[chunk], total = total, total + good_per_chunk[chunk]
-    rows = parsed.map_batches(_numbered_good_rows, fn_kwargs={"offsets": offsets},
-                              batch_format="pandas").materialize()
+    rows = parsed.map_batches(_numbered_good_rows, fn_kwargs={
+        "offsets": offsets, "where": where.format(path=path, n="{n}")},
+        batch_format="pandas").materialize()
     return InputRows(rows, count)
 
 
-def _parquet_row_groups(path: Path, column: str) -> pd.DataFrame:
+def _first_object_keys(path, lines: int = 20) -> list[str]:
+    """The keys of the first JSON object among a JSONL file's first ``lines`` lines."""
+    offset = 0
+    with open_input(path) as handle:
+        for _ in range(lines):
+            raw = handle.readline()
+            if not raw:
+                break
+            value = _json_line(raw, offset)
+            offset += len(raw)
+            if isinstance(value, dict):
+                return list(value)
+    return []
+
+
+def _parquet_row_groups(path: Path, columns: list[str]) -> pd.DataFrame:
     """A Parquet file's row groups (``chunk``) and the number of each one's first row."""
 
     try:
@@ -438,8 +580,9 @@ def _parquet_row_groups(path: Path, column: str) -> pd.DataFrame:
     except Exception as err:  # pyarrow raises several types for a file that is not Parquet
         raise DataError(f"{path}: cannot be read as parquet: {str(err)[:300]}") from None
     names = metadata.schema.to_arrow_schema().names
-    if column not in names:
-        raise DataError(f"{path}: missing column(s) ['{column}'] (columns found: {', '.join(names)})")
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise _missing_columns(path, missing, names)
     sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
     return pd.DataFrame({"chunk": range(len(sizes)),
                          "first_line": np.cumsum([0] + sizes[:-1], dtype=np.int64)})
@@ -482,8 +625,8 @@ def preserving_order():
         options.preserve_order = kept
 
 
-def _read_csv_in_ray(path, column: str, bad: BadRows, max_text_chars: int, check) -> InputRows:
-    """:func:`read_texts_in_ray` of a CSV file. Its quoted fields may hold line breaks, so it
+def _read_csv_in_ray(path, rule: RowCheck, bad: BadRows) -> InputRows:
+    """:func:`read_in_ray` of a CSV file. Its quoted fields may hold line breaks, so it
     cannot be cut by bytes: Ray Data's CSV reader reads it, each block is checked where it was
     read (rows numbered within the block, the block tagged), and the blocks' row counts, in
     file order, give each row its number (``file:line``, the header being line 1)."""
@@ -492,13 +635,12 @@ def _read_csv_in_ray(path, column: str, bad: BadRows, max_text_chars: int, check
         with _reader_errors(path, "csv"):
             rows = _ray_reader(path, "csv")
             found = rows.columns()
-        if column not in found:
-            raise DataError(f"{path}: missing column(s) ['{column}'] (columns found: "
-                            f"{', '.join(found)})")
-        checked = rows.select_columns([column]).map_batches(
-            _check_csv_block, fn_kwargs={"column": column, "max_text_chars": max_text_chars,
-                                         "check": check},
-            batch_size=None, batch_format="pandas").materialize()
+        missing = [c for c in rule.columns if c not in found]
+        if missing:
+            raise _missing_columns(path, missing, found)
+        checked = rows.select_columns(rule.columns).map_batches(
+            _check_csv_block, fn_kwargs={"rule": rule}, batch_size=None,
+            batch_format="pandas").materialize()
         counts: dict[int, list[int]] = {}  # tag -> [rows, good rows], in file order
         for part in checked.map_batches(_rows_per_chunk, batch_size=None,
                                         batch_format="pandas").take_all():
@@ -514,17 +656,19 @@ def _read_csv_in_ray(path, column: str, bad: BadRows, max_text_chars: int, check
     _collect_bad_rows(parsed, path, bad, "{path}:{n}")
     if not good:
         raise DataError(f"{path}: no usable rows ({bad.total} bad row(s) left out)")
-    return InputRows(parsed.map_batches(_numbered_good_rows, fn_kwargs={"offsets": offsets},
-                                        batch_format="pandas").materialize(), good)
+    return InputRows(parsed.map_batches(_numbered_good_rows, fn_kwargs={
+        "offsets": offsets, "where": f"{path}:{{n}}"}, batch_format="pandas").materialize(), good)
 
 
-def _check_csv_block(batch: pd.DataFrame, column: str, max_text_chars: int, check) -> pd.DataFrame:
+def _check_csv_block(batch: pd.DataFrame, rule: RowCheck) -> pd.DataFrame:
     """Ray Data task: one block of a CSV file checked as :func:`_parse_jsonl_chunk` checks a
     range, its rows numbered within the block (``_line``), the block tagged (``_chunk``)."""
     import uuid
 
-    values = [None if isinstance(v, float) and math.isnan(v) else v for v in batch[column]]
-    return _checked_rows(enumerate(values), uuid.uuid4().int >> 65, column, max_text_chars, check)
+    columns = [[None if isinstance(v, float) and math.isnan(v) else v for v in batch[c]]
+               for c in rule.columns]
+    return _checked_rows(((i, values, None) for i, values in enumerate(zip(*columns))),
+                         uuid.uuid4().int >> 65, rule)
 
 
 def _rows_per_chunk(batch: pd.DataFrame) -> pd.DataFrame:
@@ -544,48 +688,65 @@ def _parquet_file(path):
     return pq.ParquetFile(where, filesystem=filesystem)
 
 
-def _parse_parquet_group(batch: pd.DataFrame, path: str, column: str, max_text_chars: int,
-                         check) -> pd.DataFrame:
+def _parse_parquet_group(batch: pd.DataFrame, path: str, rule: RowCheck) -> pd.DataFrame:
     """One row group of a Parquet file, checked and numbered as :func:`_parse_jsonl_chunk`."""
 
     chunk, first = int(batch["chunk"].iloc[0]), int(batch["first_line"].iloc[0])
-    values = _parquet_file(path).read_row_group(chunk, columns=[column]).column(0).to_pylist()
-    return _checked_rows(((first + i, v) for i, v in enumerate(values)), chunk, column,
-                         max_text_chars, check)
+    table = _parquet_file(path).read_row_group(chunk, columns=rule.columns)
+    columns = [table.column(c).to_pylist() for c in rule.columns]
+    return _checked_rows(((first + i, values, None) for i, values in enumerate(zip(*columns))),
+                         chunk, rule)
 
 
-def _checked_rows(numbered, chunk: int, column: str, max_text_chars: int, check) -> pd.DataFrame:
-    """Rows of one read task from ``(number, value or (reason, message))`` pairs: good rows
-    (``_bad_reason`` "") numbered in the task (``_local``), bad ones with their reason."""
-    rows = {c: [] for c in _PARSED_COLUMNS}
+def _checked_rows(numbered, chunk: int, rule: RowCheck) -> pd.DataFrame:
+    """Rows of one read task from ``(number, values, problem)``: ``values`` in ``rule``'s
+    column order, ``problem`` a ``(reason, message)`` found while parsing, else None. Good
+    rows (``_bad_reason`` "") are numbered in the task (``_local``); bad ones keep their
+    reason."""
+    names = ["text"] + (["label"] if rule.label_column else [])
+    rows = {c: [] for c in ["id", *names, "_chunk", "_local", "_line", "_bad_reason",
+                            "_bad_message"]}
+    if rule.deferred_check is not None:
+        rows["_deferred_message"] = []
     local = 0
-    for number, value in numbered:
-        problem = value if isinstance(value, tuple) else _text_problem(value, column, max_text_chars, check)
+    for number, values, problem in numbered:
+        problem = problem or rule.problem(values)
         rows["_line"].append(number)
         rows["_chunk"].append(chunk)
         if problem:
-            rows["id"].append(""), rows["text"].append(""), rows["_local"].append(-1)
+            rows["id"].append("")
+            for name in names:
+                rows[name].append("")
+            rows["_local"].append(-1)
             rows["_bad_reason"].append(problem[0]), rows["_bad_message"].append(problem[1])
         else:
-            rows["id"].append(stable_hash(value)), rows["text"].append(value)
+            rows["id"].append(rule.row_id(values))
+            for name, value in zip(names, values):
+                rows[name].append(value)
             rows["_local"].append(local)
             rows["_bad_reason"].append(""), rows["_bad_message"].append("")
             local += 1
+        if rule.deferred_check is not None:
+            later = None if problem else rule.deferred_check(values[0])
+            rows["_deferred_message"].append(later[1] if later else "")
     return pd.DataFrame(rows)
 
 
-def _count_newlines(batch: pd.DataFrame, path: str) -> pd.DataFrame:
+def _count_newlines(batch: pd.DataFrame, path: str, columns: list[str]) -> pd.DataFrame:
+    """One byte range's newlines, and whether each column's name (as a JSON string, with or
+    without escapes) appears in it, or starts in it."""
+    start, end = int(batch["start"].iloc[0]), int(batch["end"].iloc[0])
+    names = [{json.dumps(c).encode(), json.dumps(c, ensure_ascii=False).encode()} for c in columns]
+    longest = max(len(n) for forms in names for n in forms)
     with open_input(path) as handle:
-        handle.seek(int(batch["start"].iloc[0]))
-        data = handle.read(int(batch["end"].iloc[0]) - int(batch["start"].iloc[0]))
-    return pd.DataFrame({"chunk": batch["chunk"], "newlines": [data.count(b"\n")]})
+        handle.seek(start)
+        data = handle.read(end - start)
+        tail = data + handle.read(longest - 1)  # a name that starts here and ends past ``end``
+    found = {f"has_{i}": [any(n in tail for n in forms)] for i, forms in enumerate(names)}
+    return pd.DataFrame({"chunk": batch["chunk"], "newlines": [data.count(b"\n")], **found})
 
 
-_PARSED_COLUMNS = ("id", "text", "_chunk", "_local", "_line", "_bad_reason", "_bad_message")
-
-
-def _parse_jsonl_chunk(batch: pd.DataFrame, path: str, column: str, max_text_chars: int,
-                       check) -> pd.DataFrame:
+def _parse_jsonl_chunk(batch: pd.DataFrame, path: str, rule: RowCheck) -> pd.DataFrame:
     """The lines that start in one byte range of a JSONL file, parsed and checked: good rows
     (``_bad_reason`` "") numbered in the range (``_local``), bad ones with their reason."""
     chunk, start, end = (int(batch[k].iloc[0]) for k in ("chunk", "start", "end"))
@@ -600,16 +761,19 @@ def _parse_jsonl_chunk(batch: pd.DataFrame, path: str, column: str, max_text_cha
             if handle.read(1) != b"\n":  # byte ``start`` is inside a line of the range before
                 skip = data.find(b"\n") + 1
                 if not skip:
-                    return _checked_rows((), chunk, column, max_text_chars, check)
+                    return _checked_rows((), chunk, rule)
                 data, start, line = data[skip:], start + skip, line + 1
     def numbered():
         offset = start
         for number, raw in enumerate(_lines(data), start=line):
             value = _json_line(raw, offset)
             offset += len(raw)
-            yield number, value if isinstance(value, tuple) else value.get(column)
+            if isinstance(value, tuple):
+                yield number, None, value
+            else:
+                yield number, tuple(value.get(c) for c in rule.columns), None
 
-    return _checked_rows(numbered(), chunk, column, max_text_chars, check)
+    return _checked_rows(numbered(), chunk, rule)
 
 
 def _lines(data: bytes):
@@ -649,11 +813,19 @@ def _good_per_chunk(batch: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"_chunk": counts.index.astype("int64"), "rows": counts.to_numpy()})
 
 
-def _numbered_good_rows(batch: pd.DataFrame, offsets: dict[int, int]) -> pd.DataFrame:
+def _numbered_good_rows(batch: pd.DataFrame, offsets: dict[int, int], where: str) -> pd.DataFrame:
+    """The good rows with their number among the file's good rows (``_row``), and a deferred
+    problem (if any) as ``"<where>: <message>"``."""
     good = batch[batch["_bad_reason"] == ""]
     row = good["_chunk"].map(offsets).astype("int64") + good["_local"].astype("int64")
-    return pd.DataFrame({"id": good["id"].to_numpy(), "text": good["text"].to_numpy(),
-                         "_row": row.to_numpy()})
+    out = {"id": good["id"].to_numpy(), "text": good["text"].to_numpy()}
+    if "label" in good.columns:
+        out["label"] = good["label"].to_numpy()
+    out["_row"] = row.to_numpy()
+    if "_deferred_message" in good.columns:
+        out["_deferred"] = [f"{where.format(n=int(line))}: {message}" if message else None
+                            for line, message in zip(good["_line"], good["_deferred_message"])]
+    return pd.DataFrame(out)
 
 
 def raw_lineage(raw: pd.DataFrame, seed: int, method: str = "raw") -> pd.DataFrame:
@@ -684,19 +856,22 @@ def records(frame: pd.DataFrame) -> list[dict]:
     return [dict(zip(columns, row)) for row in zip(*(values(frame[c]) for c in columns))]
 
 
-def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None,
+def read_inputs(job: JobConfig) -> tuple[InputRows | None, pd.DataFrame | None,
                                          dict[str, Any], dict[str, Any]]:
     """Read and check the training pool, the test split and the stages' own inputs.
 
+    The pool and the unlabelled texts, which grow with the job, are read in Ray Data and stay
+    there (:class:`InputRows`); the evaluation splits (test, and dev drawn down to
+    ``student.max_dev_examples``) come to the driver, which evaluates the students on them.
+
     Returns:
-        The pool, the test split, the stages' inputs by name (the unlabelled texts as
-        :class:`InputRows`, read in Ray Data), and the bad rows left out
+        The pool, the test split, the stages' inputs by name, and the bad rows left out
         (``data.on_bad_rows: skip``; see :meth:`raydag.data.BadRows.summary`).
 
     Raises:
         DataError: a bad file, or (with ``on_bad_rows: error``) bad rows, naming file and line.
     """
-    inputs: dict[str, pd.DataFrame] = {}
+    inputs: dict[str, Any] = {}
     data = job.data
     bad = BadRows(data.on_bad_rows if data is not None else "error")
     limit = data.max_text_chars if data is not None else MAX_TEXT_CHARS
@@ -711,16 +886,15 @@ def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | Non
     # in error mode a pool text that does not fit fails the job only if it is sampled
     # (sample_raw); skip mode leaves every such row out of the pool, as other bad rows.
     deferred = data.on_bad_rows == "error"
-    pool = read_labelled(data.train_path, data.text_column, data.label_column, data.labels,
-                         bad=bad, max_text_chars=limit, check=None if deferred else fits,
-                         deferred_check=fits if deferred else None)
-    test = read_labelled(data.test_path, data.text_column, data.label_column, data.labels,
-                         bad=bad, max_text_chars=limit)
+    labelled = {"text_column": data.text_column, "label_column": data.label_column,
+                "labels": data.labels, "bad": bad, "max_text_chars": limit}
+    pool = read_labelled_in_ray(data.train_path, **labelled, check=None if deferred else fits,
+                                deferred_check=fits if deferred else None)
+    test = read_labelled(data.test_path, **labelled)
     if data.dev_path:
-        inputs["dev"] = read_labelled(data.dev_path, data.text_column, data.label_column,
-                                      data.labels, bad=bad, max_text_chars=limit)
-        if len(inputs["dev"]) > job.student.max_dev_examples:
-            inputs["dev"] = stratified_sample(inputs["dev"], job.student.max_dev_examples, job.seed)
+        dev = read_labelled_in_ray(data.dev_path, **labelled)
+        inputs["dev"] = (sample_in_ray(dev, job.student.max_dev_examples, job.seed)
+                         if len(dev) > job.student.max_dev_examples else dev.to_pandas())
     if data.unlabelled_path:  # the one input that grows with the job: read in Ray Data
         inputs["unlabelled"] = read_texts_in_ray(data.unlabelled_path, data.text_column, bad=bad,
                                                  max_text_chars=limit, check=fits)
@@ -730,14 +904,14 @@ def read_inputs(job: JobConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | Non
     return pool, test, inputs, bad.summary()
 
 
-def sample_raw(pool: pd.DataFrame, job: JobConfig) -> pd.DataFrame:
+def sample_raw(pool: InputRows, job: JobConfig) -> pd.DataFrame:
     """The job's raw examples: a stratified sample of the pool (see
-    :func:`raydag.data.stratified_sample`).
+    :func:`raydag.data.sample_in_ray`).
 
     Raises:
         DataError: A sampled text does not fit the teacher's context (``file:line: reason``).
     """
-    raw = stratified_sample(pool, job.raw_examples, job.seed)
+    raw = sample_in_ray(pool, job.raw_examples, job.seed)
     if "_deferred" not in raw.columns:
         return raw
     problems = raw["_deferred"].dropna().tolist()

@@ -4,6 +4,11 @@ Used by the quality passes (embedding near-duplicates, embedding decontamination
 diversity measure. Embeddings are mean-pooled last hidden states, L2-normalised, so a dot
 product is a cosine similarity.
 
+The all-pairs near-duplicate search of the quality pass is cut into tiles (one block of rows
+against another, or against the reference rows); :func:`tile_plan`, :func:`tile_pairs` and
+:func:`reference_pairs` are its pure parts, and :func:`embedding_near_duplicates` is the greedy
+reference its decisions are checked against.
+
 Example:
     >>> from raydag.embed import encode_texts  # doctest: +SKIP
     >>> encode_texts(["a fine film", "a good movie"], "embedded:all-minilm-l6-v2").shape  # doctest: +SKIP
@@ -24,9 +29,11 @@ class TextEncoder:
     Args:
         model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
         max_length: Tokens per text after truncation.
+        keep_text: Whether the output keeps the ``text`` column (the quality passes drop it:
+            only the vectors travel on).
     """
 
-    def __init__(self, model: str, max_length: int = 128) -> None:
+    def __init__(self, model: str, max_length: int = 128, keep_text: bool = True) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -39,6 +46,7 @@ class TextEncoder:
         self._device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU actor sees its GPU
         self._model = AutoModel.from_pretrained(path, local_files_only=local).eval().to(self._device)
         self._max_length = max_length
+        self._keep_text = keep_text
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
@@ -49,7 +57,7 @@ class TextEncoder:
             hidden = self._model(**enc).last_hidden_state
         pooled = pool_states(hidden, enc["attention_mask"], "mean")
         pooled = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
-        out = batch.copy()
+        out = batch.copy() if self._keep_text else batch.drop(columns=["text"])
         out["_embedding"] = list(pooled)
         return out
 
@@ -123,6 +131,12 @@ def embedding_near_duplicates(embeddings: np.ndarray, *, threshold: float,
     """Rows (in the given order, earliest first) whose embedding is at least ``threshold``
     cosine-similar to a reference row or to an earlier kept row.
 
+    The greedy rule on one machine, kept as the reference that the quality pass in Ray
+    (:func:`raydag.quality.mark_embedding_near_duplicates`: tiles, then the pairs visited in
+    order) is tested against: a reference match wins (the most similar reference, then the
+    earliest), else the most similar earlier kept row (then the earliest); a dropped row
+    matches nothing later.
+
     Returns position -> (reason, matched position): ``embedding_duplicate_raw`` (matched is a
     reference index) or ``embedding_duplicate_synthetic``. O(n x kept) dot products.
     """
@@ -143,3 +157,91 @@ def embedding_near_duplicates(embeddings: np.ndarray, *, threshold: float,
                 continue
         kept.append(i)
     return found
+
+
+def tile_plan(blocks: int, references: bool) -> list[tuple[int, int]]:
+    """The tiles of an all-pairs search over ``blocks`` blocks of rows: ``(i, j)`` for every
+    ``j <= i`` (each pair of blocks once, and each block with itself), plus ``(i, -1)`` (block
+    ``i`` against the reference rows) when there are references.
+
+    Example:
+        >>> tile_plan(2, references=True)
+        [(0, 0), (1, 0), (1, 1), (0, -1), (1, -1)]
+    """
+    pairs = [(i, j) for i in range(blocks) for j in range(i + 1)]
+    return pairs + ([(i, -1) for i in range(blocks)] if references else [])
+
+
+def _pairs_out(a, b, similarity, a_id) -> dict[str, np.ndarray]:
+    return {"a": np.asarray(a, np.int64), "b": np.asarray(b, np.int64),
+            "similarity": np.asarray(similarity, np.float32),
+            "a_id": np.asarray(a_id, dtype=object)}
+
+
+def tile_pairs(orders: np.ndarray, vectors: np.ndarray, ids: np.ndarray,
+               other: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, *,
+               threshold: float) -> dict[str, np.ndarray]:
+    """The pairs of rows of one tile whose cosine similarity is at least ``threshold``.
+
+    A tile is two blocks of rows (each pair one row from each), or one block with itself
+    (``other`` None: each pair of its rows once). The similarities are one float32 matrix
+    product, compared in float32 as :func:`embedding_near_duplicates` compares them. Cost: one
+    ``len(orders) x len(other)`` product; memory: that matrix in float32.
+
+    Args:
+        orders: The block's rows' ``_order`` (unique, non-negative).
+        vectors: Their embeddings, ``(rows, dim)``, L2-normalised.
+        ids: Their ids.
+        other: ``(orders, vectors, ids)`` of the second block, or None for the block itself.
+        threshold: The cosine similarity at which two rows are near duplicates.
+
+    Returns:
+        Arrays ``a``, ``b`` (the two rows' orders, ``a < b``), ``similarity`` (float32) and
+        ``a_id`` (the id of row ``a``), one entry per pair.
+
+    Example:
+        >>> v = np.array([[1, 0], [1, 0], [0, 1]], np.float32)
+        >>> tile_pairs(np.array([5, 2, 7]), v, np.array(["x", "y", "z"]), threshold=0.9)["a_id"]
+        array(['y'], dtype=object)
+    """
+    orders, ids = np.asarray(orders, np.int64), np.asarray(ids, dtype=object)
+    right_orders, right_vectors, right_ids = (
+        (orders, vectors, ids) if other is None
+        else (np.asarray(other[0], np.int64), other[1], np.asarray(other[2], dtype=object)))
+    if len(orders) == 0 or len(right_orders) == 0:
+        return _pairs_out([], [], [], [])
+    similarity = np.asarray(vectors, np.float32) @ np.asarray(right_vectors, np.float32).T
+    close = similarity >= np.float32(threshold)
+    if other is None:  # one block with itself: each pair once, a row never with itself
+        close &= orders[:, None] < orders[None, :]
+    left, right = np.nonzero(close)
+    first = orders[left] < right_orders[right]  # which side holds the earlier row
+    return _pairs_out(np.where(first, orders[left], right_orders[right]),
+                      np.where(first, right_orders[right], orders[left]),
+                      similarity[left, right], np.where(first, ids[left], right_ids[right]))
+
+
+def reference_pairs(orders: np.ndarray, vectors: np.ndarray, reference: np.ndarray,
+                    reference_ids: list[str], *, threshold: float) -> dict[str, np.ndarray]:
+    """The pairs of a block's rows and reference rows whose cosine similarity is at least
+    ``threshold``; reference ``k`` of ``m`` has the order ``k - m`` (negative, so it comes
+    before every row, as in :func:`raydag.filters.near_dup.resolve_near_duplicates`).
+
+    Args:
+        orders: The block's rows' ``_order``.
+        vectors: Their embeddings, ``(rows, dim)``.
+        reference: The reference embeddings, ``(m, dim)``.
+        reference_ids: The references' ids (``a_id`` of their pairs).
+        threshold: The cosine similarity at which a row repeats a reference.
+
+    Returns:
+        Arrays ``a`` (the reference's negative order), ``b`` (the row's order), ``similarity``
+        and ``a_id``, as :func:`tile_pairs` returns them.
+    """
+    orders = np.asarray(orders, np.int64)
+    if len(orders) == 0 or len(reference) == 0:
+        return _pairs_out([], [], [], [])
+    similarity = np.asarray(vectors, np.float32) @ np.asarray(reference, np.float32).T
+    row, k = np.nonzero(similarity >= np.float32(threshold))
+    return _pairs_out(k - len(reference), orders[row], similarity[row, k],
+                      np.asarray(reference_ids, dtype=object)[k])

@@ -6,9 +6,14 @@ before the output folders are written; each one only changes the status of accep
 reconcile. In order:
 
 1. near-duplicates: MinHash LSH within the synthetic rows and against the raw rows
-   (:mod:`raydag.filters.near_dup`), optionally embedding near-duplicates;
+   (:mod:`raydag.filters.near_dup`), optionally embedding near-duplicates (exact, a tiled
+   all-pairs search in Ray: :func:`raydag.filters.embedding.mark_embedding_near_duplicates`);
 2. decontamination against every evaluation split: n-gram overlap
-   (:mod:`raydag.filters.decontam`) and embedding similarity;
+   (:mod:`raydag.filters.decontam`) and embedding similarity
+   (:func:`raydag.filters.embedding.mark_embedding_contaminated`). The embedding passes run
+   after the n-gram one; rows dropped by embedding decontamination are not embedding
+   near-duplicate candidates. The rows' vectors are computed in Ray Data
+   (:func:`raydag.filters.embedding.embed_accepted`) and stay in the object store;
 3. label consistency by the raw-trained student: pointwise V-information below a threshold;
 4. co-annotation: rows a label stage labelled are routed by uncertainty to auto-accept, the
    human queue (quarantined as ``human_review``, exported for Label Studio) or drop; labels a
@@ -32,57 +37,6 @@ from raydag.storage import RunPath, read_frame, write_table
 
 HUMAN_LABELS = "human_labels.parquet"  # in the run folder; written by `raydag import-labels`
 HUMAN_QUEUE = "human_queue"  # folder with tasks.json and label_config.xml for Label Studio
-
-
-def mark_by_order(rows, marks: dict[int, dict[str, Any]]):
-    """Apply per-row updates (by ``_order``) to a Ray Data dataset of rows.
-
-    The updates go into the object store once and each task reads them from there (not
-    pickled into every task).
-
-    Args:
-        rows: Dataset of rows with ``_order``.
-        marks: ``_order`` -> columns to set, e.g. ``{"_status": "dropped", "_reason": ...}``.
-    """
-    import ray
-
-    if not marks:
-        return rows
-    columns = sorted({column for update in marks.values() for column in update})
-    return rows.map_batches(_apply_marks, fn_kwargs={"marks": [ray.put(marks)],
-                                                     "columns": columns},
-                            batch_format="pandas")
-
-
-def _apply_marks(batch: pd.DataFrame, marks: list, columns: list[str]) -> pd.DataFrame:
-    from raydag.stages import shared_object
-
-    updates = shared_object(marks[0])
-    batch = batch.copy()
-    for column in columns:
-        if column not in batch.columns:
-            batch[column] = None
-        batch[column] = batch[column].astype(object)
-    for position, order in enumerate(batch["_order"]):
-        update = updates.get(int(order))
-        if update:
-            for column, value in update.items():
-                batch.iat[position, batch.columns.get_loc(column)] = value
-    return batch
-
-
-def _accepted(rows, columns: list[str]) -> pd.DataFrame:
-    from ray.data.expressions import col
-
-    present = [c for c in columns if c in rows.columns()]
-    frame = rows.filter(expr=col("_status") == "accepted").select_columns(present).to_pandas()
-    if frame.empty:  # no accepted rows: no columns either
-        return pd.DataFrame(columns=present)
-    return frame.sort_values("_order", kind="stable").reset_index(drop=True)
-
-
-def _drop(reason: str, stage: str, **extra: Any) -> dict[str, Any]:
-    return {"_status": "dropped", "_reason": reason, "_stage": stage, **extra}
 
 
 def eval_splits(job: JobConfig, test: pd.DataFrame | None,
@@ -117,8 +71,6 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
     Returns:
         The marked dataset and a summary per pass.
     """
-    from raydag.embed import embedding_near_duplicates, encode_texts, max_similarity
-
     quality, summary = job.quality, {}
     raw_texts = raw["text"].astype(str).tolist() if raw is not None else []
     raw_ids = raw["id"].astype(str).tolist() if raw is not None else []
@@ -141,52 +93,57 @@ def apply_quality(rows, job: JobConfig, *, raw: pd.DataFrame | None,
     embed_dups = quality.near_dup.enabled and quality.near_dup.embedding_threshold is not None
     embed_decontam = decontam and quality.decontam.embedding_threshold is not None
     if embed_dups or embed_decontam:
-        accepted = _accepted(rows, ["id", "text", "_order"])
-        names = ([(name, i) for name, texts in evals.items() for i in range(len(texts))]
-                 if embed_decontam else [])
-        references = raw_texts if embed_dups and quality.near_dup.against_raw else []
-        # The diversity measure embeds the raw texts too: encode them now, in the same actor.
-        extra = raw_texts if quality.diversity.embeddings and not references else []
-        # One encoder actor for the rows, the evaluation texts and the raw texts.
-        everything = encode_texts(accepted["text"].tolist() + [evals[n][i] for n, i in names]
-                                  + references + extra, job.student.model, cache=embeddings)
-        vectors = everything[:len(accepted)]
-        eval_vectors = everything[len(accepted):len(accepted) + len(names)]
-        reference = everything[len(accepted) + len(names):] if references else None
-        marks: dict[int, dict] = {}
-        if embed_decontam:
-            best, where = max_similarity(vectors, eval_vectors)
-            hits = np.flatnonzero(best >= quality.decontam.embedding_threshold)
-            examples = []
-            for i in hits:
-                split, index = names[int(where[i])]
-                marks[int(accepted["_order"][i])] = _drop(
-                    "contaminated_embedding", "decontam", contaminated_by=f"{split}:{index}")
-                if len(examples) < quality.decontam.examples:
-                    examples.append({"text": accepted["text"][i], "eval_split": split,
-                                     "eval_text": evals[split][index],
-                                     "similarity": round(float(best[i]), 4)})
-            summary["decontam"].update(embedding_matched=len(hits), embedding_examples=examples)
-        if embed_dups:
-            own = set(raw_ids)  # raw rows a stage passed on are the references themselves
-            keep = [i for i in range(len(accepted)) if int(accepted["_order"][i]) not in marks
-                    and accepted["id"][i] not in own]
-            found = embedding_near_duplicates(vectors[keep], reference=reference,
-                                              threshold=quality.near_dup.embedding_threshold)
-            counts: dict[str, int] = {}
-            for position, (reason, matched) in found.items():
-                i = keep[position]
-                of = raw_ids[matched] if reason.endswith("_raw") else accepted["id"][keep[matched]]
-                marks[int(accepted["_order"][i])] = _drop(reason, "near_dup", near_dup_of=of)
-                counts[reason] = counts.get(reason, 0) + 1
-            summary.setdefault("near_dup", {}).update(
-                embedding_threshold=quality.near_dup.embedding_threshold, **counts)
-        rows = mark_by_order(rows, marks).materialize()
+        rows = _embedding_passes(rows, job, summary, evals=evals if embed_decontam else {},
+                                 raw_texts=raw_texts, raw_ids=raw_ids, near_dups=embed_dups,
+                                 embeddings=embeddings)
     if quality.consistency.pvi_threshold is not None:
         rows, summary["consistency"] = _pvi_filter(rows, job, raw, raw_student)
     if quality.coannotation.enabled:
         rows, summary["coannotation"] = _coannotate(rows, job, run_dir)
     return rows, summary
+
+
+def _embedding_passes(rows, job: JobConfig, summary: dict[str, Any], *,
+                      evals: dict[str, list[str]], raw_texts: list[str], raw_ids: list[str],
+                      near_dups: bool, embeddings: dict | None):
+    """Embedding decontamination (when ``evals``) then embedding near-duplicates (when
+    ``near_dups``), in Ray Data; their summaries go into ``summary``. The accepted rows are
+    embedded once by encoder actors (:func:`raydag.filters.embedding.embed_accepted`); the evaluation and raw texts,
+    small, by :func:`raydag.embed.encode_texts` (in the run's cache, which the diversity
+    measure shares). Returns the marked rows, materialized."""
+    import ray
+
+    from raydag.embed import encode_texts
+    from raydag.filters.embedding import (embed_accepted, mark_embedding_contaminated,
+                                          mark_embedding_near_duplicates)
+
+    quality, model = job.quality, job.student.model
+    rows = rows.materialize()  # read by the encoder, the examples' look-up and the marking
+    eval_texts = [text for texts in evals.values() for text in texts]
+    references = raw_texts if near_dups and quality.near_dup.against_raw else []
+    # The diversity measure embeds the raw texts too: encode them now, in the same actor.
+    extra = raw_texts if quality.diversity.embeddings and not references else []
+    small = encode_texts(eval_texts + references + extra, model, cache=embeddings)
+    # With decontamination every accepted row is embedded; near-duplicates alone skip the
+    # raw rows a stage passed on (they are the references, never candidates).
+    vectors = embed_accepted(rows, model, exclude_ids=raw_ids if not evals else None)
+    contaminated = None
+    if evals:
+        rows, summary["decontam"]["embedding_matched"], examples, contaminated = (
+            mark_embedding_contaminated(rows, vectors, ray.put(small[:len(eval_texts)]), evals,
+                                        threshold=quality.decontam.embedding_threshold,
+                                        examples=quality.decontam.examples))
+        summary["decontam"]["embedding_examples"] = examples
+    if near_dups:
+        reference = (small[len(eval_texts):len(eval_texts) + len(references)] if references
+                     else np.zeros((0, 0), np.float32))
+        rows, counts = mark_embedding_near_duplicates(
+            rows, vectors, reference=reference,
+            reference_ids=raw_ids if references else [], exclude_ids=raw_ids,
+            exclude_orders=contaminated, threshold=quality.near_dup.embedding_threshold)
+        summary.setdefault("near_dup", {}).update(
+            embedding_threshold=quality.near_dup.embedding_threshold, **counts)
+    return rows.materialize()
 
 
 def _pvi_filter(rows, job: JobConfig, raw: pd.DataFrame | None, raw_student: str | None):

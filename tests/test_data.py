@@ -172,7 +172,7 @@ def test_a_csv_text_file_read_in_ray_equals_the_driver_read(ray_local, tmp_path,
     assert set(ray_bad.summary()["by_reason"]) == {"empty_text", "text_too_long"}
     with pytest.raises(DataError, match=r"texts.csv:6: empty"):
         read_texts_in_ray(path, "text", bad=BadRows("error"), max_text_chars=150)
-    with pytest.raises(DataError, match=r"missing column\(s\) \['body'\]"):
+    with pytest.raises(DataError, match="missing column 'body'"):
         read_texts_in_ray(path, "body", bad=BadRows("skip"))
 
 
@@ -181,6 +181,10 @@ def test_a_text_file_read_in_ray_names_an_unusable_file(ray_local, tmp_path):
 
     path = tmp_path / "texts.jsonl"
     path.write_text('{"other": 1}\n{"other": 2}\n')
+    # no line has the column: named as a missing column, with the columns the file has
+    with pytest.raises(DataError, match=r"texts.jsonl: missing column 'text' \(columns found: other\)"):
+        read_texts_in_ray(path, "text", bad=BadRows("skip"), chunk_bytes=8)
+    path.write_text('{"text": " "}\n{"other": 2}\n')
     with pytest.raises(DataError, match="texts.jsonl: no usable rows"):
         read_texts_in_ray(path, "text", bad=BadRows("skip"), chunk_bytes=8)
     with pytest.raises(DataError, match="file not found"):
@@ -202,7 +206,7 @@ def test_a_parquet_text_file_read_in_ray_by_row_group_equals_the_driver_read(ray
     assert ray_bad.total == driver_bad.total == 6
     assert ray_bad.summary()["by_reason"] == {"empty_text": 6}
     assert ray_bad.summary()["rows"]["empty_text"][0] == f"{path}: row 0"
-    with pytest.raises(DataError, match=r"missing column\(s\) \['body'\]"):
+    with pytest.raises(DataError, match="missing column 'body'"):
         read_texts_in_ray(path, "body", bad=BadRows())
 
 
@@ -225,3 +229,57 @@ def test_records_equal_pandas_to_dict_records():
         {k: v for k, v in expected[1].items() if k not in ("float", "object")}
     assert [type(v) for v in got[0].values()] == [type(v) for v in expected[0].values()]
     assert records(frame.iloc[:0]) == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_a_labelled_pool_read_in_ray_gives_the_same_rows_and_the_same_sample(ray_local, tmp_path,
+                                                                            suffix):
+    """The pool stays in Ray Data: read in several tasks, its bad rows named by line, and the
+    raw sample drawn there is the driver's draw from the same rows, for every seed."""
+    from raydag.data import BadRows, InputRows, read_labelled_in_ray, sample_in_ray
+
+    rows = [{"text": f"row {i} " + "word " * (i % 7), "label": "abc"[(i * 7) % 10 % 3]}
+            for i in range(400)]
+    rows[17]["label"], rows[230]["text"], rows[301]["label"] = "zzz", "", None
+    rows[5] = dict(rows[4])  # a repeated row: the same id twice
+    frame = pd.DataFrame(rows)
+    path = tmp_path / f"pool{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, row_group_size=50)
+    bad = BadRows("skip")
+    pool = read_labelled_in_ray(path, "text", "label", LABELS, bad=bad, chunk_bytes=2048)
+    expected = frame.drop(index=[17, 230, 301]).reset_index(drop=True)
+    got = pool.to_pandas()
+    assert len(pool) == len(got) == len(expected) == 397
+    assert got["text"].tolist() == expected["text"].tolist()
+    assert got["label"].tolist() == expected["label"].tolist()
+    line = 2 if suffix == ".csv" else (1 if suffix == ".jsonl" else 0)
+    where = (lambda i: f"{path}: row {i}") if suffix == ".parquet" else (lambda i: f"{path}:{i + line}")
+    assert bad.summary()["rows"] == {"empty_text": [where(230)], "missing_label": [where(301)],
+                                     "unknown_label": [where(17)]}
+    blocks = InputRows(pool.dataset.repartition(5).materialize(), pool.count)  # several blocks
+    for seed in (0, 1, 7):
+        for n in (10, 100, 397, 500):
+            driver = stratified_sample(got, n, seed)[["id", "text", "label"]]
+            assert sample_in_ray(pool, n, seed)[["id", "text", "label"]].equals(driver), (seed, n)
+        assert sample_in_ray(blocks, 60, seed)[["id", "text", "label"]].equals(
+            stratified_sample(got, 60, seed)[["id", "text", "label"]])
+
+
+def test_a_pool_text_too_long_for_the_teacher_is_deferred_with_its_line(ray_local, tmp_path):
+    from raydag.data import BadRows, read_labelled_in_ray
+
+    def too_long(text):
+        return ("too_long", "the text is too long for the teacher") if "long" in text else None
+
+    rows = [{"text": f"row {i}", "label": "a"} for i in range(5)]
+    rows[3]["text"] = "a long one"
+    path = write_jsonl(tmp_path / "pool.jsonl", rows)
+    pool = read_labelled_in_ray(path, "text", "label", LABELS, bad=BadRows(),
+                                deferred_check=too_long).to_pandas()
+    assert pool["_deferred"].tolist() == [None, None, None,
+                                          f"{path}:4: the text is too long for the teacher", None]

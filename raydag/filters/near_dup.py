@@ -641,10 +641,21 @@ def _confirmed_from_table(batch: dict[str, np.ndarray], *, table: list, threshol
                        ids[at_b], threshold)
 
 
-def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables):
-    """Ray task: the decisions over every confirmed pair; returns (marks, counts)."""
+def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables,
+                     reasons: tuple[str, str] = (REASON_RAW, REASON_SYNTHETIC)):
+    """Ray task: the decisions over every confirmed pair; returns (marks, counts).
+
+    Args:
+        threshold: Similarity at or above which a pair counts.
+        reference_ids: The references' ids (reference ``k`` of ``m`` has order ``k - m``).
+        *tables: Arrow tables of pairs (``a``, ``b``, ``similarity``, ``a_id``).
+        reasons: The ``_reason`` of a row dropped for a reference and for an earlier row
+            (the MinHash reasons by default; the embedding pass passes its own), also the
+            keys of their counts.
+    """
     import pyarrow as pa
 
+    reason_raw, reason_synthetic = reasons
     tables = [t for t in tables if t.num_rows]
     if tables:
         edges = pa.concat_tables(tables, promote_options="permissive").to_pandas()
@@ -658,13 +669,13 @@ def _resolve_task_fn(threshold: float, reference_ids: list[str], *tables):
     matched = [drops[o] for o in orders.tolist()]
     # the dropped rows' orders (sorted), reasons and matches, as _mark_near_duplicates reads them
     marks = (orders,
-             np.array([REASON_RAW if m < 0 else REASON_SYNTHETIC for m in matched], dtype=object),
+             np.array([reason_raw if m < 0 else reason_synthetic for m in matched], dtype=object),
              np.array([reference_ids[m + count] if m < 0 else id_of[m] for m in matched],
                       dtype=object))
     raw = sum(m < 0 for m in matched)
     first = [(int(o), int(m)) for o, m in zip(orders[:MAX_EXAMPLES].tolist(),
                                               matched[:MAX_EXAMPLES])]
-    return marks, {REASON_RAW: raw, REASON_SYNTHETIC: len(matched) - raw, "first": first}
+    return marks, {reason_raw: raw, reason_synthetic: len(matched) - raw, "first": first}
 
 
 def _resolve_task():
