@@ -16,8 +16,12 @@ Data, LSH on the driver, marking) on 100,000 rows and prints ``minhash_rows_per_
 and prints the rows per second and the driver's peak RSS of each (see :mod:`raydag.bench_scale`).
 
 ``python -m raydag.bench teacher`` measures the teacher stage (Ray Data -> ChainRunner actor
--> vLLM, exactly as ``raydag run`` builds it) against plain ``vllm.LLM.generate`` on the same model, the same prompts and the same
-sampling settings, and prints ``teacher_vs_vllm_ratio=<ours / plain output tokens per second>``.
+-> vLLM, exactly as ``raydag run`` builds it) against plain ``vllm.LLM.generate`` given all of a
+round's prompts in one call (``plain_calls=1``), on the same model, the same prompts and the
+same sampling settings, for two workloads: the quickstart requests and a long tail (each
+request asks for 1 to 16 list items of 16 tokens, so ``max_tokens`` runs from 16 to 256). It
+ends with ``teacher_vs_vllm_ratio=<ours / plain output tokens per second>`` and
+``teacher_vs_vllm_longtail_ratio=<the same on the long tail>``.
 Engine start-up is left out of both sides; Ray Data's own overhead between batches is counted.
 Both sides run with the same local Ray up (its daemons share the cores), so the ratio measures
 what the stage itself costs. The requests are split into paired rounds (each side on the same
@@ -41,21 +45,39 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
 
 
-def _plan(num_requests: int, batch_size: int, seed: int = 0):
+# The long-tail workload: 16 tokens per list item, 1 to 16 items per request, so max_tokens
+# runs from 16 to 256 (the model may stop earlier: ignore_eos stays off).
+LONGTAIL_TOKENS_PER_ITEM = 16
+LONGTAIL_MAX_ITEMS = 16
+
+
+def _plan(num_requests: int, batch_size: int, seed: int = 0, longtail: bool = False):
+    """The quickstart's few-shot create requests; ``longtail``: each asks for 1 to 16 list
+    items of at most 16 tokens (a spread of ``max_tokens`` from 16 to 256, in a fixed
+    interleaved order), through the create stage's own multi-item requests."""
     from raydag.chain import create_op
     from raydag.config import load_job
     from raydag.data import raw_row_id
 
-    job = load_job(QUICKSTART, [f"teacher.batch_size={batch_size}"])
+    overrides = [f"teacher.batch_size={batch_size}"]
+    if longtail:
+        overrides.append(f"stages.0.sampling.max_tokens={LONGTAIL_TOKENS_PER_ITEM}")
+    job = load_job(QUICKSTART, overrides)
     rows = [json.loads(line) for line in Path(job.data.train_path).read_text().splitlines()]
     raw = [{"id": raw_row_id(r["text"], r["label"]), **r} for r in rows[:100]]
     op = create_op(job)
-    return job, op, op.plan_requests(raw, num_requests, seed)
+    plan = op.plan_requests(raw, num_requests, seed)
+    if longtail:
+        for index, row in enumerate(plan):
+            row["request_items"] = 1 + (index * 7) % LONGTAIL_MAX_ITEMS
+    return job, op, plan
 
 
-def _plain_vllm(job, op, plan, batch_size: int) -> dict:
+def _plain_vllm(job, op, plan) -> dict:
     """Plain ``vllm.LLM.generate`` in this process, with the same ``vllm.LLM`` arguments as
-    ours; a fresh engine, like ours (no prefix cache carried over from an earlier round)."""
+    ours; a fresh engine, like ours (no prefix cache carried over from an earlier round). All
+    the prompts go in one call, as ``vllm bench throughput`` gives them: the engine batches
+    them continuously, with no wait for a batch's longest generation."""
     from raydag.engines.vllm import engine_args
 
     args = engine_args(job.teacher.model, dtype=job.teacher.dtype,  # before vllm is imported
@@ -71,11 +93,9 @@ def _plain_vllm(job, op, plan, batch_size: int) -> dict:
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                              seed=r.seed, stop=list(r.stop)) for r in requests]
     started = time.perf_counter()
-    tokens = 0
-    for i in range(0, len(prompts), batch_size):
-        outs = llm.generate(prompts[i : i + batch_size], params[i : i + batch_size], use_tqdm=False)
-        tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     del llm
     gc.collect()
     return {"tokens_out": tokens, "seconds": seconds}
@@ -146,23 +166,9 @@ def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
     return {"tokens_out": int(out["tokens_out"].sum()), "seconds": time.perf_counter() - started}
 
 
-def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
-                  with_ray_data_llm: bool = False) -> float:
-    """Print both throughputs and their ratio; return the ratio.
-
-    The requests are split into ``rounds`` slices; each slice runs on both sides back to back
-    (alternating which goes first), and the ratio is the median of the per-slice ratios. Pairing
-    in time keeps a shared host's drift (measured here: plain alone varied 85-107 tok/s between
-    runs minutes apart) out of the ratio.
-    """
-    import statistics
-
-    job, op, plan = _plan(num_requests, batch_size)
-    print(f"teacher benchmark: {num_requests} few-shot requests in {rounds} paired rounds, "
-          f"batch {batch_size}, model {job.teacher.model}", flush=True)
-    from raydag.resources import init_ray
-
-    init_ray()
+def _paired_rounds(job, op, plan, rounds: int) -> dict:
+    """Each slice of ``plan`` on both sides back to back (alternating which goes first); the
+    per-round ratios (ours / plain output tokens per second) and each side's totals."""
     per_round = -(-len(plan) // rounds)
     totals = {"plain": [0, 0.0], "ours": [0, 0.0]}
     ratios, ours_wall = [], 0.0
@@ -172,7 +178,7 @@ def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
             break
         result = {}
         for name in ("plain", "ours") if index % 2 == 0 else ("ours", "plain"):
-            result[name] = _plain_vllm(job, op, part, batch_size) if name == "plain" else _ours(job, op, part)
+            result[name] = _plain_vllm(job, op, part) if name == "plain" else _ours(job, op, part)
             totals[name][0] += result[name]["tokens_out"]
             totals[name][1] += result[name]["seconds"]
         ours_wall += result["ours"]["wall"]
@@ -180,19 +186,53 @@ def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
         ratios.append(tps["ours"] / tps["plain"])
         print(f"round {index + 1}/{rounds}: {len(part)} requests, plain {tps['plain']:.1f} tok/s, "
               f"ours {tps['ours']:.1f} tok/s, ratio {ratios[-1]:.3f}", flush=True)
-    for name, label in (("plain", "plain_vllm"), ("ours", "raydag_teacher")):
-        tokens, seconds = totals[name]
-        print(f"{label}_tokens_per_s={tokens / seconds:.1f} (tokens {tokens}, {seconds:.1f}s)")
-    print(f"raydag_teacher_wall_s={ours_wall:.1f} (engine start-up included)")
-    ratio = statistics.median(ratios)
-    print(f"teacher_vs_vllm_ratio={ratio:.3f} (median of {len(ratios)} paired rounds; "
-          f"min {min(ratios):.3f}, max {max(ratios):.3f})", flush=True)
-    if with_ray_data_llm:
-        other = _ray_data_llm(job, op, plan, batch_size)
-        print(f"ray_data_llm_tokens_per_s={other['tokens_out'] / other['seconds']:.1f} "
-              f"(tokens {other['tokens_out']}, {other['seconds']:.1f}s, engine start-up included)")
-        print(f"raydag_vs_ray_data_llm_wall_ratio={other['seconds'] / ours_wall:.3f}", flush=True)
-    return ratio
+    return {"ratios": ratios, "totals": totals, "ours_wall": ours_wall}
+
+
+def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
+                  with_ray_data_llm: bool = False) -> dict[str, float]:
+    """Print both throughputs and their ratio for two workloads, the quickstart requests and a
+    long tail (``max_tokens`` from 16 to 256); return the ratios.
+
+    The requests are split into ``rounds`` slices; each slice runs on both sides back to back
+    (alternating which goes first), and the ratio is the median of the per-slice ratios. Pairing
+    in time keeps a shared host's drift (measured here: plain alone varied 85-107 tok/s between
+    runs minutes apart) out of the ratio.
+    """
+    import statistics
+
+    from raydag.resources import init_ray
+
+    init_ray()
+    ratios = {}
+    for workload, key in (("quickstart", "teacher_vs_vllm_ratio"),
+                          ("longtail", "teacher_vs_vllm_longtail_ratio")):
+        job, op, plan = _plan(num_requests, batch_size, longtail=workload == "longtail")
+        print(f"teacher benchmark, {workload}: {num_requests} few-shot requests in {rounds} "
+              f"paired rounds, ours in batches of {batch_size}, plain vLLM given each round's "
+              f"requests in one generate call, model {job.teacher.model}", flush=True)
+        print("plain_calls=1", flush=True)
+        found = _paired_rounds(job, op, plan, rounds)
+        for name, label in (("plain", "plain_vllm"), ("ours", "raydag_teacher")):
+            tokens, seconds = found["totals"][name]
+            print(f"{workload}_{label}_tokens_per_s={tokens / seconds:.1f} "
+                  f"(tokens {tokens}, {seconds:.1f}s)")
+        print(f"{workload}_raydag_teacher_wall_s={found['ours_wall']:.1f} (engine start-up included)")
+        runs = found["ratios"]
+        ratios[key] = statistics.median(runs)
+        print(f"{key}={ratios[key]:.3f} (median of {len(runs)} paired rounds; "
+              f"min {min(runs):.3f}, max {max(runs):.3f})", flush=True)
+        if with_ray_data_llm and workload == "quickstart":
+            other = _ray_data_llm(job, op, plan, batch_size)
+            print(f"ray_data_llm_tokens_per_s={other['tokens_out'] / other['seconds']:.1f} "
+                  f"(tokens {other['tokens_out']}, {other['seconds']:.1f}s, engine start-up "
+                  "included)")
+            print(f"raydag_vs_ray_data_llm_wall_ratio={other['seconds'] / found['ours_wall']:.3f}",
+                  flush=True)
+    print(f"teacher_vs_vllm_ratio={ratios['teacher_vs_vllm_ratio']:.3f} "
+          f"teacher_vs_vllm_longtail_ratio={ratios['teacher_vs_vllm_longtail_ratio']:.3f}",
+          flush=True)
+    return ratios
 
 
 def main(argv: list[str] | None = None) -> int:
