@@ -107,49 +107,38 @@ def _embedding_passes(rows, job: JobConfig, summary: dict[str, Any], *,
                       evals: dict[str, list[str]], raw_texts: list[str], raw_ids: list[str],
                       near_dups: bool, embeddings: dict | None):
     """Embedding decontamination (when ``evals``) then embedding near-duplicates (when
-    ``near_dups``), in Ray Data; their summaries go into ``summary``. One encoder actor pool
-    (:func:`raydag.filters.embedding.embed_accepted`) embeds the accepted rows, whose vectors
-    stay in the object store, and the small texts (evaluation and raw texts not yet in the
-    run's cache, which the diversity measure shares), whose vectors come to the driver.
-    Returns the marked rows, materialized."""
+    ``near_dups``), in Ray Data; their summaries go into ``summary``. The accepted rows are
+    embedded once by encoder actors (:func:`raydag.filters.embedding.embed_accepted`); the evaluation and raw texts,
+    small, by :func:`raydag.embed.encode_texts` (in the run's cache, which the diversity
+    measure shares). Returns the marked rows, materialized."""
     import ray
-    from ray.data.expressions import col
 
+    from raydag.embed import encode_texts
     from raydag.filters.embedding import (embed_accepted, mark_embedding_contaminated,
                                           mark_embedding_near_duplicates)
 
     quality, model = job.quality, job.student.model
-    cache = embeddings if embeddings is not None else {}
     rows = rows.materialize()  # read by the encoder, the examples' look-up and the marking
-    eval_texts = [str(text) for texts in evals.values() for text in texts]
+    eval_texts = [text for texts in evals.values() for text in texts]
     references = raw_texts if near_dups and quality.near_dup.against_raw else []
-    # The diversity measure embeds the raw texts too: encode them now, in the same actors.
+    # The diversity measure embeds the raw texts too: encode them now, in the same actor.
     extra = raw_texts if quality.diversity.embeddings and not references else []
-    todo = list(dict.fromkeys(t for t in eval_texts + references + extra if t not in cache))
+    small = encode_texts(eval_texts + references + extra, model, cache=embeddings)
     # With decontamination every accepted row is embedded; near-duplicates alone skip the
     # raw rows a stage passed on (they are the references, never candidates).
-    vectors = embed_accepted(rows, model, exclude_ids=raw_ids if not evals else None,
-                             texts=todo)
-    if todo:  # they come back as rows -1, -2, ...
-        mine = vectors.filter(expr=col("_order") < 0).to_pandas().sort_values(
-            "_order", ascending=False)
-        cache.update(zip(todo, np.stack(mine["_embedding"].to_numpy()).astype(np.float32)))
-        vectors = vectors.filter(expr=col("_order") >= 0)
-
-    def small(texts: list[str]) -> np.ndarray:
-        return (np.stack([cache[t] for t in texts]) if texts
-                else np.zeros((0, 0), np.float32))
-
+    vectors = embed_accepted(rows, model, exclude_ids=raw_ids if not evals else None)
     contaminated = None
     if evals:
         rows, summary["decontam"]["embedding_matched"], examples, contaminated = (
-            mark_embedding_contaminated(rows, vectors, ray.put(small(eval_texts)), evals,
+            mark_embedding_contaminated(rows, vectors, ray.put(small[:len(eval_texts)]), evals,
                                         threshold=quality.decontam.embedding_threshold,
                                         examples=quality.decontam.examples))
         summary["decontam"]["embedding_examples"] = examples
     if near_dups:
+        reference = (small[len(eval_texts):len(eval_texts) + len(references)] if references
+                     else np.zeros((0, 0), np.float32))
         rows, counts = mark_embedding_near_duplicates(
-            rows, vectors, reference=small(references),
+            rows, vectors, reference=reference,
             reference_ids=raw_ids if references else [], exclude_ids=raw_ids,
             exclude_orders=contaminated, threshold=quality.near_dup.embedding_threshold)
         summary.setdefault("near_dup", {}).update(

@@ -25,8 +25,7 @@ REASON_EMBEDDING_SYNTHETIC = "embedding_duplicate_synthetic"
 REASON_CONTAMINATED_EMBEDDING = "contaminated_embedding"
 
 
-def embed_accepted(rows, model: str, *, exclude_ids: list[str] | None = None,
-                   texts: list[str] = ()):
+def embed_accepted(rows, model: str, *, exclude_ids: list[str] | None = None):
     """The embeddings of the accepted rows, computed in Ray Data and kept in the object store.
 
     Encoder actors (:class:`raydag.embed.TextEncoder`; one per GPU on a cluster with GPUs,
@@ -38,8 +37,6 @@ def embed_accepted(rows, model: str, *, exclude_ids: list[str] | None = None,
         rows: Dataset of rows with ``id``, ``text``, ``_status`` and ``_order``.
         model: Model reference of the encoder.
         exclude_ids: Ids of rows not to embed (the raw rows, for near-duplicates alone).
-        texts: Other texts to embed in the same actors (the evaluation and raw texts, which
-            are small): they come back as rows with ``_order`` -1, -2, ... and ``id`` "".
 
     Returns:
         A materialized dataset of ``id``, ``_order`` and ``_embedding`` (a fixed-size float32
@@ -63,17 +60,11 @@ def embed_accepted(rows, model: str, *, exclude_ids: list[str] | None = None,
     accepted = _is_candidate(exclude_ids) if exclude_ids else col("_status") == "accepted"
     options = model_actor_options(ray.cluster_resources().get("GPU", 0.0),
                                   len(os.sched_getaffinity(0)))
-    wanted = rows.filter(expr=accepted).select_columns(["id", "text", "_order"])
-    if texts:
-        import pandas as pd
-
-        wanted = wanted.union(ray.data.from_pandas(pd.DataFrame({
-            "id": "", "text": [str(t) for t in texts],
-            "_order": -1 - np.arange(len(texts), dtype=np.int64)})))
     # Materialised first: an encoder actor that holds a CPU while the filter task upstream of
     # it waits for one deadlocks a small cluster (measured: a judge replica up beside a job on
     # 2 CPUs left the filter pending forever).
-    return wanted.materialize().map_batches(
+    wanted = rows.filter(expr=accepted).select_columns(["id", "text", "_order"]).materialize()
+    return wanted.map_batches(
         TextEncoder, fn_constructor_kwargs={"model": model, "keep_text": False}, batch_size=64,
         batch_format="pandas", **options).materialize()
 
