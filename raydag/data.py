@@ -255,19 +255,8 @@ def read_labelled(
                                 deferred_check=deferred_check).to_pandas()
 
 
-def label_quotas(counts: pd.Series, n: int) -> pd.Series:
-    """Rows to draw per label (``counts``: rows per label, sorted by label) so that each label
-    gets its share of ``n`` (largest remainder; ties to the earlier label)."""
-    quota = counts / counts.sum() * n
-    take = np.floor(quota).astype(int)
-    order = (quota - take).sort_values(ascending=False, kind="stable").index
-    for label in order[: n - int(take.sum())]:
-        take[label] += 1
-    return take
-
-
 def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """Draw ``n`` rows, each label getting its share of the pool (:func:`label_quotas`): per
+    """Draw ``n`` rows, each label getting its share of the pool (largest remainder): per
     label, in label order, ``k`` positions drawn without replacement from that label's rows
     sorted by id.
 
@@ -276,7 +265,12 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """
     if n >= len(frame):
         return frame.sort_values("id").reset_index(drop=True)
-    take = label_quotas(frame["label"].value_counts().sort_index(), n)
+    counts = frame["label"].value_counts().sort_index()
+    quota = counts / counts.sum() * n
+    take = np.floor(quota).astype(int)
+    order = (quota - take).sort_values(ascending=False, kind="stable").index
+    for label in order[: n - int(take.sum())]:
+        take[label] += 1
     rng = np.random.default_rng(seed)
     parts = []
     for label, k in take.items():
