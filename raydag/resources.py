@@ -148,7 +148,7 @@ def wait_for_resources(one: dict[str, float], count: int, what: str, *, fixed_cl
 
     Ray itself would wait forever, only logging that no node can fulfil the request. A fixed
     cluster (the local one) fails at once. On a cluster that may autoscale, the bundles are
-    asked of the autoscaler and the wait lasts at most ``timeout_s``.
+    asked of the autoscaler (again at every poll) and the wait lasts at most ``timeout_s``.
 
     Raises:
         RaydagError: naming what asked, for what, and what the cluster has.
@@ -161,12 +161,16 @@ def wait_for_resources(one: dict[str, float], count: int, what: str, *, fixed_cl
                           "cluster that has them")
     from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=[one] * count)
     deadline = time.monotonic() + timeout_s
     while problem is not None:
         if time.monotonic() >= deadline:
             raise RaydagError(f"{what} needs {problem}, still after waiting {timeout_s:g}s; "
                               "change the job's resources or the cluster's node types")
+        # Asked again at every poll: the autoscaler keeps only the latest request, and once a
+        # job has run a Ray Data pass, Ray Data's autoscaling coordinator sends its own (empty
+        # when its datasets are done) every 20 s, replacing ours. Asked once, the nodes came
+        # only when the autoscaler happened to read ours first (a CI run waited 300 s for none).
+        request_resources(bundles=[one] * count)
         time.sleep(poll_s)
         problem = _problem(one, count)
 

@@ -96,9 +96,18 @@ def test_teacher_pool_launches_fake_gpu_nodes_and_releases_them(tmp_path, monkey
         peak, stop = [0], threading.Event()
 
         def watch() -> None:
+            from ray.autoscaler.sdk import request_resources
+
+            ticks = 0
             while not stop.is_set():
                 peak[0] = max(peak[0], _workers_alive())
                 time.sleep(0.5)
+                ticks += 1
+                if ticks % 6 == 0:
+                    # Another requester replacing the autoscaler's request every 3 s, as Ray
+                    # Data's autoscaling coordinator does every 20 s once a dataset has run:
+                    # the teacher pool's request must survive it.
+                    request_resources(bundles=[])
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
