@@ -123,8 +123,15 @@ class TeacherConfig(StrictModel):
         "slower), the model's own dtype on GPUs. The report records the choice and why.")
     max_model_len: int = Field(default=2048, ge=128, description="Engine context length.")
     batch_size: int = Field(
-        default=64, ge=1, description="Rows an engine actor gives its engine in one call (the "
-        "engine batch); every stage of the chain runs batch by batch.")
+        default=64, ge=1, description="Rows per shard's engine call for engines without "
+        "continuous batching ('openai', 'instant'): every stage of the chain runs batch by "
+        "batch. The vLLM engine takes each row's requests as they come (see shards_in_flight); "
+        "there it sets the automatic shard size only.")
+    shards_in_flight: int = Field(
+        default=4, ge=1, description="Shards each engine actor works on at once. With vLLM, "
+        "the rows of all of them share the engine's running batch, each row's next step "
+        "entering as soon as its previous one is done, so the engine never waits for a "
+        "shard's slowest row.")
     rows_per_shard: int | None = Field(
         default=None, ge=1, description="Rows per shard: the resume unit (a rerun skips "
         "finished shards) and one Parquet file, a whole number of engine batches. None: sized "

@@ -9,6 +9,7 @@ model is loaded once per actor rather than once per stage.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
@@ -123,7 +124,9 @@ def _request_lineage(request: ChatRequest) -> dict:
 
 
 def run_step(step: Step, rows: list[dict], engine: Any, carried: set[str]) -> tuple[list[dict], dict]:
-    """Run one operator over the accepted rows of a shard; others pass through unchanged.
+    """Run one operator over the accepted rows of a shard in one engine call; others pass
+    through unchanged. The form for engines without :meth:`agenerate` (the HTTP and benchmark
+    engines); :func:`run_row_step` is the per-row form of the vLLM engine.
 
     Every input row leaves as one or more output rows (none is lost): the operator's rows,
     merged onto the input row, or the input row itself with a quarantine reason when the
@@ -139,59 +142,86 @@ def run_step(step: Step, rows: list[dict], engine: Any, carried: set[str]) -> tu
     Returns:
         The output rows and this step's counters.
     """
-    op, stats = step.op, empty_stats(step.name)
-    applies = getattr(op, "applies", lambda row: True)
-    active = [i for i, row in enumerate(rows) if row["_status"] == "accepted" and applies(row)]
-    per_row = [op.build_requests(rows[i]) for i in active]
+    stats = empty_stats(step.name)
+    active = [i for i, row in enumerate(rows) if _applies(step, row)]
+    per_row = [step.op.build_requests(rows[i]) for i in active]
     flat = [request for requests in per_row for request in requests]
     started = time.perf_counter()
     completions = engine.generate(flat) if flat else []
     stats["engine_seconds"] = time.perf_counter() - started
-    stats.update(rows_in=len(active), passed_through=len(rows) - len(active), requests=len(flat),
-                 tokens_in=sum(c.prompt_tokens for c in completions),
-                 tokens_out=sum(c.completion_tokens for c in completions))
+    stats.update(rows_in=len(active), passed_through=len(rows) - len(active), requests=len(flat))
     results: dict[int, list[dict]] = {}
     offset = 0
     for index, requests in zip(active, per_row):
         done = completions[offset: offset + len(requests)]
         offset += len(requests)
-        row = rows[index]
-        outputs = op.parse(row, done) or [{"_status": "quarantined", "_reason": "no_output"}]
-        is_new = ["id" in out and out["id"] != row.get("id") for out in outputs]
-        # With one request (or completion) per new row, new row k came from request k.
-        one_each = sum(is_new) == len(requests)
-        stats["created"] += len(outputs) - 1
-        merged, made = [], 0
-        for out, new_row in zip(outputs, is_new):
-            if new_row:
-                base = {k: v for k, v in row.items() if k not in carried}
-                source, completion = (requests[made], done[made]) if one_each else (requests[0], done[0])
-                made += 1
-                new = {"label": "", **base, "method": op.name, "teacher_model": engine.model_name,
-                       "prompt_hash": stable_hash([list(r.messages) for r in requests]),
-                       **_request_lineage(source), "_raw_generation": completion.text,
-                       "finish_reason": completion.finish_reason or "",
-                       "tokens_in": sum(c.prompt_tokens for c in done),
-                       "tokens_out": sum(c.completion_tokens for c in done),
-                       **_ACCEPTED, **out}
-                if new["_status"] == "accepted" and step.text_filters is not None:
-                    reason = row_filter_reason(new.get("text", ""), **step.text_filters)
-                    if reason:
-                        new.update(_status="dropped", _reason=reason)
-            else:
-                new = {**row, **out}
-            if new["_status"] != "accepted":
-                new["_stage"] = step.name
-                bucket = stats[new["_status"]]
-                bucket[new["_reason"]] = bucket.get(new["_reason"], 0) + 1
-            else:
-                stats["accepted"] += 1
-            merged.append(new)
-        results[index] = merged
+        results[index] = merge_outputs(step, rows[index], requests, done, carried,
+                                       engine.model_name, stats)
     out_rows: list[dict] = []
     for index, row in enumerate(rows):
         out_rows.extend(results.get(index, [row]))
     return out_rows, stats
+
+
+async def run_row_step(step: Step, row: dict, engine: Any, carried: set[str],
+                       stats: dict) -> list[dict]:
+    """:func:`run_step` for one row on an engine with ``agenerate``: the row's requests enter
+    the engine as soon as this is called, whatever the other rows are doing. Adds to
+    ``stats`` (``engine_seconds`` is left to the caller: requests of many rows overlap)."""
+    if not _applies(step, row):
+        stats["passed_through"] += 1
+        return [row]
+    requests = step.op.build_requests(row)
+    stats["rows_in"] += 1
+    stats["requests"] += len(requests)
+    done = list(await asyncio.gather(*(engine.agenerate(r) for r in requests)))
+    return merge_outputs(step, row, requests, done, carried, engine.model_name, stats)
+
+
+def _applies(step: Step, row: dict) -> bool:
+    return row["_status"] == "accepted" and getattr(step.op, "applies", lambda r: True)(row)
+
+
+def merge_outputs(step: Step, row: dict, requests: list[ChatRequest], done: list,
+                  carried: set[str], model_name: str, stats: dict) -> list[dict]:
+    """One row's outputs of a step from its completions (``done``, one per request): the
+    operator's rows merged onto ``row``, with lineage on the rows it created, the rule
+    filters applied, and the step's counters (``stats``) updated."""
+    op = step.op
+    stats["tokens_in"] += sum(c.prompt_tokens for c in done)
+    stats["tokens_out"] += sum(c.completion_tokens for c in done)
+    outputs = op.parse(row, done) or [{"_status": "quarantined", "_reason": "no_output"}]
+    is_new = ["id" in out and out["id"] != row.get("id") for out in outputs]
+    # With one request (or completion) per new row, new row k came from request k.
+    one_each = sum(is_new) == len(requests)
+    stats["created"] += len(outputs) - 1
+    merged, made = [], 0
+    for out, new_row in zip(outputs, is_new):
+        if new_row:
+            base = {k: v for k, v in row.items() if k not in carried}
+            source, completion = (requests[made], done[made]) if one_each else (requests[0], done[0])
+            made += 1
+            new = {"label": "", **base, "method": op.name, "teacher_model": model_name,
+                   "prompt_hash": stable_hash([list(r.messages) for r in requests]),
+                   **_request_lineage(source), "_raw_generation": completion.text,
+                   "finish_reason": completion.finish_reason or "",
+                   "tokens_in": sum(c.prompt_tokens for c in done),
+                   "tokens_out": sum(c.completion_tokens for c in done),
+                   **_ACCEPTED, **out}
+            if new["_status"] == "accepted" and step.text_filters is not None:
+                reason = row_filter_reason(new.get("text", ""), **step.text_filters)
+                if reason:
+                    new.update(_status="dropped", _reason=reason)
+        else:
+            new = {**row, **out}
+        if new["_status"] != "accepted":
+            new["_stage"] = step.name
+            bucket = stats[new["_status"]]
+            bucket[new["_reason"]] = bucket.get(new["_reason"], 0) + 1
+        else:
+            stats["accepted"] += 1
+        merged.append(new)
+    return merged
 
 
 _INTEGER_COLUMNS = frozenset({"seed", "tokens_in", "tokens_out"})
@@ -253,24 +283,33 @@ def redact_row(row: dict, types: tuple[str, ...]) -> dict:
 
 
 class ChainRunner:
-    """Ray Data actor: runs every step of the chain on one shard at a time with one engine.
+    """Ray Data actor: runs every step of the chain over shards with one engine.
 
     Input rows are shards (``shard``: number, ``rows``: JSON list of row dicts). For each shard
-    the runner runs the steps in order and returns one row: ``shard``, ``rows`` (the output
-    rows, every status, pickled), ``stats`` (JSON list of step counters) and ``started_at``
-    (wall clock). :func:`publish_shards`, a Ray Data task after the actors, redacts and writes
-    them, so the engine's actor (a GPU's, on a cluster) only generates.
+    the runner runs the steps and returns one row: ``shard``, ``rows`` (the output rows, every
+    status, pickled), ``stats`` (JSON list of step counters) and ``started_at`` (wall clock).
+    :func:`publish_shards`, a Ray Data task after the actors, redacts and writes them, so the
+    engine's actor (a GPU's, on a cluster) only generates.
+
+    ``__call__`` is a coroutine, so Ray Data runs it as an async actor: with the actor's
+    ``max_concurrency`` at ``teacher.shards_in_flight``, that many shards are in flight at once.
+    On an engine with ``agenerate`` (vLLM's async engine) every row runs its own chain: its
+    next step's requests enter the engine as soon as its previous step is done, with no
+    barrier between steps or shards, and the engine's running batch mixes the rows of every
+    shard in flight. Engines with only ``generate`` (the HTTP and benchmark engines) run each
+    shard's chain step by step on the actor's engine thread, ``batch_size`` rows per call.
+    A shard is returned whole once all its rows are done.
 
     With a ``ledger`` (a :class:`TokenLedger` actor), a shard starts only while the job's
     token budget is not spent, and its tokens are added once it is done: the budget overshoots
-    by at most the shards running when it runs out, one per actor. A shard that does not start
-    comes back with ``rows`` empty and ``run`` false.
+    by at most the shards in flight when it runs out. A shard that does not start comes back
+    with ``rows`` empty and ``run`` false.
 
     Args:
         steps: The chain.
         engine_spec: Arguments of :func:`raydag.engines.make_engine`.
         engine: An engine to use instead of building one (tests of the runner use this).
-        batch_size: Rows per engine batch (each runs the whole chain); default the shard.
+        batch_size: Rows per engine call for engines without ``agenerate``; default the shard.
         ledger: The job's :class:`TokenLedger` handle, when it has a token budget.
     """
 
@@ -281,13 +320,15 @@ class ChainRunner:
         self.steps = steps
         self.batch_size = batch_size
         self.ledger = ledger
-        # One thread builds the engine and runs every shard. Ray Data calls __init__ and
-        # __call__ on different threads; a CPU engine driven from two threads gets two OpenMP
-        # thread teams, more OpenMP threads than cores, and libgomp then stops spinning between
-        # parallel regions: measured ~10 % fewer tokens/s than the same engine on one thread.
+        # One thread builds a synchronous engine and runs every call to it. Ray Data calls
+        # __init__ and __call__ on different threads; a CPU engine driven from two threads gets
+        # two OpenMP thread teams, more OpenMP threads than cores, and libgomp then stops
+        # spinning between parallel regions: measured ~10 % fewer tokens/s than the same
+        # engine on one thread. (vLLM's async engine computes in a process of its own.)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydag-engine")
         self.engine = engine if engine is not None else self._thread.submit(
-            make_engine, engine_spec).result()
+            make_engine, engine_spec, asynchronous=True).result()
+        self._async = hasattr(self.engine, "agenerate")
         # Per step: the columns earlier annotating steps added (see run_step's ``carried``).
         self._carried, carried = [], set()
         for step in steps:
@@ -295,32 +336,53 @@ class ChainRunner:
             if not step.op.creates_rows:
                 carried |= set(step.op.adds)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self._thread.submit(self._run_shards, batch).result()
-
-    def _run_shards(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import ray
-
+    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
         for shard, payload in zip(batch["shard"], batch["rows"]):
             started_at = time.time()
-            if self.ledger is not None and ray.get(self.ledger.spent.remote()):
+            if self.ledger is not None and await self.ledger.spent.remote():
                 out.append({"shard": int(shard), "rows": b"", "stats": "[]",
                             "started_at": started_at, "run": False})
                 continue
             started = time.perf_counter()
-            rows, stats = self._run_chain(json.loads(payload))
+            rows, stats = await self.run_chain(json.loads(payload))
             seconds = time.perf_counter() - started
             tokens = sum(s["tokens_out"] for s in stats)
             if self.ledger is not None:
-                ray.get(self.ledger.add.remote(sum(s["tokens_in"] + s["tokens_out"] for s in stats)))
+                await self.ledger.add.remote(sum(s["tokens_in"] + s["tokens_out"] for s in stats))
             print(f"raydag: [teacher] shard {int(shard)}: {len(rows)} rows in {seconds:.1f}s "
                   f"({tokens / max(seconds, 1e-9):.0f} output tok/s)", flush=True)
             out.append({"shard": int(shard), "rows": pickle.dumps(rows, protocol=5),
                         "stats": json.dumps(stats), "started_at": started_at, "run": True})
         return pd.DataFrame(out)
 
-    def _run_chain(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    async def run_chain(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Every step over a shard's rows; the output rows in input order (a row's outputs
+        where the row was) and each step's counters."""
+        if not self._async:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._run_chain_in_batches, rows)
+        stats = [empty_stats(step.name) for step in self.steps]
+        spans: list[list[float]] = [[] for _ in self.steps]
+        outputs = await asyncio.gather(*(self._run_row(row, stats, spans) for row in rows))
+        for step_stats, span in zip(stats, spans):
+            # Seconds from the step's first request to its last answer in this shard.
+            step_stats["engine_seconds"] = max(span) - min(span) if span else 0.0
+        return [row for out in outputs for row in out], stats
+
+    async def _run_row(self, row: dict, stats: list[dict], spans: list[list[float]]) -> list[dict]:
+        current = [row]
+        for step, carried, step_stats, span in zip(self.steps, self._carried, stats, spans):
+            timed = any(_applies(step, r) for r in current)
+            started = time.perf_counter()
+            parts = await asyncio.gather(*(run_row_step(step, r, self.engine, carried, step_stats)
+                                           for r in current))
+            if timed:
+                span += [started, time.perf_counter()]
+            current = [r for part in parts for r in part]
+        return current
+
+    def _run_chain_in_batches(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         """Every step over the shard's rows, one engine batch (``batch_size`` rows) at a time:
         each batch runs the whole chain, as a shard of that size would on its own."""
         size = self.batch_size or max(len(rows), 1)

@@ -83,6 +83,7 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
         batch_size=1,
         batch_format="pandas",
         concurrency=actor_pool(job.teacher.pool_size),
+        max_concurrency=job.teacher.shards_in_flight,  # ChainRunner is an async actor
         runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
         **placement["teacher_actor"],
     ).map_batches(

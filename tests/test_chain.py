@@ -6,10 +6,12 @@ global request counter, so counts, lineage and files can be checked exactly.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -68,6 +70,33 @@ class ScriptedEngine:
             out.append(self.reply(request, self.counter))
             self.counter += 1
         return out
+
+
+class AsyncScriptedEngine:
+    """A deterministic engine with ``agenerate`` (the form of vLLM's async engine): the reply
+    to a request depends on the request alone, and ``delay(request)`` seconds pass before it
+    comes; ``events`` records each request's entry and answer in time order."""
+
+    model_name = "scripted-teacher"
+
+    def __init__(self, reply, delay=lambda request: 0.0):
+        self.reply, self.delay, self.events = reply, delay, []
+
+    async def agenerate(self, request):
+        self.events.append(("in", _user(request), bool(request.choices)))
+        await asyncio.sleep(self.delay(request))
+        self.events.append(("out", _user(request), bool(request.choices)))
+        return self.reply(request, keyed(request))
+
+
+def keyed(request: ChatRequest) -> int:
+    """A request's number from its content, so the script answers alike in any order."""
+    return int(stable_hash(_user(request), request.seed), 16) % 997
+
+
+def run_shards(runner, frame: pd.DataFrame) -> pd.DataFrame:
+    """The runner's ``__call__`` (a coroutine: Ray Data runs it on the actor's event loop)."""
+    return asyncio.run(runner(frame))
 
 
 def with_status(rows):
@@ -281,7 +310,7 @@ def test_chain_runner_starts_no_shard_once_the_token_ledger_is_spent(ray_local, 
     engine = ScriptedEngine(scripted_teacher)
     ledger = TokenLedger.remote(0, 1)  # the first shard's tokens spend it
     runner = ChainRunner(steps, engine_spec={}, engine=engine, ledger=ledger)
-    generated = runner(pd.DataFrame(shard_rows(plan(6), 2)))
+    generated = run_shards(runner, pd.DataFrame(shard_rows(plan(6), 2)))
     assert list(generated["run"]) == [True, False, False]
     assert len(engine.calls) == 1
     spent = sum(s["tokens_in"] + s["tokens_out"] for s in json.loads(generated["stats"].iloc[0]))
@@ -297,7 +326,7 @@ def test_chain_runner_writes_shards_and_summaries(tmp_path):
     engine = ScriptedEngine(scripted_teacher)
     runner = ChainRunner(steps, engine_spec={}, engine=engine)
     rows = plan(7)
-    generated = runner(pd.DataFrame(shard_rows(rows, 4)))
+    generated = run_shards(runner, pd.DataFrame(shard_rows(rows, 4)))
     assert not (tmp_path / "shards").exists()  # the actor only generates
     summary = publish_shards(generated, str(tmp_path / "shards"))
 
@@ -340,7 +369,7 @@ def test_a_shard_of_several_engine_batches_makes_the_rows_of_one_shard_per_batch
     for name, shard_size, batch_size in (("one per batch", 4, None), ("one shard", 7, 4)):
         engine = ScriptedEngine(scripted_teacher)
         runner = ChainRunner(steps, engine_spec={}, engine=engine, batch_size=batch_size)
-        summary = publish_shards(runner(pd.DataFrame(shard_rows(plan(7), shard_size))),
+        summary = publish_shards(run_shards(runner, pd.DataFrame(shard_rows(plan(7), shard_size))),
                                  str(tmp_path / name))
         frames[name] = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / name).glob("*.parquet"))],
                                  ignore_index=True)
@@ -352,6 +381,61 @@ def test_a_shard_of_several_engine_batches_makes_the_rows_of_one_shard_per_batch
     assert list(frames["one shard"]["_order"]) == list(range(7))  # still the row order
     stats = json.loads(summary["stats"].iloc[0])
     assert (stats[0]["rows_in"], stats[1]["accepted"], stats[1]["dropped"]) == (7, 5, {"label_disagreement": 2})
+
+
+def test_an_async_engine_gets_each_rows_next_step_without_waiting_for_the_shard(tmp_path):
+    """Continuous batching through the chain: with an engine that has ``agenerate``, a row's
+    verify request enters while a slower row of the shard is still being created, and the
+    shard comes back whole, with the rows, counters and order the batch form gives."""
+    steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS),
+             Step(name="2:label.verify", op=LabelOp(task=TASK, labels=LABELS, mode="verify"))]
+    rows = plan(6)
+    slow_text = _user(create_op().build_requests(rows[0])[0])
+
+    def delay(request):
+        return 0.5 if _user(request) == slow_text else 0.01
+
+    fast = AsyncScriptedEngine(scripted_teacher, delay)
+    frames = {}
+    for name, engine in (("async", fast),
+                         ("batches", ScriptedEngine(lambda r, k: scripted_teacher(r, keyed(r))))):
+        runner = ChainRunner(steps, engine_spec={}, engine=engine)
+        summary = publish_shards(run_shards(runner, pd.DataFrame(shard_rows(rows, 6))),
+                                 str(tmp_path / name))
+        frames[name] = (pd.read_parquet(tmp_path / name / "shard-00000.parquet"),
+                        json.loads(summary["stats"].iloc[0]))
+    slow_done = fast.events.index(("out", slow_text, False))
+    verifies = [i for i, (kind, _, constrained) in enumerate(fast.events) if kind == "in" and constrained]
+    assert len(verifies) == 6 and min(verifies) < slow_done  # no barrier between the steps
+    assert max(verifies) > slow_done  # the slow row's verify came after its creation
+    (got, got_stats), (want, want_stats) = frames["async"], frames["batches"]
+    columns = ["id", "_status", "_reason", "_stage", "text", "label", "_order"]
+    pd.testing.assert_frame_equal(got[columns], want[columns])
+    for step_got, step_want in zip(got_stats, want_stats):
+        assert {k: v for k, v in step_got.items() if k != "engine_seconds"} == \
+            {k: v for k, v in step_want.items() if k != "engine_seconds"}
+    assert got_stats[0]["engine_seconds"] >= 0.5  # the step's first request to its last answer
+
+
+def test_an_async_runner_keeps_several_shards_in_flight_on_one_actor(ray_local, tmp_path):
+    """Ray Data runs the async ChainRunner with max_concurrency: shards overlap on one actor."""
+    steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS)]
+    spec = {"engine": "scripted-async"}
+
+    class SlowRunner(ChainRunner):
+        def __init__(self, **kwargs):
+            super().__init__(engine=AsyncScriptedEngine(scripted_teacher, lambda r: 1.0), **kwargs)
+
+    started = time.perf_counter()
+    summary = ray.data.from_items(shard_rows(plan(8), 1)).map_batches(
+        SlowRunner, fn_constructor_kwargs={"steps": steps, "engine_spec": spec}, batch_size=1,
+        batch_format="pandas", concurrency=1, max_concurrency=4, num_cpus=1,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}).take_all()
+    seconds = time.perf_counter() - started
+    assert sorted(int(s["shard"]) for s in summary) == list(range(8))
+    starts = sorted(float(s["started_at"]) for s in summary)
+    # 8 one-row shards of 1 s each: one at a time they would start 1 s apart (7 s in all).
+    assert starts[3] - starts[0] < 1.0, (starts, seconds)
 
 
 def test_the_shard_size_grows_with_the_rows_and_a_run_folder_keeps_its_own(tmp_path):
@@ -383,7 +467,7 @@ def test_chain_runner_created_rows_do_not_inherit_annotations(tmp_path):
              Step(name="3:reform.paraphrase", op=ParaphraseOp(n=1, labels=LABELS),
                   text_filters=NO_FILTERS)]
     runner = ChainRunner(steps, engine_spec={}, engine=ScriptedEngine(scripted_teacher))
-    publish_shards(runner(pd.DataFrame(shard_rows(plan(2), 10))), str(tmp_path))
+    publish_shards(run_shards(runner, pd.DataFrame(shard_rows(plan(2), 10))), str(tmp_path))
     frame = pd.read_parquet(tmp_path / "shard-00000.parquet")
     assert list(frame["method"]) == ["create.few_shot_2", "reform.paraphrase"] * 2
     assert list(frame["judge_score"].round(6)[[0, 2]]) == [4.5, 4.5]
@@ -398,7 +482,7 @@ def test_topics_shard_keeps_the_raw_generation(tmp_path):
     engine = ScriptedEngine(lambda request, k: Completion(" Refunds\n", 30, 3, "stop"))
     runner = ChainRunner([Step(name="0:create.topics", op=TopicsOp(TASK))], engine_spec={},
                          engine=engine)
-    publish_shards(runner(pd.DataFrame(shard_rows([seed_row], 1))), str(tmp_path))
+    publish_shards(run_shards(runner, pd.DataFrame(shard_rows([seed_row], 1))), str(tmp_path))
     frame = pd.read_parquet(tmp_path / "shard-00000.parquet")
     assert list(frame["topics"].iloc[0]) == ["Refunds"]
     assert frame["_raw_generation"].iloc[0] == " Refunds\n"
@@ -636,7 +720,7 @@ def test_full_chain_runs_and_reconciles_with_a_scripted_teacher(chain_yaml, tmp_
     check_contract(first, steps)
     engine = ScriptedEngine(scripted_teacher)
     runner = ChainRunner(steps, engine_spec={}, engine=engine)
-    summary = publish_shards(runner(pd.DataFrame(shard_rows(first, 6))), str(tmp_path / "shards"))
+    summary = publish_shards(run_shards(runner, pd.DataFrame(shard_rows(first, 6))), str(tmp_path / "shards"))
     stats = json.loads(summary["stats"].iloc[0])
     frame = pd.read_parquet(tmp_path / "shards" / "shard-00000.parquet")
 

