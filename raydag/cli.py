@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from raydag.errors import RaydagError
+from raydag.errors import JobInterrupted, RaydagError
 
 EPILOG = """examples:
   raydag run jobs/quickstart.yaml
@@ -301,6 +301,11 @@ def _run_or_validate(args: argparse.Namespace, job, owns_ray: bool) -> int:
             path = run_job(job)
             if owns_ray:
                 ray.shutdown()  # so no late log line of Ray's workers follows the report path
+        except JobInterrupted as err:
+            console.error(f"raydag: stopped by {err.signal_name}; finished shards are kept "
+                          "(rerun to resume)" + (f"; partial report: {display(err.report)}"
+                                                 if err.report else "") + f". Log: {log}")
+            return err.exit_code
         except RaydagError as err:
             lines = str(err).splitlines() or [type(err).__name__]
             console.error("\n".join([f"raydag: error: {lines[0]}", *lines[1:15]]))

@@ -127,6 +127,15 @@ class TeacherConfig(StrictModel):
         "continuous batching ('openai', 'instant'): every stage of the chain runs batch by "
         "batch. The vLLM engine takes each row's requests as they come (see shards_in_flight); "
         "there it sets the automatic shard size only.")
+    warn_unusable_share: float = Field(
+        default=0.1, ge=0, le=1, description="Warn when more than this share of a step's "
+        "generated rows is quarantined as unusable (unparseable, empty, cut at max_tokens, an "
+        "answer outside the constrained choices). The report gives every step's share and "
+        "reasons (teacher.generation_health).")
+    start_timeout_s: float = Field(
+        default=900, gt=0, description="Seconds an engine actor's engine may take to start "
+        "(load the model, allocate the KV cache) before the job fails with that cause, "
+        "rather than waiting on an engine that will never come.")
     shards_in_flight: int = Field(
         default=4, ge=1, description="Shards each engine actor works on at once. With vLLM, "
         "the rows of all of them share the engine's running batch, each row's next step "

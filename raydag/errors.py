@@ -15,3 +15,37 @@ class DataError(RaydagError):
 
 class ColumnContractError(RaydagError):
     """A stage needs a column that its input rows do not have."""
+
+
+class EngineStartError(RaydagError):
+    """An engine actor's engine could not start (raised in the actor, re-raised on the driver
+    with the engine's own message by :func:`raise_engine_start_failure`)."""
+
+
+def raise_engine_start_failure(err: BaseException) -> None:
+    """Raise the :class:`EngineStartError` an engine actor died of, with its own message, when
+    ``err`` (a Ray Data failure, which carries the actor's traceback as text) holds one;
+    return otherwise, so the caller re-raises ``err``."""
+    import re
+
+    found = re.findall(r"EngineStartError: (.+)", str(err))
+    if found:
+        raise EngineStartError(found[-1].strip()) from err
+
+
+class JobInterrupted(RaydagError):
+    """The job was stopped by a signal (SIGINT or SIGTERM); finished shards are kept.
+
+    Attributes:
+        signal_name: ``SIGINT`` or ``SIGTERM``.
+        report: The partial report's path, when one was written.
+    """
+
+    def __init__(self, signal_name: str, report: object = None) -> None:
+        super().__init__(f"stopped by {signal_name}")
+        self.signal_name, self.report = signal_name, report
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process a signal ended."""
+        return 143 if self.signal_name == "SIGTERM" else 130

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,7 +24,7 @@ from raydag import console
 from raydag.chain import run_signature
 from raydag.config import JobConfig, StudentConfig
 from raydag.data import raw_lineage, read_inputs, sample_raw
-from raydag.errors import RaydagError
+from raydag.errors import JobInterrupted, RaydagError
 from raydag.evaluate import student_comparisons
 from raydag.filters.pii import redact_frame
 from raydag.models import check_model
@@ -33,7 +34,8 @@ from raydag.quality import eval_splits, measure
 from raydag.report import StageTimer, students_table, write_datacard, write_report
 from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
 from raydag.storage import RunPath, copy_file, display, location, write_dataset
-from raydag.teacher import cost_report, run_teacher, teacher_totals
+from raydag.teacher import (TeacherProgress, cost_report, generation_health, run_teacher,
+                            teacher_totals, warn_unhealthy)
 
 
 def run_job(job: JobConfig) -> RunPath:
@@ -48,6 +50,11 @@ def run_job(job: JobConfig) -> RunPath:
     discard_stale_report(job.output_dir)  # never leave a report that claims success
     check_job_models(job)
     cluster = init_ray()
+    with sigterm_raises():  # after init_ray, whose own handler only exits
+        return _run(job, started, timer, cluster)
+
+
+def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) -> RunPath:
     import ray
 
     with timer("read"):
@@ -57,6 +64,7 @@ def run_job(job: JobConfig) -> RunPath:
                      + ", ".join(f"{k} {v}" for k, v in bad_rows["by_reason"].items())
                      + "; the report lists them")
     autoscaling = may_autoscale()
+    run_dir, progress = None, TeacherProgress()
     try:
         placement = plan_placement(job, cluster)
         console.say(f"teacher dtype {placement['teacher_dtype']['dtype'] or '-'} "
@@ -74,7 +82,7 @@ def run_job(job: JobConfig) -> RunPath:
                 if job.quality.pii.enabled:  # before the teacher sees them as demonstrations
                     raw, raw_pii = redact_frame(raw, job.quality.pii.types)
                 write_dataset(ray.data.from_pandas(raw_lineage(raw, job.seed)), run_dir / "raw")
-        teacher = run_teacher(job, raw, test, inputs, run_dir, placement, timer)
+        teacher = run_teacher(job, raw, test, inputs, run_dir, placement, timer, progress)
         embeddings: dict = {}  # vectors by text: the quality passes and the measures share them
         students, raw_student = {}, None
         dev = inputs.get("dev")
@@ -86,7 +94,7 @@ def run_job(job: JobConfig) -> RunPath:
             teacher["outputs"] = finish_outputs(
                 job, teacher["finished"], teacher["shard_dir"], run_dir, inputs,
                 raw=raw, evals=eval_splits(job, test, dev), raw_student=raw_student,
-                placement=placement, embeddings=embeddings)
+                placement=placement, embeddings=embeddings, loads=teacher["loads"])
         teacher["stats"] = teacher["stats"] + teacher["outputs"]["extra_stats"]
         counts = reconcile(teacher, pool, test, raw)
         quality = {**teacher["outputs"]["quality"], "pii_raw": raw_pii}
@@ -100,11 +108,18 @@ def run_job(job: JobConfig) -> RunPath:
                                          placement["student"], timer,
                                          only=[s for s in job.student.train_sets
                                                if s not in students]))
+    except (KeyboardInterrupt, JobInterrupted) as err:
+        name = getattr(err, "signal_name", "SIGINT")
+        report = (write_partial_report(job, run_dir, progress, timer, name, started)
+                  if run_dir is not None else None)
+        raise JobInterrupted(name, report) from None
     finally:
         if autoscaling:
             release_resource_requests()
 
     totals = teacher_totals(teacher["stats"])
+    health = generation_health(teacher["stats"], job.teacher.warn_unusable_share)
+    warn_unhealthy(health, job.teacher.warn_unusable_share)
     report = {
         "job": job.name,
         "started_at": started.isoformat(timespec="seconds"),
@@ -118,7 +133,11 @@ def run_job(job: JobConfig) -> RunPath:
                     "dtype": placement["teacher_dtype"]["dtype"],
                     "dtype_reason": placement["teacher_dtype"]["reason"],
                     "methods": [step.op.name for step in teacher["steps"]], **totals,
-                    "stage_seconds": timer.seconds.get("teacher", 0.0)},
+                    "stage_seconds": timer.seconds.get("teacher", 0.0),
+                    "generation_health": health,
+                    # engine actors started over the job, and the seconds their engines took
+                    "engine_starts": teacher["loads"].starts,
+                    "engine_load_seconds": round(teacher["loads"].seconds, 2)},
         "per_stage": teacher["stats"],
         "budget": {**json.loads(job.budget.model_dump_json()),
                    "tokens_used": totals["tokens_in"] + totals["tokens_out"],
@@ -145,6 +164,50 @@ def run_job(job: JobConfig) -> RunPath:
     if students:
         console.show(students_table(students))
     return out / "report.json"
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises :class:`JobInterrupted` in the main thread while the block runs (as
+    SIGINT raises KeyboardInterrupt), so a stopped job writes its partial report."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise JobInterrupted("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_partial_report(job: JobConfig, run_dir: RunPath, progress: TeacherProgress,
+                         timer: StageTimer, signal_name: str, started: datetime) -> RunPath:
+    """The report of a job stopped by a signal: ``partial``, the stage it stopped in, and the
+    counts of the shards written so far (they reconcile: see :meth:`TeacherProgress.counts`);
+    a rerun resumes from those shards."""
+    counts = progress.counts()
+    report = {"job": job.name, "partial": True, "stopped_by": signal_name,
+              "stopped_in": timer.current, "started_at": started.isoformat(timespec="seconds"),
+              "stopped_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "output_dir": str(job.output_dir), "run_dir": str(run_dir),
+              "counts": {k: v for k, v in counts.items() if k != "shards"},
+              "shards": counts["shards"], "stages": timer.seconds, "log": console.log_path(),
+              "resume": "rerun the same job: finished shards are kept"}
+    report = json.loads(display(json.dumps(report)))
+    path = run_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2))
+    copy_file(path, location(job.output_dir) / "report.json")
+    console.warn(f"stopped by {signal_name} in [{timer.current}]: {counts['shards']['finished']} "
+                 f"of {counts['shards']['total']} shard(s) written ({counts['ran']} of "
+                 f"{counts['planned']} rows); partial report {display(path)}")
+    return location(job.output_dir) / "report.json"
 
 
 def run_students(job: JobConfig, raw: pd.DataFrame, synthetic,

@@ -14,18 +14,22 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.current: str | None = None  # the stage running now
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         from raydag import console
 
         console.say(f"[{name}] ...")
-        start = time.perf_counter()
+        start, self.current = time.perf_counter(), name
         try:
             yield
-        finally:
+        except BaseException:
             self.seconds[name] = round(time.perf_counter() - start, 2)
-            console.say(f"[{name}] done in {self.seconds[name]:.1f}s")
+            console.say(f"[{name}] stopped after {self.seconds[name]:.1f}s")
+            raise
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        console.say(f"[{name}] done in {self.seconds[name]:.1f}s")
 
 
 def _plus_minus(mean: float, std: float, seeds: int) -> str:
@@ -103,6 +107,11 @@ def _markdown(report: dict[str, Any]) -> str:
         f"({(report.get('student_precision') or {}).get('reason', '-')})",
         f"- requests {teacher['requests']}, tokens in {teacher['tokens_in']}, out "
         f"{teacher['tokens_out']}, {teacher['tokens_per_s']:.1f} output tokens/s",
+        f"- engine starts: {teacher.get('engine_starts', '-')} "
+        f"({teacher.get('engine_load_seconds', 0):.1f}s loading)",
+        "- unusable generations (quarantined share of each step's generated rows): "
+        + ("; ".join(f"{stage} {h['share']:.1%}" + (" **above the warning share**" if h["warn"] else "")
+                     for stage, h in (teacher.get("generation_health") or {}).items()) or "-"),
         "",
         "| stage | rows in | created | requests | tokens in | tokens out | accepted | dropped | quarantined |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -24,7 +24,7 @@ import pandas as pd
 
 from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest
-from raydag.errors import ColumnContractError
+from raydag.errors import ColumnContractError, EngineStartError
 from raydag.filters.exact import later_copies, row_filter_reason, text_key
 from raydag.storage import RunPath, location, read_schema, write_atomically, write_table
 
@@ -314,9 +314,8 @@ class ChainRunner:
     """
 
     def __init__(self, steps: list[Step], engine_spec: dict, engine: Any = None,
-                 batch_size: int | None = None, ledger: Any = None) -> None:
-        from raydag.engines import make_engine
-
+                 batch_size: int | None = None, ledger: Any = None,
+                 start_timeout_s: float | None = None) -> None:
         self.steps = steps
         self.batch_size = batch_size
         self.ledger = ledger
@@ -326,8 +325,10 @@ class ChainRunner:
         # spinning between parallel regions: measured ~10 % fewer tokens/s than the same
         # engine on one thread. (vLLM's async engine computes in a process of its own.)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydag-engine")
-        self.engine = engine if engine is not None else self._thread.submit(
-            make_engine, engine_spec, asynchronous=True).result()
+        self.start_seconds = 0.0
+        self.engine = engine if engine is not None else self._start_engine(engine_spec,
+                                                                           start_timeout_s)
+        self._start_reported = engine is not None  # the first shard out carries the start
         self._async = hasattr(self.engine, "agenerate")
         # Per step: the columns earlier annotating steps added (see run_step's ``carried``).
         self._carried, carried = [], set()
@@ -336,13 +337,34 @@ class ChainRunner:
             if not step.op.creates_rows:
                 carried |= set(step.op.adds)
 
+    def _start_engine(self, spec: dict, timeout_s: float | None):
+        """The engine, built on the engine thread; an :class:`EngineStartError` with the
+        engine's own message when it fails, or when it has not started after ``timeout_s``
+        (a model that does not load, a GPU that is not there: fail, do not hang)."""
+        from concurrent.futures import TimeoutError as Timeout
+
+        from raydag.engines import make_engine
+
+        what = f"the teacher engine ({spec.get('engine', 'vllm')}, model {spec.get('model')})"
+        started = time.perf_counter()
+        try:
+            engine = self._thread.submit(make_engine, spec, asynchronous=True).result(timeout_s)
+        except Timeout:
+            raise EngineStartError(f"{what} did not start within {timeout_s:g}s "
+                                   "(teacher.start_timeout_s)") from None
+        except Exception as err:
+            cause = (str(err).strip().splitlines() or [""])[-1][:400]
+            raise EngineStartError(f"{what} could not start: {type(err).__name__}: {cause}") from err
+        self.start_seconds = time.perf_counter() - started
+        return engine
+
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
         for shard, payload in zip(batch["shard"], batch["rows"]):
             started_at = time.time()
             if self.ledger is not None and await self.ledger.spent.remote():
                 out.append({"shard": int(shard), "rows": b"", "stats": "[]",
-                            "started_at": started_at, "run": False})
+                            "started_at": started_at, "run": False, **self._engine_start()})
                 continue
             started = time.perf_counter()
             rows, stats = await self.run_chain(json.loads(payload))
@@ -353,8 +375,15 @@ class ChainRunner:
             print(f"raydag: [teacher] shard {int(shard)}: {len(rows)} rows in {seconds:.1f}s "
                   f"({tokens / max(seconds, 1e-9):.0f} output tok/s)", flush=True)
             out.append({"shard": int(shard), "rows": pickle.dumps(rows, protocol=5),
-                        "stats": json.dumps(stats), "started_at": started_at, "run": True})
+                        "stats": json.dumps(stats), "started_at": started_at, "run": True,
+                        **self._engine_start()})
         return pd.DataFrame(out)
+
+    def _engine_start(self) -> dict:
+        """``engine_starts`` 1 and the seconds it took on this actor's first shard out, 0 after:
+        summed over the shards, the job's engine starts and load time."""
+        first, self._start_reported = not self._start_reported, True
+        return {"engine_starts": int(first), "engine_start_seconds": self.start_seconds if first else 0.0}
 
     async def run_chain(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         """Every step over a shard's rows; the output rows in input order (a row's outputs
@@ -430,11 +459,13 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
     """
     location(shard_dir).mkdir(parents=True, exist_ok=True)
     summaries = []
-    for shard, payload, stats, started_at, run in zip(
-            batch["shard"], batch["rows"], batch["stats"], batch["started_at"], batch["run"]):
+    for index, (shard, payload, stats, started_at, run) in enumerate(zip(
+            batch["shard"], batch["rows"], batch["stats"], batch["started_at"], batch["run"])):
+        starts = {key: batch[key].iloc[index] if key in batch else 0
+                  for key in ("engine_starts", "engine_start_seconds")}
         if not run:
             summaries.append({"shard": int(shard), "rows": -1, "stats": stats,
-                              "started_at": float(started_at), "seconds": 0.0})
+                              "started_at": float(started_at), "seconds": 0.0, **starts})
             continue
         rows = pickle.loads(payload)
         if pii_types:
@@ -442,7 +473,7 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
         write_shard(rows, shard_dir, int(shard), json.loads(stats))
         summaries.append({"shard": int(shard), "rows": len(rows), "stats": stats,
                           "started_at": float(started_at),
-                          "seconds": time.time() - float(started_at)})
+                          "seconds": time.time() - float(started_at), **starts})
     return pd.DataFrame(summaries)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -22,7 +22,7 @@ from raydag import console
 from raydag.chain import build_steps, check_contract, create_op, first_rows, shard_rows
 from raydag.config import JobConfig
 from raydag.data import InputRows, raw_lineage, records, stable_hash
-from raydag.errors import RaydagError
+from raydag.errors import RaydagError, raise_engine_start_failure
 from raydag.filters.exact import normalize_text
 from raydag.ops.create import TopicsOp
 from raydag.report import StageTimer
@@ -79,7 +79,8 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
     return shards.map_batches(
         ChainRunner,
         fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
-                               "batch_size": job.teacher.batch_size, "ledger": ledger},
+                               "batch_size": job.teacher.batch_size, "ledger": ledger,
+                               "start_timeout_s": job.teacher.start_timeout_s},
         batch_size=1,
         batch_format="pandas",
         concurrency=actor_pool(job.teacher.pool_size),
@@ -95,7 +96,29 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
     )
 
 
-def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: RunPath) -> list[str] | None:
+@dataclass
+class EngineLoads:
+    """Engine starts over a job and the seconds they took (the report's
+    ``teacher.engine_starts`` and ``teacher.engine_load_seconds``)."""
+
+    starts: int = 0
+    seconds: float = 0.0
+
+    def summaries(self, stream):
+        """The shard summaries of a :func:`generate` stream, counting the engine starts they
+        report; an engine that could not start fails here with its own message."""
+        try:
+            for summary in stream.iter_rows():
+                self.starts += int(summary.get("engine_starts", 0))
+                self.seconds += float(summary.get("engine_start_seconds", 0.0))
+                yield summary
+        except Exception as err:
+            raise_engine_start_failure(err)
+            raise
+
+
+def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: RunPath,
+                  loads: EngineLoads | None = None) -> list[str] | None:
     """For ``zero_shot_topic``: the teacher's topic list, written once as ``topics.json``."""
     import ray
 
@@ -113,9 +136,9 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: RunPath) -
     for attempt in range(attempts):
         seed = job.seed if attempt == 0 else int(stable_hash(job.seed, "topics", attempt, length=8), 16)
         shard_dir = run_dir / "topics_shard" / str(attempt)
-        summary = generate(ray.data.from_items(shard_rows(
+        summary = list((loads or EngineLoads()).summaries(generate(ray.data.from_items(shard_rows(
             with_status([{"request_id": "topics", "request_seed": seed}]), 1)),
-            [Step(name="0:create.topics", op=op)], job, placement, shard_dir).take_all()
+            [Step(name="0:create.topics", op=op)], job, placement, shard_dir)))
         frame = read_frame(shard_path(shard_dir, 0))
         topics = [str(t) for t in frame["topics"].iloc[0]] if "topics" in frame else []
         best = max(best, topics, key=len)
@@ -252,10 +275,45 @@ def _plan_create_shards(batch: pd.DataFrame, *, op, raw_rows: list, num_examples
     return pd.DataFrame(out)
 
 
+@dataclass
+class TeacherProgress:
+    """The teacher stage's shards as they are planned, so that a job that is stopped part-way
+    can still report what finished (:meth:`counts`).
+
+    Attributes:
+        shard_dir: The stage's shard folder (None until the stage starts).
+        shards: Rows per planned shard, every round's so far.
+    """
+
+    shard_dir: RunPath | None = None
+    shards: dict[int, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, Any]:
+        """Counts over the shards written so far, read from their files (a shard in flight
+        when the job stopped is not written, and its rows count as not run): ``planned`` =
+        ``ran`` + ``not_run``, and ``ran`` + ``created`` = ``accepted`` + dropped + quarantined."""
+        finished = finished_shards(self.shard_dir, list(self.shards)) if self.shard_dir else {}
+        stats = total_stats(finished)
+        ran = stats[0]["rows_in"] + stats[0]["passed_through"] if stats else 0
+        outcome: dict[str, Any] = {"accepted": 0, "dropped": {}, "quarantined": {}}
+        for shard in finished:
+            frame = read_frame(shard_path(self.shard_dir, shard), columns=["_status", "_reason"])
+            for (status, reason), n in frame.value_counts(["_status", "_reason"]).items():
+                if status == "accepted":
+                    outcome["accepted"] += int(n)
+                else:
+                    outcome[status][reason] = outcome[status].get(reason, 0) + int(n)
+        planned = sum(self.shards.values())
+        return {"planned": planned, "ran": ran, "not_run": planned - ran,
+                "created": sum(s["created"] for s in stats), **outcome,
+                "shards": {"total": len(self.shards), "finished": len(finished)}}
+
+
 def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | None,
                 inputs: dict[str, pd.DataFrame], run_dir: RunPath, placement: dict[str, Any],
-                timer: StageTimer) -> dict[str, Any]:
-    """Run the chain over every unfinished shard (the outputs are written by finish_outputs)."""
+                timer: StageTimer, progress: TeacherProgress | None = None) -> dict[str, Any]:
+    """Run the chain over every unfinished shard (the outputs are written by finish_outputs).
+    ``progress`` follows the planned shards, for a partial report if the job is stopped."""
     def norms(frame, on: bool) -> frozenset:
         return frozenset(frame["text"].map(normalize_text)) if on and frame is not None else frozenset()
 
@@ -263,7 +321,8 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                     "test_norms": norms(test, job.filters.drop_test_copies),
                     "min_chars": job.filters.min_chars, "max_chars": job.filters.max_chars}
     first = job.stages[0]
-    topics = ensure_topics(job, placement, run_dir)
+    loads = EngineLoads()
+    topics = ensure_topics(job, placement, run_dir, loads)
     shots = create_op(job, topics).shots if first.type == "create" else 0
     if shots and raw is not None:
         per_label = raw["label"].value_counts()
@@ -276,7 +335,9 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
     rounds = first.rounds if first.type == "self_instruct" else 1
     shard_dir = run_dir / "shards"
     max_tokens = job.budget.max_tokens
-    shards: dict[int, int] = {}  # rows per shard, every round's
+    progress = progress if progress is not None else TeacherProgress()
+    progress.shard_dir = shard_dir
+    shards = progress.shards  # rows per shard, every round's
     resumed, planned, grown = 0, 0, []
     stats: list[dict] = []
     finished: dict[int, list[dict]] = {}  # shard -> step counters; each shard's read once
@@ -311,7 +372,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                 # The stream runs to its end: once the ledger is spent, the remaining shards
                 # come back unstarted at once, and the shards in flight still get written.
                 warned = False
-                for summary in stream.iter_rows():
+                for summary in loads.summaries(stream):
                     if summary["rows"] < 0:
                         continue
                     shard_stats = json.loads(summary["stats"])
@@ -342,7 +403,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
             "planned": planned, "not_run": not_run,
             "shards": {"total": len(shards), "resumed": resumed,
                        "run": len(finished) - resumed, "not_run": len(unrun)},
-            "budget_exhausted": budget_exhausted, "steps": steps}
+            "budget_exhausted": budget_exhausted, "steps": steps, "loads": loads}
 
 
 def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: RunPath,
@@ -366,7 +427,8 @@ REPHRASE_FIRST_SHARD = 10**6  # rephrase shards' numbers (and so their rows' _or
 
 
 def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
-                     placement: dict[str, Any]) -> tuple[Any, dict[str, Any], list[dict]]:
+                     placement: dict[str, Any], loads: EngineLoads | None = None
+                     ) -> tuple[Any, dict[str, Any], list[dict]]:
     """Rewrite accepted rows that contain a shortcut word of their label (see
     :func:`raydag.measures.bias.bias_report`) with :class:`raydag.ops.reform.RephraseOp`.
 
@@ -422,7 +484,8 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
             "shards": len(shards), "todo": todo}, batch_format="pandas").groupby(
             "shard", num_partitions=shuffle_partitions(flagged.size_bytes())).map_groups(
             _rephrase_shard, batch_format="pandas").repartition(len(todo))
-        for done_shard in generate(payload, steps, job, placement, folder).iter_rows():
+        for done_shard in (loads or EngineLoads()).summaries(generate(payload, steps, job,
+                                                                      placement, folder)):
             finished[int(done_shard["shard"])] = json.loads(done_shard["stats"])
     if len(finished) != len(shards):
         raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")
@@ -522,6 +585,36 @@ def teacher_totals(stats: list[dict]) -> dict[str, Any]:
             "tokens_out": tokens_out, "engine_seconds": round(engine_seconds, 2),
             # Output tokens per second of engine generate time (start-up excluded).
             "tokens_per_s": round(tokens_out / engine_seconds, 2)}
+
+
+def generation_health(stats: list[dict], warn_share: float) -> dict[str, dict]:
+    """Per step that called the engine: how many of its generated rows were quarantined as
+    unusable, their share of the step's output rows, the reasons, and whether the share
+    passes ``warn_share`` (a prompt or a constraint that the model does not follow; other
+    tools drop such rows silently)."""
+    health = {}
+    for step in stats:
+        if not step["requests"]:
+            continue
+        outputs = step["rows_in"] + step["created"]
+        unusable = sum(step["quarantined"].values())
+        share = unusable / outputs if outputs else 0.0
+        health[step["stage"]] = {"requests": step["requests"], "rows": outputs,
+                                 "unusable": unusable, "share": round(share, 4),
+                                 "reasons": dict(step["quarantined"]), "warn": share > warn_share}
+    return health
+
+
+def warn_unhealthy(health: dict[str, dict], warn_share: float) -> None:
+    """Say which steps passed the unusable share, with their top reasons."""
+    for stage, h in health.items():
+        if h["warn"]:
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(h["reasons"].items(),
+                                                               key=lambda kv: -kv[1])[:3])
+            console.warn(f"[{stage}] {h['unusable']} of {h['rows']} generated rows "
+                         f"({h['share']:.0%}) were unusable ({reasons}); above "
+                         f"teacher.warn_unusable_share={warn_share:g}: check the prompt, "
+                         "max_tokens or the model")
 
 
 def cost_report(job: JobConfig, totals: dict, accepted: int, placement: dict[str, Any],

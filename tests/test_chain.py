@@ -438,6 +438,27 @@ def test_an_async_runner_keeps_several_shards_in_flight_on_one_actor(ray_local, 
     assert starts[3] - starts[0] < 1.0, (starts, seconds)
 
 
+def test_generation_health_gives_each_steps_unusable_share_and_warns_past_the_threshold(capsys):
+    from raydag.teacher import generation_health, warn_unhealthy
+
+    create = {**empty_stats("1:create"), "rows_in": 10, "requests": 10, "accepted": 7,
+              "quarantined": {"truncated_at_max_tokens": 2, "empty_generation": 1}}
+    para = {**empty_stats("2:reform.paraphrase"), "rows_in": 7, "created": 7, "requests": 7,
+            "quarantined": {"unchanged_rewrite": 1}}
+    dedup = {**empty_stats("dedup"), "rows_in": 14, "dropped": {"synthetic_duplicate": 3}}
+    health = generation_health([create, para, dedup], warn_share=0.1)
+    assert set(health) == {"1:create", "2:reform.paraphrase"}  # steps that generated
+    assert health["1:create"] == {"requests": 10, "rows": 10, "unusable": 3, "share": 0.3,
+                                  "reasons": {"truncated_at_max_tokens": 2, "empty_generation": 1},
+                                  "warn": True}
+    assert health["2:reform.paraphrase"]["share"] == round(1 / 14, 4)
+    assert not health["2:reform.paraphrase"]["warn"]
+    warn_unhealthy(health, 0.1)
+    err = capsys.readouterr().err
+    assert "[1:create] 3 of 10 generated rows (30%) were unusable (truncated_at_max_tokens 2" in err
+    assert "paraphrase" not in err
+
+
 def test_the_shard_size_grows_with_the_rows_and_a_run_folder_keeps_its_own(tmp_path):
     from raydag.stages import MAX_ROWS_PER_SHARD, rows_per_shard, shard_layout
 

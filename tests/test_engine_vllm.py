@@ -66,6 +66,43 @@ def test_per_request_seed_gives_the_same_text_in_any_batch(engine):
     assert sum("_reason" not in p for p in parsed) >= 3
 
 
+def test_the_stepped_engine_batches_requests_as_they_come_with_the_same_texts(engine):
+    """The teacher's continuous-batching engine on CPU hosts: requests submitted while others
+    are decoding join the running batch and come back as each finishes, with the texts the
+    batch engine gives the same seeded requests."""
+    import asyncio
+    import time
+
+    import torch
+
+    from raydag.engines import SteppedVLLMEngine
+
+    op = CreateOp(task=TASK, labels=LABELS, shots=2)
+    requests = [op.build_requests(r)[0] for r in op.plan_requests(RAW, 6, seed=5)]
+    short = ChatRequest(({"role": "user", "content": "Say yes."},), max_tokens=2, temperature=0.0)
+    stepped = SteppedVLLMEngine("embedded:smollm2-135m-instruct", max_model_len=1024,
+                                gpu_memory_utilization=0.3)
+
+    async def submit():
+        finished = {}
+
+        async def one(key, request, delay):
+            await asyncio.sleep(delay)
+            completion = await stepped.agenerate(request)
+            finished[key] = time.perf_counter()
+            return completion
+
+        tasks = [one(i, r, 0.0) for i, r in enumerate(requests)] + [one("short", short, 0.3)]
+        return await asyncio.gather(*tasks), finished
+
+    (*created, _), finished = asyncio.run(submit())
+    assert all(c.completion_tokens > 0 for c in created)
+    # The short request came after the others had started and was not held behind them.
+    assert finished["short"] < max(finished[i] for i in range(len(requests)))
+    if not torch.cuda.is_available():  # vLLM promises no batch-invariant kernels on GPUs
+        assert [c.text for c in created] == [c.text for c in engine.generate(requests)]
+
+
 def rows(items):
     return [{**item, "_status": "accepted", "_reason": "", "_stage": ""} for item in items]
 

@@ -1,6 +1,7 @@
 """`jobs/quickstart.yaml` end to end (shrunk by overrides), and bad input through the CLI."""
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +55,13 @@ def test_quickstart_end_to_end_with_real_engine_and_deepspeed(ray_local, tmp_pat
     assert teacher["model"] == "embedded:smollm2-135m-instruct"
     assert teacher["tokens_in"] > 36 * 50 and teacher["tokens_out"] > 36 and teacher["tokens_per_s"] > 0
     assert {"read", "sample", "teacher", "write", "students"} <= set(report["stages"])
+    assert teacher["engine_starts"] >= 1 and teacher["engine_load_seconds"] > 0
+    # Structured-output health: the create step's truncated rows are its unusable share.
+    create = next(iter(teacher["generation_health"].values()))
+    assert create["reasons"]["truncated_at_max_tokens"] == counts["quarantined"]["truncated_at_max_tokens"]
+    assert create["share"] == round(create["unusable"] / create["rows"], 4) > 0
+    assert create["warn"] == (create["share"] > job.teacher.warn_unusable_share)
+    assert create["warn"] == any("were unusable" in line for line in printed + io.err.splitlines())
     log = Path(report["log"])  # the libraries' output, with raydag's own lines
     assert log.parent == out / "logs" and log.is_file()
     text = log.read_text()
@@ -179,6 +187,38 @@ def test_cli_fp16_on_a_cpu_host_fails_before_any_generation(ray_local, tiny_job_
     assert not (tiny_job_files / "out" / "runs").exists()  # only the log was written
 
 
+
+
+@pytest.mark.slow
+def test_cli_a_model_without_weights_fails_fast_with_the_engines_own_error(ray_local, tiny_job_files,
+                                                                          capsys):
+    """A model folder that passes the driver's check (it has a config.json) but whose weights
+    are missing: the engine actor fails to start, and the job fails at once with vLLM's own
+    cause (raised in vLLM's engine core process), not a hang."""
+    import shutil
+
+    from raydag.models import resolve_model
+
+    model = tiny_job_files / "model"
+    source = Path(resolve_model("embedded:smollm2-135m-instruct"))
+    shutil.copytree(source, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    started = time.monotonic()
+    code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"), f"teacher.model={model}",
+                       "student.train_sets=[]", "teacher.start_timeout_s=300")
+    assert code == 2, io.err
+    assert "the teacher engine (vllm, model " in io.err and "could not start" in io.err
+    assert "weights" in io.err.lower(), io.err  # vLLM's cause, from the engine core process
+    assert time.monotonic() - started < 300
+
+
+@pytest.mark.slow
+def test_cli_an_engine_that_does_not_start_in_time_fails_the_job(ray_local, tiny_job_files, capsys):
+    started = time.monotonic()
+    code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"), "student.train_sets=[]",
+                       "teacher.start_timeout_s=1")
+    assert code == 2, io.err
+    assert "did not start within 1s (teacher.start_timeout_s)" in io.err
+    assert time.monotonic() - started < 120
 
 
 # Every row's id, status and reason of the fixed job below, hashed. Measured before the create

@@ -196,7 +196,12 @@ class AsyncVLLMEngine(_ChatCodec):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.model_name = model
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        tail = _StderrTail.installed()  # the engine core's own error, which vLLM only prints
+        try:
+            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        except Exception as err:
+            cause = tail.last_error()
+            raise RuntimeError(f"{cause} (vLLM: {str(err).strip()[:200]})" if cause else str(err)) from err
         self._tokenizer = self._llm.get_tokenizer()
         self._next_id = 0
 
@@ -217,3 +222,139 @@ class AsyncVLLMEngine(_ChatCodec):
     def shutdown(self) -> None:
         """Stop the engine core process."""
         self._llm.shutdown()
+
+
+class SteppedVLLMEngine(_ChatCodec):
+    """Continuous batching with the in-process engine: requests enter vLLM's running batch as
+    they are submitted (:meth:`agenerate`) and come back as each finishes.
+
+    One thread owns the ``vllm.LLM`` (built there, so one OpenMP team computes) and runs the
+    loop that ``LLM.generate`` runs (``add_request``, then ``step`` until nothing is left),
+    except that requests submitted meanwhile join the next step instead of waiting for the
+    batch to finish. vLLM schedules; the thread only hands requests in and results out.
+    On CPU hosts this is the fast form: vLLM's async engine computes in a second process whose
+    front end competes with it for the cores (see :func:`raydag.engines.make_engine`).
+
+    Args:
+        model: Model reference (``embedded:<name>``, Hugging Face id, or local folder).
+        **options: Engine options of :func:`engine_args`.
+    """
+
+    def __init__(self, model: str, **options: Any) -> None:
+        import queue
+        import threading
+
+        self.model_name = model
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        started: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(model, options, started),
+                                        daemon=True, name="raydag-vllm-steps")
+        self._thread.start()
+        error = started.get()
+        if error is not None:
+            raise error
+
+    async def agenerate(self, request: ChatRequest) -> Completion:
+        """Run one request; it joins the engine's running batch at the next step."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put((request, done, loop))
+        return await done
+
+    def _run(self, model: str, options: dict, started) -> None:
+        try:
+            args = engine_args(model, **options)
+            from vllm import LLM
+
+            self._llm = LLM(**args)
+            self._tokenizer = self._llm.get_tokenizer()
+        except Exception as err:  # raised in the caller's thread
+            started.put(err)
+            return
+        started.put(None)
+        from vllm.sampling_params import RequestOutputKind
+
+        engine, waiting, count = self._llm.llm_engine, {}, 0
+        while True:
+            # Block for work only when the engine has none; else take what has come and step.
+            items = [self._inbox.get()] if not waiting else []
+            while not self._inbox.empty():
+                items.append(self._inbox.get())
+            for request, done, loop in items:
+                count += 1
+                key = f"raydag-{count}"
+                try:
+                    params = self._sampling_params(request, output_kind=RequestOutputKind.FINAL_ONLY)
+                    engine.add_request(key, self._prompt(request), params)
+                except Exception as err:
+                    loop.call_soon_threadsafe(_settle, done, None, err)
+                    continue
+                waiting[key] = (done, loop)
+            try:
+                outputs = engine.step()
+            except Exception as err:  # the engine is broken: fail every request in flight
+                for done, loop in waiting.values():
+                    loop.call_soon_threadsafe(_settle, done, None, err)
+                waiting.clear()
+                continue
+            for output in outputs:
+                if output.finished and output.request_id in waiting:
+                    done, loop = waiting.pop(output.request_id)
+                    completion = self._completion(output.prompt_token_ids, output.outputs[0])
+                    loop.call_soon_threadsafe(_settle, done, completion, None)
+
+
+def _settle(future, result, error) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)
+
+
+class _StderrTail:
+    """Keeps the last lines written to this process's stderr (fd 2), passing them on.
+
+    vLLM's async engine core runs in a child process that inherits fd 2; when it fails to
+    start, the parent only learns "Engine core initialization failed. See root cause above."
+    Made before the engine, this routes fd 2 through a pipe whose reader thread copies every
+    line to the real stderr and keeps the last 200, so the cause can be named.
+    """
+
+    _instance: "_StderrTail | None" = None
+
+    @classmethod
+    def installed(cls) -> "_StderrTail":
+        """The process's one tail (made on first use)."""
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self) -> None:
+        import collections
+        import threading
+
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        read, write = os.pipe()
+        self._out = os.dup(2)
+        os.dup2(write, 2)
+        os.close(write)
+        threading.Thread(target=self._copy, args=(read,), daemon=True,
+                         name="raydag-stderr-tail").start()
+
+    def _copy(self, fd: int) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as pipe:
+            pending = b""
+            while chunk := pipe.read(65536):
+                os.write(self._out, chunk)
+                *done, pending = (pending + chunk).split(b"\n")
+                self.lines.extend(line.decode("utf-8", "replace") for line in done)
+
+    def last_error(self) -> str | None:
+        """The last line that names an exception (``SomeError: message``), if any."""
+        import re
+        import time
+
+        time.sleep(0.5)  # let the reader catch up with what the child wrote last
+        found = [line.strip() for line in self.lines
+                 if re.match(r"^\s*(\w+\.)*\w*(Error|Exception): .", line)]
+        return found[-1] if found else None
