@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "scores (mean ± sd over student.seeds) beside their linear probe and majority class, "
         "the table and, last, the report path); everything the libraries print goes to "
         "output_dir/logs/run-<time>.log. Bad input stops the run before any generation with "
-        "'raydag: error: <file>:<line>: <reason>' and exit code 2.",
+        "'raydag: error: <file>:<line>: <reason>' and exit code 2. Ctrl-C or SIGTERM stops it "
+        "cleanly: finished shards are kept, a report marked partial is written, and the exit "
+        "code is 130 (SIGINT) or 143 (SIGTERM); rerun to resume.",
     )
     validate = sub.add_parser(
         "validate", help="check a job file, its data and its output folder without running it",

@@ -136,6 +136,10 @@ class TeacherConfig(StrictModel):
         default=900, gt=0, description="Seconds an engine actor's engine may take to start "
         "(load the model, allocate the KV cache) before the job fails with that cause, "
         "rather than waiting on an engine that will never come.")
+    stall_timeout_s: float = Field(
+        default=1800, gt=0, description="Seconds an engine actor may go with rows in flight "
+        "and none finishing a step before the job fails with a diagnosis (the actor, the "
+        "shard, the rows in flight by step), rather than hanging at 99%.")
     shards_in_flight: int = Field(
         default=4, ge=1, description="Shards each engine actor works on at once. With vLLM, "
         "the rows of all of them share the engine's running batch, each row's next step "

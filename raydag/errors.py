@@ -19,18 +19,24 @@ class ColumnContractError(RaydagError):
 
 class EngineStartError(RaydagError):
     """An engine actor's engine could not start (raised in the actor, re-raised on the driver
-    with the engine's own message by :func:`raise_engine_start_failure`)."""
+    with the engine's own message by :func:`raise_engine_failure`)."""
 
 
-def raise_engine_start_failure(err: BaseException) -> None:
-    """Raise the :class:`EngineStartError` an engine actor died of, with its own message, when
-    ``err`` (a Ray Data failure, which carries the actor's traceback as text) holds one;
-    return otherwise, so the caller re-raises ``err``."""
+class StageStalled(RaydagError):
+    """No row finished a step on an engine actor for ``teacher.stall_timeout_s`` while rows
+    were in flight (raised in the actor with a diagnosis)."""
+
+
+def raise_engine_failure(err: BaseException) -> None:
+    """Raise the :class:`EngineStartError` or :class:`StageStalled` an engine actor failed
+    with, with its own message, when ``err`` (a Ray Data failure, which carries the actor's
+    traceback as text) holds one; return otherwise, so the caller re-raises ``err``."""
     import re
 
-    found = re.findall(r"EngineStartError: (.+)", str(err))
-    if found:
-        raise EngineStartError(found[-1].strip()) from err
+    for kind in (EngineStartError, StageStalled):
+        found = re.findall(rf"{kind.__name__}: (.+)", str(err))
+        if found:
+            raise kind(found[-1].strip()) from err
 
 
 class JobInterrupted(RaydagError):

@@ -24,7 +24,7 @@ import pandas as pd
 
 from raydag.data import stable_hash
 from raydag.engines.base import ChatRequest
-from raydag.errors import ColumnContractError, EngineStartError
+from raydag.errors import ColumnContractError, EngineStartError, StageStalled
 from raydag.filters.exact import later_copies, row_filter_reason, text_key
 from raydag.storage import RunPath, location, read_schema, write_atomically, write_table
 
@@ -315,10 +315,14 @@ class ChainRunner:
 
     def __init__(self, steps: list[Step], engine_spec: dict, engine: Any = None,
                  batch_size: int | None = None, ledger: Any = None,
-                 start_timeout_s: float | None = None) -> None:
+                 start_timeout_s: float | None = None, stall_timeout_s: float | None = None) -> None:
         self.steps = steps
         self.batch_size = batch_size
         self.ledger = ledger
+        # The watchdog's view: rows in flight per step, and when a row last finished a step.
+        self.stall_timeout_s = stall_timeout_s
+        self._in_flight = {step.name: 0 for step in steps}
+        self._last_progress, self._shards_running = time.monotonic(), 0
         # One thread builds a synchronous engine and runs every call to it. Ray Data calls
         # __init__ and __call__ on different threads; a CPU engine driven from two threads gets
         # two OpenMP thread teams, more OpenMP threads than cores, and libgomp then stops
@@ -367,7 +371,7 @@ class ChainRunner:
                             "started_at": started_at, "run": False, **self._engine_start()})
                 continue
             started = time.perf_counter()
-            rows, stats = await self.run_chain(json.loads(payload))
+            rows, stats = await self._watched(self.run_chain(json.loads(payload)), int(shard))
             seconds = time.perf_counter() - started
             tokens = sum(s["tokens_out"] for s in stats)
             if self.ledger is not None:
@@ -378,6 +382,36 @@ class ChainRunner:
                         "stats": json.dumps(stats), "started_at": started_at, "run": True,
                         **self._engine_start()})
         return pd.DataFrame(out)
+
+    async def _watched(self, chain, shard: int):
+        """Await a shard's chain; raise :class:`StageStalled` with a diagnosis when no row has
+        finished a step on this actor for ``stall_timeout_s`` while rows are in flight."""
+        if not self._shards_running:  # an idle actor's wait for work is not a stall
+            self._last_progress = time.monotonic()
+        self._shards_running += 1
+        try:
+            return await self._watch(asyncio.ensure_future(chain), shard)
+        finally:
+            self._shards_running -= 1
+
+    async def _watch(self, task, shard: int):
+        if not self.stall_timeout_s:
+            return await task
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=min(self.stall_timeout_s, 10.0))
+            if done:
+                return task.result()
+            idle = time.monotonic() - self._last_progress
+            if idle >= self.stall_timeout_s:
+                task.cancel()
+                import socket
+
+                waiting = ", ".join(f"{name}: {n}" for name, n in self._in_flight.items() if n)
+                raise StageStalled(
+                    f"no row finished a step for {idle:.0f}s (teacher.stall_timeout_s="
+                    f"{self.stall_timeout_s:g}) on the engine actor pid {os.getpid()} at "
+                    f"{socket.gethostname()}, shard {shard}; rows in flight by step: "
+                    f"{waiting or 'none counted (a synchronous engine call)'}")
 
     def _engine_start(self) -> dict:
         """``engine_starts`` 1 and the seconds it took on this actor's first shard out, 0 after:
@@ -404,8 +438,13 @@ class ChainRunner:
         for step, carried, step_stats, span in zip(self.steps, self._carried, stats, spans):
             timed = any(_applies(step, r) for r in current)
             started = time.perf_counter()
-            parts = await asyncio.gather(*(run_row_step(step, r, self.engine, carried, step_stats)
-                                           for r in current))
+            self._in_flight[step.name] += len(current)
+            try:
+                parts = await asyncio.gather(*(run_row_step(step, r, self.engine, carried,
+                                                            step_stats) for r in current))
+            finally:
+                self._in_flight[step.name] -= len(current)
+            self._last_progress = time.monotonic()
             if timed:
                 span += [started, time.perf_counter()]
             current = [r for part in parts for r in part]
@@ -420,6 +459,7 @@ class ChainRunner:
             batch, batch_stats = rows[start:start + size], []
             for step, carried in zip(self.steps, self._carried):
                 batch, step_stats = run_step(step, batch, self.engine, carried)
+                self._last_progress = time.monotonic()
                 batch_stats.append(step_stats)
             out.extend(batch)
             stats = merge_stats(stats, batch_stats)

@@ -22,7 +22,7 @@ from raydag import console
 from raydag.chain import build_steps, check_contract, create_op, first_rows, shard_rows
 from raydag.config import JobConfig
 from raydag.data import InputRows, raw_lineage, records, stable_hash
-from raydag.errors import RaydagError, raise_engine_start_failure
+from raydag.errors import RaydagError, raise_engine_failure
 from raydag.filters.exact import normalize_text
 from raydag.ops.create import TopicsOp
 from raydag.report import StageTimer
@@ -80,7 +80,8 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
         ChainRunner,
         fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
                                "batch_size": job.teacher.batch_size, "ledger": ledger,
-                               "start_timeout_s": job.teacher.start_timeout_s},
+                               "start_timeout_s": job.teacher.start_timeout_s,
+                               "stall_timeout_s": job.teacher.stall_timeout_s},
         batch_size=1,
         batch_format="pandas",
         concurrency=actor_pool(job.teacher.pool_size),
@@ -106,14 +107,15 @@ class EngineLoads:
 
     def summaries(self, stream):
         """The shard summaries of a :func:`generate` stream, counting the engine starts they
-        report; an engine that could not start fails here with its own message."""
+        report; an engine that could not start, or a stalled stage, fails here with the
+        actor's own message."""
         try:
             for summary in stream.iter_rows():
                 self.starts += int(summary.get("engine_starts", 0))
                 self.seconds += float(summary.get("engine_start_seconds", 0.0))
                 yield summary
         except Exception as err:
-            raise_engine_start_failure(err)
+            raise_engine_failure(err)
             raise
 
 

@@ -417,6 +417,31 @@ def test_an_async_engine_gets_each_rows_next_step_without_waiting_for_the_shard(
     assert got_stats[0]["engine_seconds"] >= 0.5  # the step's first request to its last answer
 
 
+def test_a_stage_that_stops_making_progress_fails_with_a_diagnosis():
+    """The watchdog: the verify step's requests never come back; after stall_timeout_s with
+    rows in flight and none finishing, the shard fails naming the step and the rows waiting."""
+    from raydag.errors import StageStalled
+
+    steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS),
+             Step(name="2:label.verify", op=LabelOp(task=TASK, labels=LABELS, mode="verify"))]
+
+    def delay(request):
+        return 3600.0 if request.choices else 0.01  # verify hangs
+
+    runner = ChainRunner(steps, engine_spec={}, engine=AsyncScriptedEngine(scripted_teacher, delay),
+                         stall_timeout_s=1.0)
+    started = time.perf_counter()
+    with pytest.raises(StageStalled, match=r"no row finished a step for [12]s .*shard 0; rows "
+                                           r"in flight by step: 2:label.verify: 3"):
+        run_shards(runner, pd.DataFrame(shard_rows(plan(3), 3)))
+    assert time.perf_counter() - started < 5
+    # Without the watchdog's limit the same runner would wait; with rows answered it passes.
+    quick = ChainRunner(steps, engine_spec={}, stall_timeout_s=1.0,
+                        engine=AsyncScriptedEngine(scripted_teacher, lambda r: 0.3))
+    out = run_shards(quick, pd.DataFrame(shard_rows(plan(6), 3)))
+    assert list(out["run"]) == [True, True]
+
+
 def test_an_async_runner_keeps_several_shards_in_flight_on_one_actor(ray_local, tmp_path):
     """Ray Data runs the async ChainRunner with max_concurrency: shards overlap on one actor."""
     steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS)]

@@ -185,35 +185,6 @@ def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path
                 sorted(pd.read_parquet(reference["outputs"][folder])["id"])
 
 
-def test_an_engine_actor_killed_mid_run_loses_and_repeats_no_row(ray_local, tmp_path):
-    """SIGKILL the teacher's engine actor once two shards are written: Ray Data restarts it and
-    runs its shards again; every planned row is in the outputs exactly once."""
-    from ray.util.state import list_actors
-
-    small = ["raw_examples=30", "stages.0.num_examples=40", "teacher.batch_size=4",
-             "stages.0.sampling.max_tokens=24", "student.train_sets=[]"]
-    out = tmp_path / "out"
-    proc = start_run(out, small, stderr=subprocess.PIPE)
-    try:
-        wait_for_shards(proc, out, 2)
-        runners = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                   if "ChainRunner" in a.class_name]
-        assert len(runners) == 1, runners
-        os.kill(runners[0].pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=600)
-    finally:
-        stop(proc)
-    assert proc.returncode == 0, err[-3000:]
-    written = len(list(out.glob("runs/*/shards/shard-*.parquet")))
-    report = json.loads((out / "report.json").read_text())
-    assert report["shards"]["total"] == written == 10
-    assert report["teacher"]["engine_starts"] >= 2  # the killed actor's engine, and its successor
-    assert_reconciles(report)
-    assert report["counts"]["planned"] == report["counts"]["ran"] == 40
-    rows = outputs(report)
-    assert rows["id"].is_unique and len(rows) == 40 + report["counts"]["created"]
-
-
 def test_budgets_cap_requests_and_tokens_and_the_report_prices_them(ray_local, tmp_path):
     settings = [f"output_dir={tmp_path / 'out'}", "raw_examples=30", "stages.0.num_examples=200",
                 "budget.max_requests=40", "teacher.batch_size=4", "student.train_sets=[]",
