@@ -128,7 +128,7 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: RunPath,
                    evals: dict[str, list[str]] | None = None,
                    raw_student: str | None = None,
                    placement: dict[str, Any] | None = None,
-                   embeddings: dict | None = None, loads=None) -> dict[str, Any]:
+                   embeddings: dict | None = None, progress=None) -> dict[str, Any]:
     """Deduplicate across shards, apply the novelty filter and the quality passes
     (:func:`raydag.quality.apply_quality`), and write the output folders."""
     from ray.data.expressions import col
@@ -153,7 +153,7 @@ def finish_outputs(job: JobConfig, shards: list[int], shard_dir: RunPath,
     extra_stats: list[dict] = []
     if job.quality.bias.rephrase_flagged and raw is not None:
         rows, quality["rephrase"], extra_stats = rephrase_flagged(rows.materialize(), job, raw,
-                                                                 run_dir, placement, loads)
+                                                                 run_dir, placement, progress)
     rows = rows.materialize()
     columns = ["_status", "_reason"] + (["pii_redacted"] if "pii_redacted" in rows.columns() else [])
     # counts per block, summed here: O(blocks x reasons) on the driver, nothing per row

@@ -31,7 +31,8 @@ from raydag.models import check_model
 from raydag.outputs import (accepted_for_measures, accepted_rows, check_output_dir,
                             discard_stale_report, finish_outputs, input_digests, prepare_run_dir)
 from raydag.quality import eval_splits, measure
-from raydag.report import StageTimer, students_table, write_datacard, write_report
+from raydag.report import (StageTimer, students_table, write_datacard, write_partial_report,
+                           write_report)
 from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
 from raydag.storage import RunPath, copy_file, display, location, write_dataset
 from raydag.teacher import (TeacherProgress, cost_report, generation_health, run_teacher,
@@ -94,7 +95,7 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
             teacher["outputs"] = finish_outputs(
                 job, teacher["finished"], teacher["shard_dir"], run_dir, inputs,
                 raw=raw, evals=eval_splits(job, test, dev), raw_student=raw_student,
-                placement=placement, embeddings=embeddings, loads=teacher["loads"])
+                placement=placement, embeddings=embeddings, progress=progress)
         teacher["stats"] = teacher["stats"] + teacher["outputs"]["extra_stats"]
         counts = reconcile(teacher, pool, test, raw)
         quality = {**teacher["outputs"]["quality"], "pii_raw": raw_pii}
@@ -110,7 +111,7 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
                                                if s not in students]))
     except (KeyboardInterrupt, JobInterrupted) as err:
         name = getattr(err, "signal_name", "SIGINT")
-        report = (write_partial_report(job, run_dir, progress, timer, name, started)
+        report = (write_partial_report(job, run_dir, progress.counts(), timer, name, started)
                   if run_dir is not None else None)
         raise JobInterrupted(name, report) from None
     finally:
@@ -136,8 +137,8 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
                     "stage_seconds": timer.seconds.get("teacher", 0.0),
                     "generation_health": health,
                     # engine actors started over the job, and the seconds their engines took
-                    "engine_starts": teacher["loads"].starts,
-                    "engine_load_seconds": round(teacher["loads"].seconds, 2)},
+                    "engine_starts": progress.starts,
+                    "engine_load_seconds": round(progress.seconds, 2)},
         "per_stage": teacher["stats"],
         "budget": {**json.loads(job.budget.model_dump_json()),
                    "tokens_used": totals["tokens_in"] + totals["tokens_out"],
@@ -185,29 +186,6 @@ def sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def write_partial_report(job: JobConfig, run_dir: RunPath, progress: TeacherProgress,
-                         timer: StageTimer, signal_name: str, started: datetime) -> RunPath:
-    """The report of a job stopped by a signal: ``partial``, the stage it stopped in, and the
-    counts of the shards written so far (they reconcile: see :meth:`TeacherProgress.counts`);
-    a rerun resumes from those shards."""
-    counts = progress.counts()
-    report = {"job": job.name, "partial": True, "stopped_by": signal_name,
-              "stopped_in": timer.current, "started_at": started.isoformat(timespec="seconds"),
-              "stopped_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "output_dir": str(job.output_dir), "run_dir": str(run_dir),
-              "counts": {k: v for k, v in counts.items() if k != "shards"},
-              "shards": counts["shards"], "stages": timer.seconds, "log": console.log_path(),
-              "resume": "rerun the same job: finished shards are kept"}
-    report = json.loads(display(json.dumps(report)))
-    path = run_dir / "report.json"
-    path.write_text(json.dumps(report, indent=2))
-    copy_file(path, location(job.output_dir) / "report.json")
-    console.warn(f"stopped by {signal_name} in [{timer.current}]: {counts['shards']['finished']} "
-                 f"of {counts['shards']['total']} shard(s) written ({counts['ran']} of "
-                 f"{counts['planned']} rows); partial report {display(path)}")
-    return location(job.output_dir) / "report.json"
 
 
 def run_students(job: JobConfig, raw: pd.DataFrame, synthetic,

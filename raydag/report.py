@@ -151,6 +151,35 @@ def write_report(output_dir: Path, report: dict[str, Any]) -> Path:
     return path
 
 
+def write_partial_report(job, run_dir, counts: dict[str, Any], timer: StageTimer,
+                         signal_name: str, started) -> Any:
+    """The report of a job stopped by a signal, in the run folder and at the top of
+    ``output_dir``: ``partial``, the stage it stopped in, and ``counts`` of the shards written
+    so far (:meth:`raydag.teacher.TeacherProgress.counts`: they reconcile); a rerun resumes
+    from those shards. Returns the top-level path."""
+    from datetime import datetime, timezone
+
+    from raydag import console
+    from raydag.storage import copy_file, display, location
+
+    report = {"job": job.name, "partial": True, "stopped_by": signal_name,
+              "stopped_in": timer.current, "started_at": started.isoformat(timespec="seconds"),
+              "stopped_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "output_dir": str(job.output_dir), "run_dir": str(run_dir),
+              "counts": {k: v for k, v in counts.items() if k != "shards"},
+              "shards": counts["shards"], "stages": timer.seconds, "log": console.log_path(),
+              "resume": "rerun the same job: finished shards are kept"}
+    report = json.loads(display(json.dumps(report)))  # no store credentials in a report
+    path = run_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2))
+    top = location(job.output_dir) / "report.json"
+    copy_file(path, top)
+    console.warn(f"stopped by {signal_name} in [{timer.current}]: {counts['shards']['finished']} "
+                 f"of {counts['shards']['total']} shard(s) written ({counts['ran']} of "
+                 f"{counts['planned']} rows); partial report {display(path)}")
+    return top
+
+
 def datacard(report: dict[str, Any]) -> dict[str, Any]:
     """The run's data card: where the data came from, how it was made, what every filter
     removed, and what the data looks like (diversity, shortcut risks, contamination, PII)."""

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import pickle
+import socket
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -389,29 +390,23 @@ class ChainRunner:
         if not self._shards_running:  # an idle actor's wait for work is not a stall
             self._last_progress = time.monotonic()
         self._shards_running += 1
+        task = asyncio.ensure_future(chain)
         try:
-            return await self._watch(asyncio.ensure_future(chain), shard)
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(self.stall_timeout_s or 10.0, 10.0))
+                if done:
+                    return task.result()
+                idle = time.monotonic() - self._last_progress
+                if self.stall_timeout_s and idle >= self.stall_timeout_s:
+                    task.cancel()
+                    waiting = ", ".join(f"{name}: {n}" for name, n in self._in_flight.items() if n)
+                    raise StageStalled(
+                        f"no row finished a step for {idle:.0f}s (teacher.stall_timeout_s="
+                        f"{self.stall_timeout_s:g}) on the engine actor pid {os.getpid()} at "
+                        f"{socket.gethostname()}, shard {shard}; rows in flight by step: "
+                        f"{waiting or 'none counted (a synchronous engine call)'}")
         finally:
             self._shards_running -= 1
-
-    async def _watch(self, task, shard: int):
-        if not self.stall_timeout_s:
-            return await task
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=min(self.stall_timeout_s, 10.0))
-            if done:
-                return task.result()
-            idle = time.monotonic() - self._last_progress
-            if idle >= self.stall_timeout_s:
-                task.cancel()
-                import socket
-
-                waiting = ", ".join(f"{name}: {n}" for name, n in self._in_flight.items() if n)
-                raise StageStalled(
-                    f"no row finished a step for {idle:.0f}s (teacher.stall_timeout_s="
-                    f"{self.stall_timeout_s:g}) on the engine actor pid {os.getpid()} at "
-                    f"{socket.gethostname()}, shard {shard}; rows in flight by step: "
-                    f"{waiting or 'none counted (a synchronous engine call)'}")
 
     def _engine_start(self) -> dict:
         """``engine_starts`` 1 and the seconds it took on this actor's first shard out, 0 after:
@@ -499,10 +494,12 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
     """
     location(shard_dir).mkdir(parents=True, exist_ok=True)
     summaries = []
-    for index, (shard, payload, stats, started_at, run) in enumerate(zip(
-            batch["shard"], batch["rows"], batch["stats"], batch["started_at"], batch["run"])):
-        starts = {key: batch[key].iloc[index] if key in batch else 0
-                  for key in ("engine_starts", "engine_start_seconds")}
+    # the engine starts the runner reports (absent from a frame not made by ChainRunner)
+    batch = batch.assign(**{key: batch.get(key, 0) for key in ("engine_starts", "engine_start_seconds")})
+    for shard, payload, stats, started_at, run, engine_starts, start_seconds in zip(
+            batch["shard"], batch["rows"], batch["stats"], batch["started_at"], batch["run"],
+            batch["engine_starts"], batch["engine_start_seconds"]):
+        starts = {"engine_starts": int(engine_starts), "engine_start_seconds": float(start_seconds)}
         if not run:
             summaries.append({"shard": int(shard), "rows": -1, "stats": stats,
                               "started_at": float(started_at), "seconds": 0.0, **starts})

