@@ -115,7 +115,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path):
     """Kill the driver (SIGKILL) mid-run, rerun: finished shards are kept, the rest are made,
-    and the rows equal those of an uninterrupted run."""
+    and the rows equal those of an uninterrupted run. Then stop a run with SIGTERM, and kill
+    the engine actor of its rerun: the rows are still those of the uninterrupted run."""
+    import ray
 
     small = ["raw_examples=30", "stages.0.num_examples=40", "teacher.batch_size=4",
              "stages.0.sampling.max_tokens=24", "student.train_sets=[]",
@@ -175,8 +177,24 @@ def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path
     assert counts["ran"] + counts["not_run"] == counts["planned"]
     settled = counts["accepted"] + sum(counts["dropped"].values()) + sum(counts["quarantined"].values())
     assert settled == counts["ran"] + counts["created"]
-    resumed = run_job_cli(QUICKSTART, [f"output_dir={stopped}", *small])
+
+    # The rerun loses its engine actor (SIGKILL) once it has written a shard: Ray Data restarts
+    # the actor and runs its shards again, and the rerun still ends with every planned row once.
+    proc = start_run(stopped, small, stderr=subprocess.PIPE)
+    try:
+        wait_for_shards(proc, stopped, written + 1)
+        runners = [a for a in ray._private.state.actors().values()
+                   if "ChainRunner" in a["ActorClassName"] and a["State"] == "ALIVE"]
+        assert runners, "no engine actor alive"
+        os.kill(runners[0]["Pid"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, err[-3000:]
+    resumed = json.loads((stopped / "report.json").read_text())
     assert resumed["shards"]["resumed"] >= partial["shards"]["finished"]
+    assert resumed["shards"]["resumed"] + resumed["shards"]["run"] == 10
+    assert resumed["teacher"]["engine_starts"] >= 2  # the killed actor's engine and its successor
     assert_reconciles(resumed)
     assert resumed["counts"] == reference["counts"]
     for folder in ("synthetic", "dropped", "quarantine"):
