@@ -39,7 +39,8 @@ class TextEncoder:
 
         from raydag.models import resolve_model
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        if os.environ.get("OMP_NUM_THREADS"):  # an actor's threads (unset: torch's default)
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         path = resolve_model(model)
         local = os.path.isdir(path)
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)

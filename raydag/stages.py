@@ -10,6 +10,7 @@ model is loaded once per actor rather than once per stage.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import pickle
@@ -514,16 +515,32 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
     return pd.DataFrame(summaries)
 
 
+# Frames up to this many rows run their small model in this process (one instance per model,
+# kept while the process lives): starting a Ray actor and loading the model in it costs 7-9 s
+# on a CPU host, more than encoding a couple of thousand short texts here.
+LOCAL_MODEL_ROWS = 2048
+
+
+@functools.lru_cache(maxsize=2)
+def _local_model(actor: type, constructor_kwargs: tuple):
+    return actor(**dict(constructor_kwargs))
+
+
 def map_with_model(frame: pd.DataFrame, actor: type, constructor_kwargs: dict, *,
                    batch_size: int = 64, threads: int | None = None) -> pd.DataFrame:
     """Run a Ray Data actor class that holds a small model (the encoder, a student) over a
     frame: one actor per GPU on a cluster with GPUs, else one actor with ``threads`` torch
     threads (default: this machine's cores; see :func:`raydag.resources.model_actor_options`).
-    Rows come back in order."""
+    A frame of at most :data:`LOCAL_MODEL_ROWS` rows runs through the same class in this
+    process instead, in the same batches. Rows come back in order."""
     import ray
 
     from raydag.resources import model_actor_options
 
+    if len(frame) <= LOCAL_MODEL_ROWS:
+        model = _local_model(actor, tuple(sorted(constructor_kwargs.items())))
+        return pd.concat([model(frame.iloc[start:start + batch_size].reset_index(drop=True))
+                          for start in range(0, len(frame), batch_size)], ignore_index=True)
     threads = threads or len(os.sched_getaffinity(0))
     frame = frame.assign(_position=range(len(frame)))
     options = model_actor_options(ray.cluster_resources().get("GPU", 0.0), threads)

@@ -782,7 +782,8 @@ class StudentScorer:
     """
 
     def __init__(self, checkpoint: str, max_length: int = 128) -> None:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        if os.environ.get("OMP_NUM_THREADS"):  # an actor's threads (unset: torch's default)
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         self._tokenizer, self._model, labels = load_student(checkpoint)
         self._device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU actor sees its GPU
         self._model = self._model.to(self._device)

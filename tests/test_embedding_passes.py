@@ -267,9 +267,17 @@ TEXTS = {  # MiniLM cosines measured: A/A2 0.961, B/B2 0.943, P/eval 0.992, Q/ra
 
 
 @pytest.mark.slow
-def test_apply_quality_marks_embedding_copies_with_the_real_encoder(ray_local, tmp_path):
+@pytest.mark.parametrize("where", ["here", "actors"])
+def test_apply_quality_marks_embedding_copies_with_the_real_encoder(ray_local, tmp_path,
+                                                                    monkeypatch, where):
+    """Same marks whether the few rows are encoded in this process (the default for small
+    frames) or by Ray Data encoder actors (as beyond LOCAL_MODEL_ROWS rows)."""
+    import raydag.stages
     from raydag.config import load_job
     from raydag.quality import apply_quality
+
+    if where == "actors":
+        monkeypatch.setattr(raydag.stages, "LOCAL_MODEL_ROWS", 0)
 
     frame = pd.DataFrame({"id": list(TEXTS), "text": list(TEXTS.values()),
                           "_order": range(len(TEXTS)), "_status": "accepted", "_reason": "",
