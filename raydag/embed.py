@@ -31,9 +31,15 @@ class TextEncoder:
         max_length: Tokens per text after truncation.
         keep_text: Whether the output keeps the ``text`` column (the quality passes drop it:
             only the vectors travel on).
+        device: ``cpu`` or ``cuda``; default the GPU when the process sees one.
     """
 
-    def __init__(self, model: str, max_length: int = 128, keep_text: bool = True) -> None:
+    # A model reference names fixed weights, so one instance may serve a whole process (see
+    # raydag.stages.map_with_model).
+    shareable = True
+
+    def __init__(self, model: str, max_length: int = 128, keep_text: bool = True,
+                 device: str | None = None) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -44,7 +50,7 @@ class TextEncoder:
         path = resolve_model(model)
         local = os.path.isdir(path)
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU actor sees its GPU
+        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # an actor sees its GPU
         self._model = AutoModel.from_pretrained(path, local_files_only=local).eval().to(self._device)
         self._max_length = max_length
         self._keep_text = keep_text

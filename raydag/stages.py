@@ -515,14 +515,16 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
     return pd.DataFrame(summaries)
 
 
-# Frames up to this many rows run their small model in this process (one instance per model,
-# kept while the process lives): starting a Ray actor and loading the model in it costs 7-9 s
-# on a CPU host, more than encoding a couple of thousand short texts here.
+# Frames up to this many rows run their small model in this process, on its CPU: starting a
+# Ray actor and loading the model in it costs 7-9 s on a CPU host, more than encoding a couple
+# of thousand short texts here.
 LOCAL_MODEL_ROWS = 2048
 
 
 @functools.lru_cache(maxsize=2)
-def _local_model(actor: type, constructor_kwargs: tuple):
+def _shared_local_model(actor: type, constructor_kwargs: tuple):
+    """One instance per model for the process, for classes whose weights never change
+    (``shareable``: the encoder); a student checkpoint is loaded each time."""
     return actor(**dict(constructor_kwargs))
 
 
@@ -538,7 +540,9 @@ def map_with_model(frame: pd.DataFrame, actor: type, constructor_kwargs: dict, *
     from raydag.resources import model_actor_options
 
     if len(frame) <= LOCAL_MODEL_ROWS:
-        model = _local_model(actor, tuple(sorted(constructor_kwargs.items())))
+        kwargs = {**constructor_kwargs, "device": "cpu"}  # a GPU here may be an engine's
+        model = (_shared_local_model(actor, tuple(sorted(kwargs.items())))
+                 if getattr(actor, "shareable", False) else actor(**kwargs))
         return pd.concat([model(frame.iloc[start:start + batch_size].reset_index(drop=True))
                           for start in range(0, len(frame), batch_size)], ignore_index=True)
     threads = threads or len(os.sched_getaffinity(0))

@@ -779,13 +779,14 @@ class StudentScorer:
     Args:
         checkpoint: Folder of a student saved by :func:`save_student`.
         max_length: Tokens per text after truncation.
+        device: ``cpu`` or ``cuda``; default the GPU when the process sees one.
     """
 
-    def __init__(self, checkpoint: str, max_length: int = 128) -> None:
+    def __init__(self, checkpoint: str, max_length: int = 128, device: str | None = None) -> None:
         if os.environ.get("OMP_NUM_THREADS"):  # an actor's threads (unset: torch's default)
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         self._tokenizer, self._model, labels = load_student(checkpoint)
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU actor sees its GPU
+        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # an actor sees its GPU
         self._model = self._model.to(self._device)
         self._label2id = {label: i for i, label in enumerate(labels)}
         self._max_length = max_length
