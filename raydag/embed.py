@@ -23,6 +23,17 @@ import numpy as np
 import pandas as pd
 
 
+def model_device(device: str | None) -> str:
+    """Set up torch for a small model in this process and return its device: an actor's
+    threads (``OMP_NUM_THREADS``; unset outside actors: torch's default), and ``device`` or
+    the GPU when the process sees one."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class TextEncoder:
     """Ray Data actor: adds ``_embedding`` (float32 list) to each row from its ``text``.
 
@@ -40,17 +51,14 @@ class TextEncoder:
 
     def __init__(self, model: str, max_length: int = 128, keep_text: bool = True,
                  device: str | None = None) -> None:
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         from raydag.models import resolve_model
 
-        if os.environ.get("OMP_NUM_THREADS"):  # an actor's threads (unset: torch's default)
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self._device = model_device(device)
         path = resolve_model(model)
         local = os.path.isdir(path)
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # an actor sees its GPU
         self._model = AutoModel.from_pretrained(path, local_files_only=local).eval().to(self._device)
         self._max_length = max_length
         self._keep_text = keep_text

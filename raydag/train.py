@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from raydag.config import StudentConfig
-from raydag.embed import pool_states
+from raydag.embed import model_device, pool_states
 from raydag.data import preserving_order
 from raydag.errors import RaydagError
 from raydag.storage import arrow, is_uri, location
@@ -783,10 +783,8 @@ class StudentScorer:
     """
 
     def __init__(self, checkpoint: str, max_length: int = 128, device: str | None = None) -> None:
-        if os.environ.get("OMP_NUM_THREADS"):  # an actor's threads (unset: torch's default)
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self._device = model_device(device)
         self._tokenizer, self._model, labels = load_student(checkpoint)
-        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # an actor sees its GPU
         self._model = self._model.to(self._device)
         self._label2id = {label: i for i, label in enumerate(labels)}
         self._max_length = max_length

@@ -60,8 +60,6 @@ def embed_accepted(rows, model: str, *, exclude_ids: list[str] | None = None):
 
     check_dataset_columns("embedding passes", REQUIRED_COLUMNS, rows)
     accepted = _is_candidate(exclude_ids) if exclude_ids else col("_status") == "accepted"
-    options = model_actor_options(ray.cluster_resources().get("GPU", 0.0),
-                                  len(os.sched_getaffinity(0)))
     # Materialised first: an encoder actor that holds a CPU while the filter task upstream of
     # it waits for one deadlocks a small cluster (measured: a judge replica up beside a job on
     # 2 CPUs left the filter pending forever).
@@ -69,6 +67,8 @@ def embed_accepted(rows, model: str, *, exclude_ids: list[str] | None = None):
     if wanted.count() <= LOCAL_MODEL_ROWS:  # a few rows: this process's encoder, no actor
         frame = map_with_model(wanted.to_pandas(), TextEncoder, {"model": model, "keep_text": False})
         return ray.data.from_pandas(frame).materialize()
+    options = model_actor_options(ray.cluster_resources().get("GPU", 0.0),
+                                  len(os.sched_getaffinity(0)))
     return wanted.map_batches(
         TextEncoder, fn_constructor_kwargs={"model": model, "keep_text": False}, batch_size=64,
         batch_format="pandas", **options).materialize()
