@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import time
+import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -334,7 +335,10 @@ class ChainRunner:
         self.start_seconds = 0.0
         self.engine = engine if engine is not None else self._start_engine(engine_spec,
                                                                            start_timeout_s)
-        self._start_reported = engine is not None  # the first shard out carries the start
+        # Every shard out names this engine: the driver counts the distinct names. (A flag on
+        # an actor's first shard out undercounts: when Ray restarts a killed actor and runs
+        # its task again, the task's outputs already delivered are kept and the repeats dropped.)
+        self.engine_id = "" if engine is not None else uuid.uuid4().hex
         self._async = hasattr(self.engine, "agenerate")
         # Per step: the columns earlier annotating steps added (see run_step's ``carried``).
         self._carried, carried = [], set()
@@ -370,7 +374,7 @@ class ChainRunner:
             started_at = time.time()
             if self.ledger is not None and await self.ledger.spent.remote():
                 out.append({"shard": int(shard), "rows": b"", "stats": "[]",
-                            "started_at": started_at, "run": False, **self._engine_start()})
+                            "started_at": started_at, "run": False, **self._engine_start})
                 continue
             started = time.perf_counter()
             rows, stats = await self._watched(self.run_chain(json.loads(payload)), int(shard))
@@ -382,7 +386,7 @@ class ChainRunner:
                   f"({tokens / max(seconds, 1e-9):.0f} output tok/s)", flush=True)
             out.append({"shard": int(shard), "rows": pickle.dumps(rows, protocol=5),
                         "stats": json.dumps(stats), "started_at": started_at, "run": True,
-                        **self._engine_start()})
+                        **self._engine_start})
         return pd.DataFrame(out)
 
     async def _watched(self, chain, shard: int):
@@ -409,11 +413,11 @@ class ChainRunner:
         finally:
             self._shards_running -= 1
 
+    @property
     def _engine_start(self) -> dict:
-        """``engine_starts`` 1 and the seconds it took on this actor's first shard out, 0 after:
-        summed over the shards, the job's engine starts and load time."""
-        first, self._start_reported = not self._start_reported, True
-        return {"engine_starts": int(first), "engine_start_seconds": self.start_seconds if first else 0.0}
+        """This actor's engine (``engine_id``, empty for an engine passed in) and the seconds
+        it took to start: see :class:`raydag.teacher.TeacherProgress`."""
+        return {"engine_id": self.engine_id, "engine_start_seconds": self.start_seconds}
 
     async def run_chain(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         """Every step over a shard's rows; the output rows in input order (a row's outputs
@@ -495,12 +499,13 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
     """
     location(shard_dir).mkdir(parents=True, exist_ok=True)
     summaries = []
-    # the engine starts the runner reports (absent from a frame not made by ChainRunner)
-    batch = batch.assign(**{key: batch.get(key, 0) for key in ("engine_starts", "engine_start_seconds")})
-    for shard, payload, stats, started_at, run, engine_starts, start_seconds in zip(
+    # the engine the runner names (absent from a frame not made by ChainRunner)
+    batch = batch.assign(engine_id=batch.get("engine_id", ""),
+                         engine_start_seconds=batch.get("engine_start_seconds", 0.0))
+    for shard, payload, stats, started_at, run, engine_id, start_seconds in zip(
             batch["shard"], batch["rows"], batch["stats"], batch["started_at"], batch["run"],
-            batch["engine_starts"], batch["engine_start_seconds"]):
-        starts = {"engine_starts": int(engine_starts), "engine_start_seconds": float(start_seconds)}
+            batch["engine_id"], batch["engine_start_seconds"]):
+        starts = {"engine_id": str(engine_id), "engine_start_seconds": float(start_seconds)}
         if not run:
             summaries.append({"shard": int(shard), "rows": -1, "stats": stats,
                               "started_at": float(started_at), "seconds": 0.0, **starts})

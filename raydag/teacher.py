@@ -265,23 +265,30 @@ class TeacherProgress:
     Attributes:
         shard_dir: The stage's shard folder (None until the stage starts).
         shards: Rows per planned shard, every round's so far.
-        starts: Engine actors started over the job.
-        seconds: Seconds their engines took to start.
+        engines: Seconds each engine that made shards took to start, by engine id; ``starts``
+            (their number) and ``seconds`` (their sum) are the report's.
     """
 
     shard_dir: RunPath | None = None
     shards: dict[int, int] = field(default_factory=dict)
-    starts: int = 0
-    seconds: float = 0.0
+    engines: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def starts(self) -> int:
+        return len(self.engines)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.engines.values())
 
     def summaries(self, stream):
-        """The shard summaries of a :func:`generate` stream, counting the engine starts they
-        report; an engine that could not start, or a stalled stage, fails here with the
-        actor's own message."""
+        """The shard summaries of a :func:`generate` stream, counting the engines that made
+        them (each shard names its engine); an engine that could not start, or a stalled
+        stage, fails here with the actor's own message."""
         try:
             for summary in stream.iter_rows():
-                self.starts += int(summary["engine_starts"])
-                self.seconds += float(summary["engine_start_seconds"])
+                if summary["engine_id"]:
+                    self.engines[summary["engine_id"]] = float(summary["engine_start_seconds"])
                 yield summary
         except Exception as err:
             raise_engine_failure(err)

@@ -589,7 +589,8 @@ def signature(overrides=(), digests=DIGESTS):
 @pytest.mark.parametrize("override", [
     "teacher.concurrency=4", "teacher.cpu_threads=3", "student.epochs=7",
     "output_dir=/tmp/elsewhere", "budget.max_tokens=5000", "cost.usd_per_gpu_hour=2.5",
-    "name=renamed", "teacher.num_gpus=0.5",
+    "name=renamed", "teacher.num_gpus=0.5", "teacher.shards_in_flight=1",
+    "teacher.stall_timeout_s=60",
 ])
 def test_run_signature_ignores_resource_settings(override):
     assert signature([override]) == signature()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,15 +89,51 @@ def test_job_runs_on_the_embedded_teacher(ray_local, tmp_path, name):
         assert len(topics) >= 2 and set(rows["topic"]) <= set(topics)
 
 
-def start_run(out: Path, overrides: list[str], stderr=subprocess.DEVNULL) -> subprocess.Popen:
+def start_run(out: Path, overrides: list[str], stderr=subprocess.DEVNULL,
+              stdout=subprocess.DEVNULL, verbose: bool = False) -> subprocess.Popen:
     """``raydag run`` of the quickstart in a process of its own, on this test's Ray."""
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.Popen([sys.executable, "-m", "raydag.cli", "run", str(QUICKSTART),
-                             f"output_dir={out}", *overrides], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                            start_new_session=True)
+                             f"output_dir={out}", *overrides, *(["--verbose"] if verbose else [])],
+                            env=env, cwd=ROOT,
+                            stdout=stdout, stderr=stderr, text=True, start_new_session=True)
+
+
+# Ray prefixes what an actor prints with its class and pid (and colour codes): "(MapWorker(
+# MapBatches(ChainRunner)) pid=123[, ip=...]) raydag: [teacher] shard 4: ..." once the actor
+# has finished a shard. `raydag run --verbose` shows it live.
+SHARD_OUT = re.compile(r"ChainRunner\)*\s+pid=(\d+)[^)]*\)\S*\s+raydag: \[teacher\] shard \d+:")
+
+
+def engine_actor_with_shards_out(proc: subprocess.Popen, lines: list[str],
+                                 count: int) -> tuple[int, threading.Thread]:
+    """Collect the run's output (stdout with stderr) into ``lines`` on a thread; return the pid
+    of the first engine actor to finish ``count`` shards, and the thread. Fail if the run ends
+    or stalls first."""
+    found = threading.Event()
+    done: dict[int, int] = {}  # shards out, by actor pid
+    chosen: list[int] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            match = SHARD_OUT.search(line)
+            if match:
+                pid = int(match.group(1))
+                done[pid] = done.get(pid, 0) + 1
+                if done[pid] == count and not chosen:
+                    chosen.append(pid)
+                    found.set()
+        found.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert found.wait(300), f"no engine actor finished {count} shards in 300 s"
+    assert chosen, (f"the run ended before an engine actor finished {count} shards:\n"
+                    + "".join(lines[-40:]))
+    return chosen[0], reader
 
 
 def wait_for_shards(proc: subprocess.Popen, out: Path, count: int) -> None:
@@ -117,8 +155,6 @@ def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path
     """Kill the driver (SIGKILL) mid-run, rerun: finished shards are kept, the rest are made,
     and the rows equal those of an uninterrupted run. Then stop a run with SIGTERM, and kill
     the engine actor of its rerun: the rows are still those of the uninterrupted run."""
-    import ray
-
     small = ["raw_examples=30", "stages.0.num_examples=40", "teacher.batch_size=4",
              "stages.0.sampling.max_tokens=24", "student.train_sets=[]",
              # float32: a resumed run meets a cold prefix cache, and bf16 kernels with AMX
@@ -178,19 +214,21 @@ def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path
     settled = counts["accepted"] + sum(counts["dropped"].values()) + sum(counts["quarantined"].values())
     assert settled == counts["ran"] + counts["created"]
 
-    # The rerun loses its engine actor (SIGKILL) once it has written a shard: Ray Data restarts
-    # the actor and runs its shards again, and the rerun still ends with every planned row once.
-    proc = start_run(stopped, small, stderr=subprocess.PIPE)
+    # The rerun loses its engine actor (SIGKILL) once the actor has finished two shards (the
+    # first is surely delivered: the second started after it): Ray Data restarts the actor and
+    # runs the shard it held again, and the rerun still ends with every planned row once. One
+    # shard in flight, so shards are left to the actor's successor.
+    lines: list[str] = []
+    proc = start_run(stopped, [*small, "teacher.shards_in_flight=1"],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, verbose=True)
     try:
-        wait_for_shards(proc, stopped, written + 1)
-        runners = [a for a in ray._private.state.actors().values()
-                   if "ChainRunner" in a["ActorClassName"] and a["State"] == "ALIVE"]
-        assert runners, "no engine actor alive"
-        os.kill(runners[0]["Pid"], signal.SIGKILL)
-        _, err = proc.communicate(timeout=600)
+        pid, reader = engine_actor_with_shards_out(proc, lines, 2)
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=600)
+        reader.join(timeout=30)  # the run's last lines
     finally:
         stop(proc)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, "".join(lines[-60:])
     resumed = json.loads((stopped / "report.json").read_text())
     assert resumed["shards"]["resumed"] >= partial["shards"]["finished"]
     assert resumed["shards"]["resumed"] + resumed["shards"]["run"] == 10

@@ -55,7 +55,7 @@ def test_quickstart_end_to_end_with_real_engine_and_deepspeed(ray_local, tmp_pat
     assert teacher["model"] == "embedded:smollm2-135m-instruct"
     assert teacher["tokens_in"] > 36 * 50 and teacher["tokens_out"] > 36 and teacher["tokens_per_s"] > 0
     assert {"read", "sample", "teacher", "write", "students"} <= set(report["stages"])
-    assert teacher["engine_starts"] >= 1 and teacher["engine_load_seconds"] > 0
+    assert teacher["engine_starts"] == 1 and teacher["engine_load_seconds"] > 0
     # Structured-output health: the create step's truncated rows are its unusable share.
     create = next(iter(teacher["generation_health"].values()))
     assert create["reasons"]["truncated_at_max_tokens"] == counts["quarantined"]["truncated_at_max_tokens"]
