@@ -29,7 +29,7 @@ from raydag.report import StageTimer
 from raydag.resources import actor_pool, teacher_runtime_env
 from raydag.stages import (ChainRunner, Step, TokenLedger, finished_shards, merge_stats,
                            publish_shards, rows_per_shard, shard_layout, shard_path, shuffle_partitions,
-                           total_stats, with_status)
+                           total_stats, warm_publisher, with_status)
 from raydag.storage import RunPath, read_dataset, read_frame
 
 
@@ -76,6 +76,9 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
         The lazy Ray Data dataset of shard summaries (``shard``, ``rows``, ``stats``,
         ``started_at``, ``seconds``).
     """
+    import ray
+
+    ray.remote(warm_publisher).remote()  # runs while the engines load; nothing waits on it
     return shards.map_batches(
         ChainRunner,
         fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
