@@ -35,8 +35,8 @@ from raydag.report import (StageTimer, students_table, write_datacard, write_par
                            write_report)
 from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
 from raydag.storage import RunPath, copy_file, display, location, write_dataset
-from raydag.teacher import (TeacherProgress, cost_report, generation_health, run_teacher,
-                            teacher_totals, warn_unhealthy)
+from raydag.teacher import (TeacherProgress, cost_report, engine_pool, generation_health, run_teacher,
+                            shares_engines, teacher_totals, warn_unhealthy)
 
 
 def run_job(job: JobConfig) -> RunPath:
@@ -65,9 +65,11 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
                      + ", ".join(f"{k} {v}" for k, v in bad_rows["by_reason"].items())
                      + "; the report lists them")
     autoscaling = may_autoscale()
-    run_dir, progress = None, TeacherProgress()
+    run_dir, progress, placement = None, TeacherProgress(), None
     try:
         placement = plan_placement(job, cluster)
+        if shares_engines(job):  # one engine pool for every teacher pass of the job
+            placement["engine_pool"] = engine_pool(job, placement)
         console.say(f"teacher dtype {placement['teacher_dtype']['dtype'] or '-'} "
                     f"({placement['teacher_dtype']['reason']}); student precision "
                     f"{placement['student_precision']['precision']} "
@@ -88,6 +90,7 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
         students, raw_student = {}, None
         dev = inputs.get("dev")
         if job.quality.consistency.pvi_threshold is not None and "raw" in job.student.train_sets:
+            stop_engine_pool(placement)  # the student's workers need the engines' CPUs or GPUs
             students = run_students(job, raw, None, test, dev, run_dir, placement["student"],
                                     timer, only=["raw"])
             raw_student = students["raw"]["checkpoint"]
@@ -96,6 +99,7 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
                 job, teacher["finished"], teacher["shard_dir"], run_dir, inputs,
                 raw=raw, evals=eval_splits(job, test, dev), raw_student=raw_student,
                 placement=placement, embeddings=embeddings, progress=progress)
+        stop_engine_pool(placement)  # the teacher's last pass (the rephrasing) is done
         teacher["stats"] = teacher["stats"] + teacher["outputs"]["extra_stats"]
         counts = reconcile(teacher, pool, test, raw)
         quality = {**teacher["outputs"]["quality"], "pii_raw": raw_pii}
@@ -115,6 +119,7 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
                   if run_dir is not None else None)
         raise JobInterrupted(name, report) from None
     finally:
+        stop_engine_pool(placement)
         if autoscaling:
             release_resource_requests()
 
@@ -165,6 +170,13 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
     if students:
         console.show(students_table(students))
     return out / "report.json"
+
+
+def stop_engine_pool(placement: dict | None) -> None:
+    """Stop the job's engine pool, if it has one (a later teacher pass starts it again)."""
+    pool = (placement or {}).get("engine_pool")
+    if pool is not None:
+        pool.stop()
 
 
 @contextmanager

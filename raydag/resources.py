@@ -53,9 +53,10 @@ def actor_pool(pool_size: tuple[int, int]) -> int | tuple[int, int]:
     return low if low == high else (low, high)
 
 
-def judge_replica_options(per_actor: dict, cpu_threads: int | None) -> dict:
-    """Ray actor options of one judge replica on Ray Serve: the teacher actor's resources and
-    environment (see :func:`teacher_actor_resources`, :func:`teacher_runtime_env`)."""
+def engine_replica_options(per_actor: dict, cpu_threads: int | None) -> dict:
+    """Ray actor options of one engine replica on Ray Serve (the judge endpoint's, a job's
+    engine pool's): the teacher actor's resources and environment (see
+    :func:`teacher_actor_resources`, :func:`teacher_runtime_env`)."""
     options = {key: value for key, value in per_actor.items()}
     env = teacher_runtime_env(cpu_threads)
     if env:

@@ -255,7 +255,7 @@ def judge_deployment(job: JobConfig, cluster: dict[str, float]):
     """The bound Serve application for ``job``'s judge: replica resources, autoscaling and
     batching from the job (see :mod:`raydag.resources` for the placement math)."""
     from raydag.chain import judge_op_kwargs
-    from raydag.resources import judge_replica_options, teacher_placement
+    from raydag.resources import engine_replica_options, teacher_placement
     from raydag.teacher import engine_spec
 
     if job.teacher.engine != "vllm":
@@ -268,7 +268,7 @@ def judge_deployment(job: JobConfig, cluster: dict[str, float]):
     op_kwargs = {**judge_op_kwargs(judge_stage(job)), "rationale": False}
     scaling = cfg.autoscaling
     return JudgeServer.options(
-        ray_actor_options=judge_replica_options(placement["teacher_actor"],
+        ray_actor_options=engine_replica_options(placement["teacher_actor"],
                                                 placement["teacher_cpu_threads"]),
         max_ongoing_requests=cfg.max_ongoing_requests,
         autoscaling_config={

@@ -335,11 +335,13 @@ class ChainRunner:
         self.start_seconds = 0.0
         self.engine = engine if engine is not None else self._start_engine(engine_spec,
                                                                            start_timeout_s)
-        # Every shard out names this engine and its start time; the driver counts the distinct
-        # names (see raydag.teacher.TeacherProgress). A flag on each actor's first shard out
-        # was seen to count 1 where a killed actor and its successor had both made shards.
-        self._engine_fields = {"engine_id": "" if engine is not None else uuid.uuid4().hex,
-                               "engine_start_seconds": self.start_seconds}
+        # Every shard out names the engines that served it, with their start seconds: this
+        # actor's own, or those of the job's engine pool that answered (a ServedEngine's
+        # ``engines``). The driver counts the distinct names (raydag.teacher.TeacherProgress).
+        # A flag on each actor's first shard out was seen to count 1 where a killed actor and
+        # its successor had both made shards.
+        own = engine is None and not hasattr(self.engine, "engines")
+        self._own_engine = {uuid.uuid4().hex: self.start_seconds} if own else {}
         self._async = hasattr(self.engine, "agenerate")
         # Per step: the columns earlier annotating steps added (see run_step's ``carried``).
         self._carried, carried = [], set()
@@ -375,7 +377,7 @@ class ChainRunner:
             started_at = time.time()
             if self.ledger is not None and await self.ledger.spent.remote():
                 out.append({"shard": int(shard), "rows": b"", "stats": "[]",
-                            "started_at": started_at, "run": False, **self._engine_fields})
+                            "started_at": started_at, "run": False, "engines": self._engines()})
                 continue
             started = time.perf_counter()
             rows, stats = await self._watched(self.run_chain(json.loads(payload)), int(shard))
@@ -387,8 +389,12 @@ class ChainRunner:
                   f"({tokens / max(seconds, 1e-9):.0f} output tok/s)", flush=True)
             out.append({"shard": int(shard), "rows": pickle.dumps(rows, protocol=5),
                         "stats": json.dumps(stats), "started_at": started_at, "run": True,
-                        **self._engine_fields})
+                        "engines": self._engines()})
         return pd.DataFrame(out)
+
+    def _engines(self) -> str:
+        """The engines that served this actor so far, by id: their start seconds (JSON)."""
+        return json.dumps({**self._own_engine, **getattr(self.engine, "engines", {})})
 
     async def _watched(self, chain, shard: int):
         """Await a shard's chain; raise :class:`StageStalled` with a diagnosis when no row has
@@ -504,16 +510,14 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
     """
     location(shard_dir).mkdir(parents=True, exist_ok=True)
     summaries = []
-    # the engine the runner names (absent from a frame not made by ChainRunner)
-    batch = batch.assign(engine_id=batch.get("engine_id", ""),
-                         engine_start_seconds=batch.get("engine_start_seconds", 0.0))
-    for shard, payload, stats, started_at, run, engine_id, start_seconds in zip(
+    # the engines the runner names (absent from a frame not made by ChainRunner)
+    engines = batch["engines"] if "engines" in batch else ["{}"] * len(batch)
+    for shard, payload, stats, started_at, run, served_by in zip(
             batch["shard"], batch["rows"], batch["stats"], batch["started_at"], batch["run"],
-            batch["engine_id"], batch["engine_start_seconds"]):
-        starts = {"engine_id": str(engine_id), "engine_start_seconds": float(start_seconds)}
+            engines):
         if not run:
             summaries.append({"shard": int(shard), "rows": -1, "stats": stats,
-                              "started_at": float(started_at), "seconds": 0.0, **starts})
+                              "started_at": float(started_at), "seconds": 0.0, "engines": served_by})
             continue
         rows = pickle.loads(payload)
         if pii_types:
@@ -521,7 +525,7 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
         write_shard(rows, shard_dir, int(shard), json.loads(stats))
         summaries.append({"shard": int(shard), "rows": len(rows), "stats": stats,
                           "started_at": float(started_at),
-                          "seconds": time.time() - float(started_at), **starts})
+                          "seconds": time.time() - float(started_at), "engines": served_by})
     return pd.DataFrame(summaries)
 
 

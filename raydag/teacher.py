@@ -26,7 +26,8 @@ from raydag.errors import RaydagError, raise_engine_failure
 from raydag.filters.exact import normalize_text
 from raydag.ops.create import TopicsOp
 from raydag.report import StageTimer
-from raydag.resources import actor_pool, teacher_runtime_env
+from raydag.engines.served import EnginePool
+from raydag.resources import actor_pool, engine_replica_options, teacher_runtime_env
 from raydag.stages import (ChainRunner, Step, TokenLedger, finished_shards, merge_stats,
                            publish_shards, rows_per_shard, shard_layout, shard_path, shuffle_partitions,
                            total_stats, warm_publisher, with_status)
@@ -55,6 +56,30 @@ def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def shares_engines(job: JobConfig) -> bool:
+    """Whether the job's teacher makes more than one pass over its engines (the topic list and
+    the zero-shot-topic stage, self-instruct rounds, the shortcut rephrasing after the stage),
+    so that its vLLM engines are loaded once for the job in an :func:`engine_pool` rather than
+    once per pass. A one-pass job keeps its engines in the stage's actors: no Serve start."""
+    first = job.stages[0]
+    return job.teacher.engine == "vllm" and (
+        (first.type == "create" and first.method == "zero_shot_topic")
+        or (first.type == "self_instruct" and first.rounds > 1)
+        or job.quality.bias.rephrase_flagged)
+
+
+def engine_pool(job: JobConfig, placement: dict[str, Any]) -> EnginePool:
+    """The job's engine pool (started on first use): ``teacher.pool_size`` replicas of the
+    engine actor's resources, autoscaled on ``batch_size * shards_in_flight`` requests in flight
+    per replica (what one actor of a stage keeps in flight)."""
+    teacher = job.teacher
+    return EnginePool(engine_spec(job, placement), teacher.pool_size,
+                      engine_replica_options(placement["teacher_actor"],
+                                             placement["teacher_cpu_threads"]),
+                      target_ongoing_requests=teacher.batch_size * teacher.shards_in_flight,
+                      start_timeout_s=teacher.start_timeout_s)
+
+
 def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any], shard_dir: RunPath,
              ledger: Any = None):
     """The teacher stage: shard rows -> ChainRunner engine actors -> publish_shards tasks
@@ -67,7 +92,8 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
         shards: A Ray Data dataset of shard rows (see :func:`raydag.chain.shard_rows`).
         steps: The operator chain (see :func:`raydag.chain.build_steps`).
         job: The job; its ``teacher`` section sets the engine and the actor pool.
-        placement: From :func:`raydag.resources.plan_placement`.
+        placement: From :func:`raydag.resources.plan_placement`; with an ``engine_pool``
+            (:func:`engine_pool`), the actors send their requests to it.
         shard_dir: Where the shard files go.
         ledger: A :class:`raydag.stages.TokenLedger` when the job has a token budget; shards
             that find it spent do not start (their summary has ``rows`` -1).
@@ -78,10 +104,16 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
     """
     import ray
 
+    pool = placement.get("engine_pool")
+    if pool is not None:  # the job's engines (started on first use); the actors only forward
+        spec, actor, runtime_env = pool.spec(), {"num_cpus": 0.0, "num_gpus": 0.0}, None
+    else:
+        spec, actor = engine_spec(job, placement), placement["teacher_actor"]
+        runtime_env = teacher_runtime_env(placement["teacher_cpu_threads"])
     ray.remote(warm_publisher).remote()  # runs while the engines load; nothing waits on it
     return shards.map_batches(
         ChainRunner,
-        fn_constructor_kwargs={"steps": steps, "engine_spec": engine_spec(job, placement),
+        fn_constructor_kwargs={"steps": steps, "engine_spec": spec,
                                "batch_size": job.teacher.batch_size, "ledger": ledger,
                                "start_timeout_s": job.teacher.start_timeout_s,
                                "stall_timeout_s": job.teacher.stall_timeout_s},
@@ -89,8 +121,8 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
         batch_format="pandas",
         concurrency=actor_pool(job.teacher.pool_size),
         max_concurrency=job.teacher.shards_in_flight,  # ChainRunner is an async actor
-        runtime_env=teacher_runtime_env(placement["teacher_cpu_threads"]),
-        **placement["teacher_actor"],
+        runtime_env=runtime_env,
+        **actor,
     ).map_batches(
         publish_shards,
         fn_kwargs={"shard_dir": str(shard_dir),
@@ -290,8 +322,7 @@ class TeacherProgress:
         stage, fails here with the actor's own message."""
         try:
             for summary in stream.iter_rows():
-                if summary["engine_id"]:
-                    self.engines[summary["engine_id"]] = float(summary["engine_start_seconds"])
+                self.engines.update(json.loads(summary["engines"]))
                 yield summary
         except Exception as err:
             raise_engine_failure(err)

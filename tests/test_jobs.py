@@ -74,6 +74,11 @@ def test_job_runs_on_the_embedded_teacher(ray_local, tmp_path, name):
         if stats["accepted"]:
             assert set(steps[stats["stage"]].op.adds) <= set(rows.columns), stats["stage"]
     assert report["teacher"]["tokens_in"] > 0 and report["teacher"]["requests"] > 0
+    if name in ("self_instruct.yaml", "create_zero_shot_topic.yaml"):
+        # two teacher passes (two rounds; the topic list, then the stage), one engine pool:
+        # the model was loaded once
+        assert report["teacher"]["engine_starts"] == 1
+        assert report["teacher"]["engine_load_seconds"] > 0
     if name == "self_instruct.yaml":  # round 2 draws demonstrations from seeds + round 1's tasks
         assert report["shards"]["total"] == 2 and report["counts"]["planned"] == 8
         round1 = pd.read_parquet(Path(report["run_dir"]) / "shards" / "shard-00000.parquet")

