@@ -101,24 +101,32 @@ def _plain_vllm(job, op, plan) -> dict:
     return {"tokens_out": tokens, "seconds": seconds}
 
 
-def _ours(job, op, plan) -> dict:
+def _ours(job, op, plan, engine_pool: bool = False) -> dict:
     """The teacher stage exactly as `raydag run` builds it (:func:`raydag.teacher.generate`):
-    shards through ChainRunner actors, parsed, lineage added and written as Parquet."""
+    shards through ChainRunner actors, parsed, lineage added and written as Parquet; with
+    ``engine_pool``, the engines in a job's engine pool (as a job with several teacher passes
+    runs them)."""
     import tempfile
 
     import ray
 
     from raydag.chain import shard_rows
     from raydag.resources import init_ray, plan_placement
-    from raydag.teacher import generate
+    from raydag.teacher import engine_pool as job_engine_pool, generate
     from raydag.stages import Step, with_status
 
     placement = plan_placement(job, init_ray())
+    if engine_pool:
+        placement["engine_pool"] = job_engine_pool(job, placement)
     shards = shard_rows(with_status(plan), job.teacher.batch_size)
     wall_started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as shard_dir:
-        summaries = generate(ray.data.from_items(shards), [Step(name=f"1:{op.name}", op=op)], job,
-                             placement, Path(shard_dir)).to_pandas()
+    try:
+        with tempfile.TemporaryDirectory() as shard_dir:
+            summaries = generate(ray.data.from_items(shards), [Step(name=f"1:{op.name}", op=op)],
+                                 job, placement, Path(shard_dir)).to_pandas()
+    finally:
+        if engine_pool:
+            placement["engine_pool"].stop()
     # From the first shard's start to the last shard's end: engine start-up excluded; parsing,
     # writing and Ray Data's hand-offs between shards included.
     window = float((summaries["started_at"] + summaries["seconds"]).max() - summaries["started_at"].min())
@@ -166,7 +174,7 @@ def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
     return {"tokens_out": int(out["tokens_out"].sum()), "seconds": time.perf_counter() - started}
 
 
-def _paired_rounds(job, op, plan, rounds: int) -> dict:
+def _paired_rounds(job, op, plan, rounds: int, engine_pool: bool = False) -> dict:
     """Each slice of ``plan`` on both sides back to back (alternating which goes first); the
     per-round ratios (ours / plain output tokens per second) and each side's totals."""
     per_round = -(-len(plan) // rounds)
@@ -178,7 +186,8 @@ def _paired_rounds(job, op, plan, rounds: int) -> dict:
             break
         result = {}
         for name in ("plain", "ours") if index % 2 == 0 else ("ours", "plain"):
-            result[name] = _plain_vllm(job, op, part) if name == "plain" else _ours(job, op, part)
+            result[name] = (_plain_vllm(job, op, part) if name == "plain"
+                            else _ours(job, op, part, engine_pool))
             totals[name][0] += result[name]["tokens_out"]
             totals[name][1] += result[name]["seconds"]
         ours_wall += result["ours"]["wall"]
@@ -190,14 +199,15 @@ def _paired_rounds(job, op, plan, rounds: int) -> dict:
 
 
 def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
-                  with_ray_data_llm: bool = False) -> dict[str, float]:
+                  with_ray_data_llm: bool = False, engine_pool: bool = False) -> dict[str, float]:
     """Print both throughputs and their ratio for two workloads, the quickstart requests and a
     long tail (``max_tokens`` from 16 to 256); return the ratios.
 
     The requests are split into ``rounds`` slices; each slice runs on both sides back to back
     (alternating which goes first), and the ratio is the median of the per-slice ratios. Pairing
     in time keeps a shared host's drift (measured here: plain alone varied 85-107 tok/s between
-    runs minutes apart) out of the ratio.
+    runs minutes apart) out of the ratio. ``engine_pool``: our side's engines in a job's engine
+    pool (:func:`raydag.teacher.engine_pool`) instead of the stage's actors.
     """
     import statistics
 
@@ -212,7 +222,7 @@ def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
               f"paired rounds, ours in batches of {batch_size}, plain vLLM given each round's "
               f"requests in one generate call, model {job.teacher.model}", flush=True)
         print("plain_calls=1", flush=True)
-        found = _paired_rounds(job, op, plan, rounds)
+        found = _paired_rounds(job, op, plan, rounds, engine_pool)
         for name, label in (("plain", "plain_vllm"), ("ours", "raydag_teacher")):
             tokens, seconds = found["totals"][name]
             print(f"{workload}_{label}_tokens_per_s={tokens / seconds:.1f} "
@@ -276,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="paired rounds the requests are split into (3)")
     parser.add_argument("--with-ray-data-llm", action="store_true",
                         help="also run the requests through ray.data.llm and compare wall times")
+    parser.add_argument("--engine-pool", action="store_true",
+                        help="teacher: our engines in a job's engine pool (Ray Serve replicas, "
+                        "as jobs with several teacher passes run them) instead of the stage's "
+                        "actors")
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the plain side's engine logs here
     if args.which == "minhash":
@@ -297,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_serve(args.clients, args.seconds, args.items_per_request, overrides=args.overrides)
         return 0
-    bench_teacher(args.requests, args.batch_size, args.rounds, args.with_ray_data_llm)
+    bench_teacher(args.requests, args.batch_size, args.rounds, args.with_ray_data_llm,
+                  args.engine_pool)
     return 0
 
 

@@ -36,7 +36,7 @@ _RESOURCE_FIELDS = {
     "quality": {"near_dup", "decontam", "consistency", "diversity", "bias", "coannotation"},
     "teacher": {"concurrency", "resources", "num_gpus", "tensor_parallel_size", "cpu_kv_cache_gib",
                 "gpu_memory_utilization", "cpu_threads", "max_concurrency", "request_timeout_s",
-                "max_retries", "api_key_env", "start_timeout_s", "stall_timeout_s",
+                "max_retries", "api_key_env", "start_timeout_s", "stall_timeout_s", "engine_pool",
                 # how many shards an actor runs at once: each row keeps its own seed
                 "shards_in_flight",
                 "rows_per_shard"},  # the resume unit: the rows do not depend on it (layout.json)

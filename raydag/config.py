@@ -140,6 +140,14 @@ class TeacherConfig(StrictModel):
         default=1800, gt=0, description="Seconds an engine actor may go with rows in flight "
         "and none finishing a step before the job fails with a diagnosis (the actor, the "
         "shard, the rows in flight by step), rather than hanging at 99%.")
+    engine_pool: Literal["auto", "job", "stage"] = Field(
+        default="auto", description="Where a vllm teacher's engines live. job: one Ray Serve "
+        "application for the whole job, loaded once and used by every teacher pass (the "
+        "zero-shot-topic list, self-instruct rounds, the shortcut rephrasing); stage: in each "
+        "pass's Ray Data actors, loaded once per pass, with no Serve controller beside the "
+        "engines. auto: job when the engines run on GPUs and the teacher makes several "
+        "passes, else stage (on CPU hosts, where the engine computes on every core, the pool's "
+        "Serve processes took about a tenth of its throughput: see README 'Engines').")
     shards_in_flight: int = Field(
         default=4, ge=1, description="Shards each engine actor works on at once. With vLLM, "
         "the rows of all of them share the engine's running batch, each row's next step "

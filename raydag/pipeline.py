@@ -68,7 +68,8 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
     run_dir, progress, placement = None, TeacherProgress(), None
     try:
         placement = plan_placement(job, cluster)
-        if shares_engines(job):  # one engine pool for every teacher pass of the job
+        if shares_engines(job, placement["teacher_actor"]["num_gpus"] > 0):
+            # one engine pool for every teacher pass of the job
             placement["engine_pool"] = engine_pool(job, placement)
         console.say(f"teacher dtype {placement['teacher_dtype']['dtype'] or '-'} "
                     f"({placement['teacher_dtype']['reason']}); student precision "

@@ -56,13 +56,22 @@ def engine_spec(job: JobConfig, placement: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def shares_engines(job: JobConfig) -> bool:
-    """Whether the job's teacher makes more than one pass over its engines (the topic list and
-    the zero-shot-topic stage, self-instruct rounds, the shortcut rephrasing after the stage),
-    so that its vLLM engines are loaded once for the job in an :func:`engine_pool` rather than
-    once per pass. A one-pass job keeps its engines in the stage's actors: no Serve start."""
-    first = job.stages[0]
-    return job.teacher.engine == "vllm" and (
+def shares_engines(job: JobConfig, on_gpus: bool) -> bool:
+    """Whether the job's vLLM engines live in an :func:`engine_pool`, loaded once for the job:
+    ``teacher.engine_pool`` ``job``; or ``auto`` where the engines run on GPUs (``on_gpus``)
+    and the teacher makes more than one pass over them (the topic list and the zero-shot-topic
+    stage, self-instruct rounds, the shortcut rephrasing after the stage). Otherwise the
+    engines live in the stage's actors, with no Serve start.
+
+    On CPU hosts ``auto`` keeps them in the stage's actors: there the engine computes on every
+    core, and Serve's controller and the forwarding actors beside it took up to a tenth of its
+    throughput on short requests (``python -m raydag.bench teacher --engine-pool``, 2 cores:
+    quickstart 0.870 of plain vLLM against 0.972-0.993; long tail 0.968 against 0.864-0.963),
+    more than a small model's load per pass (about 10 s) saves."""
+    first, setting = job.stages[0], job.teacher.engine_pool
+    if job.teacher.engine != "vllm" or setting == "stage":
+        return False
+    return setting == "job" or on_gpus and (
         (first.type == "create" and first.method == "zero_shot_topic")
         or (first.type == "self_instruct" and first.rounds > 1)
         or job.quality.bias.rephrase_flagged)

@@ -590,10 +590,31 @@ def signature(overrides=(), digests=DIGESTS):
     "teacher.concurrency=4", "teacher.cpu_threads=3", "student.epochs=7",
     "output_dir=/tmp/elsewhere", "budget.max_tokens=5000", "cost.usd_per_gpu_hour=2.5",
     "name=renamed", "teacher.num_gpus=0.5", "teacher.shards_in_flight=1",
-    "teacher.stall_timeout_s=60",
+    "teacher.stall_timeout_s=60", "teacher.engine_pool=job",
 ])
 def test_run_signature_ignores_resource_settings(override):
     assert signature([override]) == signature()
+
+
+@pytest.mark.parametrize("job, overrides, shared", [
+    ("quickstart.yaml", [], False),  # one pass: the engines stay in the stage's actors
+    ("quickstart.yaml", ["quality.bias.rephrase_flagged=true"], True),  # the rephrasing pass
+    ("quickstart.yaml", ["teacher.engine_pool=job"], True),
+    ("create_zero_shot_topic.yaml", [], True),  # the topic list, then the stage
+    ("create_zero_shot_topic.yaml", ["teacher.engine_pool=stage"], False),
+    ("self_instruct.yaml", [], True),  # rounds
+    ("self_instruct.yaml", ["stages.0.rounds=1"], False),
+    ("openai_teacher.yaml", ["teacher.engine_pool=job"], False),  # no engine of ours to share
+])
+def test_a_job_on_gpus_shares_its_engines_when_its_teacher_makes_several_passes(job, overrides,
+                                                                               shared):
+    from raydag.teacher import shares_engines
+
+    loaded = load_job(QUICKSTART.parent / job, overrides)
+    assert shares_engines(loaded, on_gpus=True) is shared
+    # CPU hosts: only when asked for (Serve beside an engine on every core costs it more than
+    # a small model's load per pass saves)
+    assert shares_engines(loaded, on_gpus=False) is (shared and "teacher.engine_pool=job" in overrides)
 
 
 @pytest.mark.parametrize("override", [

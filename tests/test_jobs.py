@@ -28,8 +28,10 @@ pytestmark = pytest.mark.slow
 # Shrinks any job: few first-stage rows in small shards, no students.
 SMALL = ["teacher.batch_size=4", "student.train_sets=[]", "budget.max_requests=8"]
 EXTRA = {
-    "create_zero_shot_topic.yaml": ["stages.0.num_topics=6"],
-    "self_instruct.yaml": ["stages.0.num_instructions=8"],  # 2 rounds of 4
+    # the engines in one pool for the job (auto picks it on GPUs; on CPU hosts only when asked)
+    "create_zero_shot_topic.yaml": ["stages.0.num_topics=6", "teacher.engine_pool=job"],
+    "self_instruct.yaml": ["stages.0.num_instructions=8",  # 2 rounds of 4
+                           "teacher.engine_pool=job"],
 }
 JOBS = sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")
               if p.name not in ("quickstart.yaml", "openai_teacher.yaml",  # tested elsewhere
@@ -158,8 +160,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path):
     """Kill the driver (SIGKILL) mid-run, rerun: finished shards are kept, the rest are made,
-    and the rows equal those of an uninterrupted run. Then stop a run with SIGTERM, and kill
-    the engine actor of its rerun: the rows are still those of the uninterrupted run."""
+    and the rows equal those of an uninterrupted run, though the rerun's engine (in a job's
+    engine pool) was killed mid-run too. Then stop a run with SIGTERM, and kill the engine
+    actor of its rerun: the rows are still those of the uninterrupted run."""
     small = ["raw_examples=30", "stages.0.num_examples=40", "teacher.batch_size=4",
              "stages.0.sampling.max_tokens=24", "student.train_sets=[]",
              # float32: a resumed run meets a cold prefix cache, and bf16 kernels with AMX
@@ -178,7 +181,15 @@ def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path
     assert 3 <= len(done) < 10, "the run was not interrupted mid-way"
     assert not (out / "report.json").exists()
 
-    resumed = run_job_cli(QUICKSTART, [f"output_dir={out}", *small])
+    # The rerun keeps its engine in a job's engine pool (a Ray Serve replica; the default of a
+    # job on GPUs whose teacher makes several passes), killed (SIGKILL) once two more shards
+    # are written: Serve starts another, and the requests the dead one held are sent again.
+    killer = threading.Thread(target=kill_engine_replica_after, args=(out, len(done) + 2),
+                              daemon=True)
+    killer.start()
+    resumed = run_job_cli(QUICKSTART, [f"output_dir={out}", *small, "teacher.engine_pool=job"])
+    killer.join(timeout=30)
+    assert resumed["teacher"]["engine_starts"] >= 2  # the killed replica's engine and its successor
     assert resumed["signature"] == reference["signature"]  # output_dir is not a result setting
     assert resumed["shards"]["resumed"] >= len(done)
     assert resumed["shards"]["resumed"] + resumed["shards"]["run"] == 10
@@ -192,6 +203,7 @@ def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path
             ours = pd.read_parquet(resumed["outputs"][folder])
             theirs = pd.read_parquet(reference["outputs"][folder])
             assert sorted(ours["id"]) == sorted(theirs["id"])
+    assert teacher_rows(resumed) == teacher_rows(reference)  # every planned row, once
     # A third run has nothing left to do.
     again = run_job_cli(QUICKSTART, [f"output_dir={out}", *small])
     assert again["shards"] == {"total": 10, "resumed": 10, "run": 0, "not_run": 0}
@@ -244,6 +256,39 @@ def test_resume_after_killing_a_real_run_gives_the_same_rows(ray_local, tmp_path
         if folder in reference["outputs"]:
             assert sorted(pd.read_parquet(resumed["outputs"][folder])["id"]) == \
                 sorted(pd.read_parquet(reference["outputs"][folder])["id"])
+
+
+def kill_engine_replica_after(out: Path, shards: int) -> None:
+    """SIGKILL the engine replica of the run writing to ``out`` once it has ``shards`` shards
+    written (fail if that does not happen within 300 s, or no single replica is found)."""
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("runs/*/shards/shard-*.parquet"))) < shards:
+        assert time.monotonic() < deadline, f"the run did not write {shards} shards in 300 s"
+        time.sleep(0.2)
+    replicas = engine_replica_pids()
+    assert len(replicas) == 1, replicas
+    os.kill(replicas[0], signal.SIGKILL)
+
+
+def engine_replica_pids() -> list[int]:
+    """Pids of the live replicas of a job's engine pool (Ray titles a replica's process
+    ``ray::ServeReplica:<app>:EngineHost``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and "ServeReplica:raydag-engines-" in command:
+            pids.append(int(proc.name))
+    return pids
+
+
+def teacher_rows(report: dict) -> list[tuple]:
+    """The teacher stage's rows of a run (its shard files): id, status and reason, sorted."""
+    shards = sorted((Path(report["run_dir"]) / "shards").glob("shard-*.parquet"))
+    frame = pd.concat([pd.read_parquet(p, columns=["id", "_status", "_reason"]) for p in shards])
+    return sorted(frame.itertuples(index=False, name=None))
 
 
 def test_budgets_cap_requests_and_tokens_and_the_report_prices_them(ray_local, tmp_path):

@@ -189,9 +189,8 @@ def test_cli_fp16_on_a_cpu_host_fails_before_any_generation(ray_local, tiny_job_
 
 
 
-# The engines in the stage's actors (a one-pass job), or in the job's engine pool (a job whose
-# teacher makes several passes; here the shortcut rephrasing after the stage).
-ENGINE_HOMES = pytest.mark.parametrize("home", [[], ["quality.bias.rephrase_flagged=true"]],
+# The engines in the stage's actors (the default of a one-pass job), or in a job's engine pool.
+ENGINE_HOMES = pytest.mark.parametrize("home", [[], ["teacher.engine_pool=job"]],
                                        ids=["stage_actors", "job_engine_pool"])
 
 

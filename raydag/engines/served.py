@@ -10,6 +10,7 @@ scales the replicas; this is the pattern of ``ray.data.llm``'s ``ServeDeployment
 
 Every completion names the replica's engine (an id made when it started, and its start
 seconds), so the report counts the engines that served a job, whichever pass used them.
+Which jobs use a pool: :func:`raydag.teacher.shares_engines` (``teacher.engine_pool``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class EngineHost:
         self.engine = make_engine(engine_spec, asynchronous=True)
         self.engine_id = uuid.uuid4().hex
         self.start_seconds = time.perf_counter() - started
+        print(f"raydag: [engines] engine {self.engine_id[:8]} ({engine_spec.get('model')}) "
+              f"started in {self.start_seconds:.1f}s", flush=True)
 
     async def agenerate(self, request: ChatRequest) -> tuple[str, float, Completion]:
         """One request; with the engine's id and start seconds."""
@@ -70,6 +73,8 @@ class ServedEngine:
         self._handle = serve.get_deployment_handle(EngineHost.__name__, app)
 
     async def agenerate(self, request: ChatRequest) -> Completion:
+        """One request, run by whichever replica Serve routes it to; sent again (up to
+        :data:`RETRIES` times) when that replica dies before it answers."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         for attempt in range(RETRIES + 1):
