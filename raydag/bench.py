@@ -51,15 +51,17 @@ LONGTAIL_TOKENS_PER_ITEM = 16
 LONGTAIL_MAX_ITEMS = 16
 
 
-def _plan(num_requests: int, batch_size: int, seed: int = 0, longtail: bool = False):
+def _plan(num_requests: int, batch_size: int, seed: int = 0, longtail: bool = False,
+          engine_pool: str = "auto"):
     """The quickstart's few-shot create requests; ``longtail``: each asks for 1 to 16 list
     items of at most 16 tokens (a spread of ``max_tokens`` from 16 to 256, in a fixed
-    interleaved order), through the create stage's own multi-item requests."""
+    interleaved order), through the create stage's own multi-item requests. ``engine_pool``:
+    the job's ``teacher.engine_pool`` (where our side's engines live)."""
     from raydag.chain import create_op
     from raydag.config import load_job
     from raydag.data import raw_row_id
 
-    overrides = [f"teacher.batch_size={batch_size}"]
+    overrides = [f"teacher.batch_size={batch_size}", f"teacher.engine_pool={engine_pool}"]
     if longtail:
         overrides.append(f"stages.0.sampling.max_tokens={LONGTAIL_TOKENS_PER_ITEM}")
     job = load_job(QUICKSTART, overrides)
@@ -101,23 +103,21 @@ def _plain_vllm(job, op, plan) -> dict:
     return {"tokens_out": tokens, "seconds": seconds}
 
 
-def _ours(job, op, plan, engine_pool: bool = False) -> dict:
+def _ours(job, op, plan) -> dict:
     """The teacher stage exactly as `raydag run` builds it (:func:`raydag.teacher.generate`):
-    shards through ChainRunner actors, parsed, lineage added and written as Parquet; with
-    ``engine_pool``, the engines in a job's engine pool (as a job with several teacher passes
-    runs them)."""
+    shards through ChainRunner actors, parsed, lineage added and written as Parquet; the
+    engines in a job's engine pool where the job's ``teacher.engine_pool`` puts them there."""
     import tempfile
 
     import ray
 
     from raydag.chain import shard_rows
     from raydag.resources import init_ray, plan_placement
-    from raydag.teacher import engine_pool as job_engine_pool, generate
+    from raydag.teacher import engine_pool, generate
     from raydag.stages import Step, with_status
 
     placement = plan_placement(job, init_ray())
-    if engine_pool:
-        placement["engine_pool"] = job_engine_pool(job, placement)
+    pool = placement["engine_pool"] = engine_pool(job, placement)
     shards = shard_rows(with_status(plan), job.teacher.batch_size)
     wall_started = time.perf_counter()
     try:
@@ -125,8 +125,8 @@ def _ours(job, op, plan, engine_pool: bool = False) -> dict:
             summaries = generate(ray.data.from_items(shards), [Step(name=f"1:{op.name}", op=op)],
                                  job, placement, Path(shard_dir)).to_pandas()
     finally:
-        if engine_pool:
-            placement["engine_pool"].stop()
+        if pool is not None:
+            pool.stop()
     # From the first shard's start to the last shard's end: engine start-up excluded; parsing,
     # writing and Ray Data's hand-offs between shards included.
     window = float((summaries["started_at"] + summaries["seconds"]).max() - summaries["started_at"].min())
@@ -174,7 +174,7 @@ def _ray_data_llm(job, op, plan, batch_size: int) -> dict:
     return {"tokens_out": int(out["tokens_out"].sum()), "seconds": time.perf_counter() - started}
 
 
-def _paired_rounds(job, op, plan, rounds: int, engine_pool: bool = False) -> dict:
+def _paired_rounds(job, op, plan, rounds: int) -> dict:
     """Each slice of ``plan`` on both sides back to back (alternating which goes first); the
     per-round ratios (ours / plain output tokens per second) and each side's totals."""
     per_round = -(-len(plan) // rounds)
@@ -186,8 +186,7 @@ def _paired_rounds(job, op, plan, rounds: int, engine_pool: bool = False) -> dic
             break
         result = {}
         for name in ("plain", "ours") if index % 2 == 0 else ("ours", "plain"):
-            result[name] = (_plain_vllm(job, op, part) if name == "plain"
-                            else _ours(job, op, part, engine_pool))
+            result[name] = _plain_vllm(job, op, part) if name == "plain" else _ours(job, op, part)
             totals[name][0] += result[name]["tokens_out"]
             totals[name][1] += result[name]["seconds"]
         ours_wall += result["ours"]["wall"]
@@ -217,12 +216,13 @@ def bench_teacher(num_requests: int, batch_size: int, rounds: int = 3,
     ratios = {}
     for workload, key in (("quickstart", "teacher_vs_vllm_ratio"),
                           ("longtail", "teacher_vs_vllm_longtail_ratio")):
-        job, op, plan = _plan(num_requests, batch_size, longtail=workload == "longtail")
+        job, op, plan = _plan(num_requests, batch_size, longtail=workload == "longtail",
+                              engine_pool="job" if engine_pool else "auto")
         print(f"teacher benchmark, {workload}: {num_requests} few-shot requests in {rounds} "
               f"paired rounds, ours in batches of {batch_size}, plain vLLM given each round's "
               f"requests in one generate call, model {job.teacher.model}", flush=True)
         print("plain_calls=1", flush=True)
-        found = _paired_rounds(job, op, plan, rounds, engine_pool)
+        found = _paired_rounds(job, op, plan, rounds)
         for name, label in (("plain", "plain_vllm"), ("ours", "raydag_teacher")):
             tokens, seconds = found["totals"][name]
             print(f"{workload}_{label}_tokens_per_s={tokens / seconds:.1f} "

@@ -21,6 +21,30 @@ class EngineStartError(RaydagError):
     """An engine actor's engine could not start (raised in the actor, re-raised on the driver
     with the engine's own message by :func:`raise_engine_failure`)."""
 
+    @classmethod
+    def failed(cls, spec: dict, cause: str) -> "EngineStartError":
+        """The engine of ``spec`` (:func:`raydag.engines.make_engine`'s) failed with ``cause``."""
+        return cls(f"{_engine_name(spec)} could not start: {cause}")
+
+    @classmethod
+    def timed_out(cls, spec: dict, timeout_s: float) -> "EngineStartError":
+        """The engine of ``spec`` had not started after ``timeout_s``."""
+        return cls(f"{_engine_name(spec)} did not start within {timeout_s:g}s "
+                   "(teacher.start_timeout_s)")
+
+
+def _engine_name(spec: dict) -> str:
+    return f"the teacher engine ({spec.get('engine', 'vllm')}, model {spec.get('model')})"
+
+
+def last_exception_line(lines) -> str | None:
+    """The last of ``lines`` that names an exception (``SomeError: message``), stripped: an
+    engine's own error in a traceback or log that ends in a generic one."""
+    import re
+
+    found = [line.strip() for line in lines if re.match(r"^\s*(\w+\.)*\w*(Error|Exception): .", line)]
+    return found[-1] if found else None
+
 
 class StageStalled(RaydagError):
     """No row finished a step on an engine actor for ``teacher.stall_timeout_s`` while rows

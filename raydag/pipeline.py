@@ -36,7 +36,7 @@ from raydag.report import (StageTimer, students_table, write_datacard, write_par
 from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
 from raydag.storage import RunPath, copy_file, display, location, write_dataset
 from raydag.teacher import (TeacherProgress, cost_report, engine_pool, generation_health, run_teacher,
-                            shares_engines, teacher_totals, warn_unhealthy)
+                            teacher_totals, warn_unhealthy)
 
 
 def run_job(job: JobConfig) -> RunPath:
@@ -68,9 +68,7 @@ def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) ->
     run_dir, progress, placement = None, TeacherProgress(), None
     try:
         placement = plan_placement(job, cluster)
-        if shares_engines(job, placement["teacher_actor"]["num_gpus"] > 0):
-            # one engine pool for every teacher pass of the job
-            placement["engine_pool"] = engine_pool(job, placement)
+        placement["engine_pool"] = engine_pool(job, placement)  # None: in the stage's actors
         console.say(f"teacher dtype {placement['teacher_dtype']['dtype'] or '-'} "
                     f"({placement['teacher_dtype']['reason']}); student precision "
                     f"{placement['student_precision']['precision']} "

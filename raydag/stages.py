@@ -358,16 +358,14 @@ class ChainRunner:
 
         from raydag.engines import make_engine
 
-        what = f"the teacher engine ({spec.get('engine', 'vllm')}, model {spec.get('model')})"
         started = time.perf_counter()
         try:
             engine = self._thread.submit(make_engine, spec, asynchronous=True).result(timeout_s)
         except Timeout:
-            raise EngineStartError(f"{what} did not start within {timeout_s:g}s "
-                                   "(teacher.start_timeout_s)") from None
+            raise EngineStartError.timed_out(spec, timeout_s) from None
         except Exception as err:
             cause = (str(err).strip().splitlines() or [""])[-1][:400]
-            raise EngineStartError(f"{what} could not start: {type(err).__name__}: {cause}") from err
+            raise EngineStartError.failed(spec, f"{type(err).__name__}: {cause}") from err
         self.start_seconds = time.perf_counter() - started
         return engine
 
@@ -504,7 +502,8 @@ def publish_shards(batch: pd.DataFrame, shard_dir: str,
     """Ray Data task after the :class:`ChainRunner` actors: redact PII (``pii_types``) in the
     free-text columns (:data:`PII_COLUMNS`) of each shard's rows, write the shard with
     :func:`write_shard` (its file marks the shard done) and return its summary: ``shard``,
-    ``rows``, ``stats``, ``started_at`` and ``seconds`` (from the chain's start to the file).
+    ``rows``, ``stats``, ``started_at``, ``seconds`` (from the chain's start to the file) and
+    ``engines`` (the engines that answered it, as :class:`ChainRunner` names them).
     A shard the runner did not start (its token budget was spent) is passed on with ``rows``
     -1 and no file.
     """

@@ -77,11 +77,14 @@ def shares_engines(job: JobConfig, on_gpus: bool) -> bool:
         or job.quality.bias.rephrase_flagged)
 
 
-def engine_pool(job: JobConfig, placement: dict[str, Any]) -> EnginePool:
-    """The job's engine pool (started on first use): ``teacher.pool_size`` replicas of the
-    engine actor's resources, autoscaled on ``batch_size * shards_in_flight`` requests in flight
-    per replica (what one actor of a stage keeps in flight)."""
+def engine_pool(job: JobConfig, placement: dict[str, Any]) -> EnginePool | None:
+    """The job's engine pool (started on first use), or None when its engines live in the
+    stage's actors (:func:`shares_engines`): ``teacher.pool_size`` replicas of the engine
+    actor's resources, autoscaled on ``batch_size * shards_in_flight`` requests in flight per
+    replica (what one actor of a stage keeps in flight)."""
     teacher = job.teacher
+    if not shares_engines(job, on_gpus=placement["teacher_actor"]["num_gpus"] > 0):
+        return None
     return EnginePool(engine_spec(job, placement), teacher.pool_size,
                       engine_replica_options(placement["teacher_actor"],
                                              placement["teacher_cpu_threads"]),
@@ -327,7 +330,7 @@ class TeacherProgress:
 
     def summaries(self, stream):
         """The shard summaries of a :func:`generate` stream, counting the engines that made
-        them (each shard names its engine); an engine that could not start, or a stalled
+        them (each shard names the engines that answered it); an engine that could not start, or a stalled
         stage, fails here with the actor's own message."""
         try:
             for summary in stream.iter_rows():

@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 from raydag.engines.base import ChatRequest, Completion
-from raydag.errors import EngineStartError
+from raydag.errors import EngineStartError, last_exception_line
 
 # Requests a replica accepts at once. vLLM batches and queues them itself; Serve's default (5)
 # would starve a batch engine.
@@ -68,7 +68,6 @@ class ServedEngine:
         from ray import serve
 
         self.model_name = model
-        self.app = app
         self.engines: dict[str, float] = {}
         self._handle = serve.get_deployment_handle(EngineHost.__name__, app)
 
@@ -90,8 +89,8 @@ class ServedEngine:
 
 
 class EnginePool:
-    """A job's engine pool: a Serve application of :class:`EngineHost` replicas, deployed by
-    :meth:`start` and deleted by :meth:`stop` (a context manager does both).
+    """A job's engine pool: a Serve application of :class:`EngineHost` replicas, deployed on
+    first use (:meth:`spec`, :meth:`start`) and deleted by :meth:`stop`.
 
     Args:
         engine_spec: Arguments of :func:`raydag.engines.make_engine`.
@@ -139,8 +138,6 @@ class EnginePool:
             ray_actor_options=self.actor_options, max_ongoing_requests=MAX_ONGOING_REQUESTS,
             # an engine that cannot start fails the job at once (Serve's default: 20 tries)
             max_constructor_retry_count=1, **scaling).bind(self.engine_spec)
-        what = (f"the teacher engine ({self.engine_spec.get('engine', 'vllm')}, model "
-                f"{self.engine_spec.get('model')})")
         serve._run(app, name=self.app, route_prefix=None, _blocking=False)
         deadline = None if self.start_timeout_s is None else time.monotonic() + self.start_timeout_s
         while True:
@@ -150,11 +147,10 @@ class EnginePool:
                 return self
             if status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
                 self.stop()
-                raise EngineStartError(f"{what} could not start: {_cause(state)}")
+                raise EngineStartError.failed(self.engine_spec, _cause(state))
             if deadline is not None and time.monotonic() > deadline:
                 self.stop()
-                raise EngineStartError(f"{what} did not start within {self.start_timeout_s:g}s "
-                                       "(teacher.start_timeout_s)")
+                raise EngineStartError.timed_out(self.engine_spec, self.start_timeout_s)
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -172,12 +168,6 @@ class EnginePool:
         except Exception:  # noqa: BLE001 - a pool that is already gone is stopped
             pass
 
-    def __enter__(self) -> "EnginePool":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def _serve_running() -> bool:
     from ray import serve
@@ -187,10 +177,7 @@ def _serve_running() -> bool:
 
 def _cause(state) -> str:
     """The engine's own error from a failed application's messages: the last line that names
-    an exception (``SomeError: message``), else the first line of the message."""
-    import re
-
+    an exception, else the first line of the message."""
     text = "\n".join([state.message or ""] + [d.message or "" for d in state.deployments.values()])
-    found = [line.strip() for line in text.splitlines()
-             if re.match(r"^\s*(\w+\.)*\w*(Error|Exception): .", line)]
-    return (found[-1] if found else (text.strip().splitlines() or ["unknown"])[0])[:400]
+    found = last_exception_line(text.splitlines())
+    return (found or (text.strip().splitlines() or ["unknown"])[0])[:400]

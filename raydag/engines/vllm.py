@@ -351,10 +351,9 @@ class _StderrTail:
 
     def last_error(self) -> str | None:
         """The last line that names an exception (``SomeError: message``), if any."""
-        import re
         import time
 
+        from raydag.errors import last_exception_line
+
         time.sleep(0.5)  # let the reader catch up with what the child wrote last
-        found = [line.strip() for line in self.lines
-                 if re.match(r"^\s*(\w+\.)*\w*(Error|Exception): .", line)]
-        return found[-1] if found else None
+        return last_exception_line(self.lines)
