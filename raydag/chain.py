@@ -118,7 +118,8 @@ def create_op(job: JobConfig, topics: list[str] | None = None) -> CreateOp:
     return CreateOp(task=job.data.task, labels=job.data.labels, method=stage.method,
                     shots=stage.shots, sampling=stage.sampling,
                     label_distribution=stage.label_distribution, topics=topics,
-                    examples_per_request=stage.examples_per_request)
+                    examples_per_request=stage.examples_per_request, round=stage.round,
+                    steer=stage.steer, hard_examples=[e.model_dump() for e in stage.hard_examples])
 
 
 def _self_instruct_op(stage):

@@ -218,6 +218,14 @@ def _sampling(temperature: float = 0.9, max_tokens: int = 80) -> Any:
                  description="Decoding settings.")
 
 
+class HardExample(StrictModel):
+    """A labelled row the student got wrong (see ``CreateStage.hard_examples``)."""
+
+    id: str = Field(description="The row's id.")
+    text: str = Field(description="Its text.")
+    label: str = Field(description="Its gold label.")
+
+
 class CreateStage(StrictModel):
     """Data creation: class-conditioned texts by a method of the seed study."""
 
@@ -238,6 +246,16 @@ class CreateStage(StrictModel):
         "on CPU hosts, where prompt tokens are most of the teacher's work, 4 makes the stage "
         "~2-3x faster. sampling.max_tokens is per item.")
     sampling: SamplingConfig = _sampling()
+    # Set by the closed loop (raydag.loop) in each round's job; a one-pass job leaves them be.
+    round: int = Field(default=0, ge=0, description="The closed loop's round that planned "
+                       "this stage: it enters every request's id and seed, and rows get `round` "
+                       "and `steer` columns. 0: not in a loop.")
+    steer: dict[str, str] = Field(default_factory=dict, description="Why each label's "
+                                  "requests were asked for (label -> reason), copied into the "
+                                  "rows' `steer` column (set by the loop).")
+    hard_examples: list["HardExample"] = Field(
+        default_factory=list, description="Labelled rows the student got wrong: a one- or "
+        "few-shot request of their label shows one as its first demonstration (set by the loop).")
 
     @model_validator(mode="after")
     def _shares_fit(self) -> "CreateStage":
@@ -458,6 +476,26 @@ class QualityConfig(StrictModel):
 TrainSet = Literal["raw", "synthetic", "mixed"]
 
 
+class LoopConfig(StrictModel):
+    """The closed loop (raydag.loop): the synthetic budget spread over rounds; after each, the
+    mixed student trains on everything accepted so far, and its mistakes on dev rows steer the
+    next round's requests."""
+
+    rounds: int = Field(default=3, ge=1, le=20, description="Rounds of generation.")
+    per_round: int | None = Field(
+        default=None, ge=1, description="Examples asked for per round; null: stages.0.num_examples "
+        "spread over the rounds (the earlier rounds take the remainder).")
+    strategies: list[Literal["label_shift", "hard_examples"]] = Field(
+        default_factory=lambda: ["label_shift", "hard_examples"], description="How a round is "
+        "steered: label_shift moves requests towards the classes with low dev F1 and the "
+        "classes of the most confused pairs; hard_examples shows the dev rows the student got "
+        "wrong as demonstrations of their label (one- and few-shot). [] steers nothing.")
+    shift: float = Field(default=0.5, ge=0.0, le=1.0, description="label_shift: the share of "
+                         "a round's requests spread by weakness (the rest stays as planned).")
+    max_hard_examples: int = Field(default=20, ge=1, description="hard_examples: misclassified "
+                                   "dev rows kept per round (most confidently wrong first).")
+
+
 class StudentConfig(StrictModel):
     """The student model and its Ray Train + DeepSpeed recipe."""
 
@@ -575,6 +613,9 @@ class JobConfig(StrictModel):
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Data-quality passes and measures.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Students.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The scoring endpoint (raydag serve).")
+    loop: LoopConfig | None = Field(
+        default=None, description="The closed loop: rounds of creation steered by the mixed "
+        "student's mistakes (raydag.loop); null: one pass.")
     resource_timeout_s: float = Field(
         default=600, gt=0, description="On a cluster that may autoscale, fail when the resources a stage needs have "
         "not appeared after this many seconds (a local cluster fails at once)."
@@ -606,6 +647,17 @@ class JobConfig(StrictModel):
         if self.data is None and self.student.train_sets:
             raise ValueError("a job without a data section trains no students: set "
                              "student.train_sets to []")
+        if self.loop is not None:
+            if first.type != "create" or self.data is None:
+                raise ValueError("loop: the closed loop steers a create stage: stages.0 must be "
+                                 "create, with the job's data section")
+            if self.loop.per_round is None and first.num_examples < self.loop.rounds:
+                raise ValueError(f"loop: stages.0.num_examples={first.num_examples} is fewer "
+                                 f"than loop.rounds={self.loop.rounds}")
+        if first.type == "create" and self.data is not None:
+            unknown = ({e.label for e in first.hard_examples} | set(first.steer)) - set(self.data.labels)
+            if unknown:
+                raise ValueError(f"stages.0 steers unknown labels {sorted(unknown)}")
         return self
 
 

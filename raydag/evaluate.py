@@ -131,3 +131,49 @@ def student_comparisons(summary: dict[str, dict[str, Any]]) -> list[dict[str, An
     against raw, and mixed against synthetic."""
     pairs = [("synthetic", "raw"), ("mixed", "raw"), ("mixed", "synthetic")]
     return [compare(summary[a], summary[b], a, b) for a, b in pairs if a in summary and b in summary]
+
+
+def weaknesses(labels: list[str], y_true: list[int], probs: np.ndarray, ids: list[str], *,
+               max_pairs: int = 3, max_examples: int = 20) -> dict[str, Any]:
+    """Where a student is weak on labelled rows it did not train on (a dev split): per-class
+    F1, the most confused (true, predicted) pairs, the misclassified rows (most confidently
+    wrong first) and the least confident rows (smallest margin between the top two labels).
+
+    Args:
+        labels: The label set; ``y_true`` and the columns of ``probs`` follow its order.
+        y_true: Gold label ids, one per row.
+        probs: The student's label probabilities, one row per row (rows x labels).
+        ids: Each row's id, so the caller can find the rows again.
+        max_pairs: Confused pairs to keep.
+        max_examples: Rows to keep in each list.
+
+    Example:
+        >>> import numpy as np
+        >>> w = weaknesses(["a", "b"], [0, 0, 1], np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]]),
+        ...                ["r1", "r2", "r3"])
+        >>> w["confused_pairs"], w["misclassified"], w["least_confident"][0]
+        ([{'true': 'a', 'predicted': 'b', 'rows': 1}], ['r2'], 'r3')
+    """
+    probs = np.asarray(probs, dtype=float).reshape(len(y_true), len(labels))
+    truth = np.asarray(y_true, dtype=np.int64)
+    predicted = probs.argmax(axis=1) if len(truth) else truth
+    matrix = confusion_matrix(truth.tolist(), predicted.tolist(), len(labels))
+    f1 = per_class_f1(matrix)
+    present = matrix.sum(axis=1) > 0
+    errors = [(int(matrix[t, p]), t, p) for t in range(len(labels)) for p in range(len(labels))
+              if t != p and matrix[t, p] > 0]
+    errors.sort(key=lambda e: (-e[0], e[1], e[2]))
+    wrong = np.flatnonzero(predicted != truth)
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")]
+    top2 = np.sort(probs, axis=1)[:, -2:] if len(labels) > 1 else np.ones((len(truth), 2))
+    margin = top2[:, 1] - top2[:, 0]
+    unsure = np.argsort(margin, kind="stable")
+    return {
+        "rows": int(len(truth)),
+        "accuracy": accuracy(matrix),
+        "per_class_f1": {label: round(float(f1[i]), 4) for i, label in enumerate(labels) if present[i]},
+        "confused_pairs": [{"true": labels[t], "predicted": labels[p], "rows": n}
+                           for n, t, p in errors[:max_pairs]],
+        "misclassified": [ids[i] for i in wrong[:max_examples]],
+        "least_confident": [ids[i] for i in unsure[:max_examples]],
+    }

@@ -33,7 +33,8 @@ from raydag.outputs import (accepted_for_measures, accepted_rows, check_output_d
 from raydag.quality import eval_splits, measure
 from raydag.report import (StageTimer, students_table, write_datacard, write_partial_report,
                            write_report)
-from raydag.resources import init_ray, may_autoscale, plan_placement, release_resource_requests
+from raydag.resources import (data_shuffle, init_ray, job_shuffle, may_autoscale, plan_placement,
+                              release_resource_requests)
 from raydag.storage import RunPath, copy_file, display, location, write_dataset
 from raydag.teacher import (TeacherProgress, cost_report, engine_pool, generation_health, run_teacher,
                             teacher_totals, warn_unhealthy)
@@ -46,12 +47,20 @@ def run_job(job: JobConfig) -> RunPath:
         RaydagError: For bad input, unwritable output, unsatisfiable resources or failed stages;
             no report is written then.
     """
+    if job.loop is not None:  # rounds of this function, steered by the student (raydag.loop)
+        from raydag.loop import run_loop
+
+        check_job_models(job)
+        init_ray()
+        with sigterm_raises(), data_shuffle(job_shuffle(job)):
+            return run_loop(job)
     started = datetime.now(timezone.utc)
     timer = StageTimer()
     discard_stale_report(job.output_dir)  # never leave a report that claims success
     check_job_models(job)
     cluster = init_ray()
-    with sigterm_raises():  # after init_ray, whose own handler only exits
+    # after init_ray, whose own handler only exits; a small job's shuffles as tasks
+    with sigterm_raises(), data_shuffle(job_shuffle(job)):
         return _run(job, started, timer, cluster)
 
 

@@ -353,6 +353,28 @@ def _scores(engine, worker: _Worker, share: _Share, num_labels: int) -> tuple[np
     return matrix, float(summed[-1] / max(1, matrix.sum()))
 
 
+# In each student's checkpoint folder: the chosen state's label probabilities on the dev rows
+# (``keys``: digests of their texts, ``labels``: gold label ids, ``probs``), which the closed
+# loop reads to find where the student is weak (raydag.evaluate.weaknesses).
+DEV_PREDICTIONS = "dev_predictions.json"
+
+
+def _dev_predictions(engine, worker: _Worker, share: _Share) -> dict[str, list]:
+    """The model's label probabilities on every worker's share of the dev rows, in rank order
+    (the same on every rank)."""
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(share), 64):
+            logits = engine(**worker.encode(share.ids[start : start + 64], engine.device)).float()
+            probs += torch.softmax(logits, dim=-1).cpu().numpy().round(5).tolist()
+    mine = {"keys": list(share.keys), "labels": list(share.labels), "probs": probs}
+    if worker.world == 1:
+        return mine
+    shares = [None] * worker.world
+    torch.distributed.all_gather_object(shares, mine)
+    return {key: [v for part in shares for v in part[key]] for key in mine}
+
+
 def _train_one(entry: dict, train: _Share, dev: _Share, worker: _Worker) -> None:
     """Fit the probe, fine-tune and select on dev, score on test, and report (rank 0: with a
     checkpoint folder; the model in it when ``entry["save_model"]``)."""
@@ -448,8 +470,9 @@ def _train_one(entry: dict, train: _Share, dev: _Share, worker: _Worker) -> None
     engine.module.load_state_dict(best["state"])
     train_seconds = time.time() - started
 
-    # 3. The test split, with the state chosen on dev.
+    # 3. The dev rows' probabilities and the test split, with the state chosen on dev.
     engine.eval()
+    dev_predictions = _dev_predictions(engine, worker, dev)
     matrix, _ = _scores(engine, worker, worker.test, len(labels))
     metrics = {
         "seed": seed,
@@ -475,6 +498,7 @@ def _train_one(entry: dict, train: _Share, dev: _Share, worker: _Worker) -> None
             if entry["save_model"]:
                 save_student(engine.module, worker.tokenizer, labels, folder)
             Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=1))
+            Path(folder, DEV_PREDICTIONS).write_text(json.dumps(dev_predictions))
             ray.train.report({**metrics, "student": entry["name"]},
                              checkpoint=ray.train.Checkpoint.from_directory(folder))
     else:

@@ -116,6 +116,14 @@ class CreateOp:
         examples_per_request: New texts one request asks for (the teacher continues the list
             by this many items). Each is parsed, checked and given its own id and lineage;
             the request's prompt (and its demonstrations) is paid once for all of them.
+        round: The closed loop's round (1, 2, ...; see :mod:`raydag.loop`): it enters every
+            request's id and seed, and each row gets ``round`` and ``steer`` columns. 0 (not
+            in a loop) leaves the plan and the rows as they were.
+        steer: Why each label's requests were asked for (label -> reason, e.g.
+            ``weak_class:billing``), copied into the rows' ``steer`` column.
+        hard_examples: Rows (``id``, ``text``, ``label``) the student got wrong: a request of
+            their label shows one of them as its first demonstration (few-shot and one-shot),
+            and its rows' ``steer`` names it (``hard_example:<id>``).
 
     Columns:
         requires: ``request_id``, ``target_label``, ``demo_texts``, ``request_seed``.
@@ -136,6 +144,9 @@ class CreateOp:
         label_distribution: dict[str, float] | None = None,
         topics: list[str] | None = None,
         examples_per_request: int = 1,
+        round: int = 0,
+        steer: dict[str, str] | None = None,
+        hard_examples: list[dict] | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown creation method '{method}'; choose one of {METHODS}")
@@ -151,6 +162,11 @@ class CreateOp:
         if examples_per_request < 1:
             raise ValueError(f"examples_per_request must be >= 1, got {examples_per_request}")
         self.examples_per_request = examples_per_request
+        if round < 0:
+            raise ValueError(f"round must be >= 0, got {round}")
+        self.round = round
+        self.steer = dict(steer or {})
+        self.hard_examples = [dict(r) for r in hard_examples or []]
 
     @staticmethod
     def demonstrations(method: str, shots: int) -> int:
@@ -200,13 +216,22 @@ class CreateOp:
         for row in raw_rows:
             by_label.setdefault(row["label"], []).append(row)
         plan = []
+        in_round = (self.round,) if self.round else ()
         for index, label, items in self._order(num_examples, start, stop):
-            request_seed = int(stable_hash(seed, index, label, length=8), 16)
+            request_seed = int(stable_hash(seed, index, label, *in_round, length=8), 16)
             rng = random.Random(request_seed)
             pool = by_label.get(label, [])
-            demos = rng.sample(pool, min(self.shots, len(pool)))
+            hard = [r for r in self.hard_examples if r["label"] == label] if self.shots else []
+            if hard:  # the student's mistake first, then raw demonstrations
+                first = rng.choice(hard)
+                rest = [r for r in pool if r["id"] != first["id"]]
+                demos = [first] + rng.sample(rest, min(self.shots - 1, len(rest)))
+                steer = f"hard_example:{first['id']}"
+            else:
+                demos = rng.sample(pool, min(self.shots, len(pool)))
+                steer = self.steer.get(label, "")
             row = {
-                "request_id": stable_hash(self.name, seed, index, label),
+                "request_id": stable_hash(self.name, seed, index, label, *in_round),
                 "request_index": index,
                 "target_label": label,
                 "demo_ids": [d["id"] for d in demos],
@@ -216,6 +241,8 @@ class CreateOp:
             }
             if self.examples_per_request > 1:  # one-example plans keep their old rows (and ids)
                 row["request_items"] = items
+            if self.round:
+                row["steer"] = steer
             plan.append(row)
         return plan
 
@@ -274,6 +301,7 @@ class CreateOp:
         or unusable is a quarantined row with the reason (so examples asked = rows out)."""
         label = row["target_label"]
         items = int(row.get("request_items") or 1)
+        lineage = {"round": self.round, "steer": row.get("steer", "")} if self.round else {}
         completion = completions[0]
         if items == 1:
             texts = [clean_line(completion.text)]
@@ -290,7 +318,8 @@ class CreateOp:
             if problem:  # a row of its own, so the runner records its raw text and lineage
                 out.append(reject(problem, QUARANTINED,
                                   id=stable_hash(self.name, "failed", row["request_id"], *suffix),
-                                  parent_ids=list(row["demo_ids"]), text="", label=label))
+                                  parent_ids=list(row["demo_ids"]), text="", label=label,
+                                  **lineage))
                 continue
             out.append({
                 "id": stable_hash(self.name, text, label, list(row["demo_ids"]), row["request_id"],
@@ -298,5 +327,6 @@ class CreateOp:
                 "parent_ids": list(row["demo_ids"]),
                 "text": text,
                 "label": label,
+                **lineage,
             })
         return out

@@ -1,0 +1,285 @@
+"""The closed loop: rounds of creation steered by the student's mistakes.
+
+One-pass generation writes a prompt, makes N rows, filters and trains. Here the synthetic
+budget is spread over ``loop.rounds`` rounds, and after each round the mixed student (raw rows
+plus every row accepted so far) trains on every seed of ``student.seeds``. Where it is weak on
+dev rows it did not train on (per-class F1, confused pairs, the rows it got wrong; see
+:func:`raydag.evaluate.weaknesses`) steers the next round (:func:`steering`): more requests
+for weak classes and the classes of confused pairs, and the misclassified rows as the first
+demonstration of their label. This is S3's idea (Wang et al., 2023) in raydag's recipe.
+
+Each round is an ordinary job in ``<output_dir>/rounds/<k>``: the same job with ``stages.0``
+planned for the round (``round``, ``num_examples`` and the steering fields of
+:class:`raydag.config.CreateStage`), so it has its own report and resumes like any job. Rows
+carry ``round`` and ``steer`` (why they were asked for). A finished round, and the students
+trained after it (``rounds/<k>/students.json``), are reused by a rerun; a rerun with more
+rounds goes on from the last one. Exact and near duplicates across rounds are dropped before
+the students train, the earlier round's copy kept.
+
+The dev rows are ``data.dev_path`` or, per seed, the share of the raw sample the student held
+out (``student.dev_fraction``); never the test split.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raydag import console
+from raydag.config import JobConfig
+from raydag.data import stable_hash
+from raydag.storage import RunPath, display, location, read_dataset, write_atomically
+
+ROUNDS = "rounds"
+_ROUND_ORDER = 10 ** 12  # a round's rows sort after every earlier round's (its _order plus k x this)
+
+
+def round_sizes(job: JobConfig) -> list[int]:
+    """Examples asked for in each round: ``loop.per_round``, or ``stages.0.num_examples``
+    spread over the rounds, the earlier rounds taking the remainder."""
+    loop, first = job.loop, job.stages[0]
+    if loop.per_round is not None:
+        return [loop.per_round] * loop.rounds
+    base, extra = divmod(first.num_examples, loop.rounds)
+    return [base + (k < extra) for k in range(loop.rounds)]
+
+
+def steering(job: JobConfig, weak: dict[str, Any] | None,
+             rows: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """How the next round is steered by the student's weaknesses (``None``: the first round,
+    not steered).
+
+    - ``label_shift``: ``loop.shift`` of the requests go by weakness, the rest as the stage
+      plans them. A label's weakness is ``1 - F1`` on the dev rows (the mean of the others
+      where no dev row has it) plus its share of the misclassified rows in the most confused
+      pairs (half that for the label they were mistaken for). Labels asked for more than before are named in ``steer``:
+      ``confused:<true>-><predicted>`` (its most confused pair) or ``weak_class:<label>``.
+    - ``hard_examples``: up to ``loop.max_hard_examples`` of the rows the student got wrong,
+      most confidently wrong first, for one- and few-shot creation.
+
+    Args:
+        job: The loop's job.
+        weak: :func:`raydag.evaluate.weaknesses` of the last round's students.
+        rows: The dev rows by id (``text``, ``label``), to show the hard examples.
+
+    Returns:
+        ``label_distribution`` (None: as planned), ``steer`` (label -> reason) and
+        ``hard_examples`` (rows with ``id``, ``text``, ``label``).
+    """
+    first, loop, labels = job.stages[0], job.loop, job.data.labels
+    out: dict[str, Any] = {"label_distribution": first.label_distribution, "steer": {},
+                           "hard_examples": []}
+    if weak is None:
+        return out
+    planned = np.array([float((first.label_distribution or {}).get(y, 0.0 if first.label_distribution
+                                                                      else 1.0)) for y in labels])
+    planned /= planned.sum()
+    if "label_shift" in loop.strategies and weak["rows"]:
+        f1 = weak["per_class_f1"]
+        known = [1.0 - f1[y] for y in labels if y in f1]
+        score = np.array([1.0 - f1[y] if y in f1 else float(np.mean(known)) for y in labels])
+        pairs = weak["confused_pairs"]
+        wrong = sum(p["rows"] for p in pairs)
+        for pair in pairs:  # the class read wrongly needs the most, the one it was read as some
+            score[labels.index(pair["true"])] += pair["rows"] / wrong
+            score[labels.index(pair["predicted"])] += 0.5 * pair["rows"] / wrong
+        if score.sum() > 0:
+            shares = (1 - loop.shift) * planned + loop.shift * score / score.sum()
+            out["label_distribution"] = {y: round(float(s), 4) for y, s in zip(labels, shares)}
+            for y, share, before in zip(labels, shares, planned):
+                if share > before + 1e-9:
+                    pair = next((p for p in pairs if y in (p["true"], p["predicted"])), None)
+                    out["steer"][y] = (f"confused:{pair['true']}->{pair['predicted']}" if pair
+                                       else f"weak_class:{y}")
+    if "hard_examples" in loop.strategies and first.method in ("one_shot", "few_shot"):
+        out["hard_examples"] = [{"id": i, "text": rows[i]["text"], "label": rows[i]["label"]}
+                                for i in weak["misclassified"][: loop.max_hard_examples] if i in rows]
+    return out
+
+
+def round_job(job: JobConfig, index: int, size: int, steer: dict[str, Any]) -> JobConfig:
+    """Round ``index`` (1, 2, ...) as an ordinary job: ``stages.0`` asks for ``size`` examples
+    with the round's steering, into ``<output_dir>/rounds/<index>``; no loop, and no students
+    but the raw one a PVI filter needs (the loop trains the mixed students itself)."""
+    pvi = job.quality.consistency.pvi_threshold is not None
+    tree = json.loads(job.model_dump_json())
+    tree.update({"loop": None, "output_dir": str(location(job.output_dir) / ROUNDS / str(index))})
+    tree["stages"][0].update({
+        "num_examples": size, "round": index, "label_distribution": steer["label_distribution"],
+        "steer": steer["steer"], "hard_examples": steer["hard_examples"]})
+    tree["student"]["train_sets"] = ["raw"] if pvi else []
+    return JobConfig.model_validate(tree)
+
+
+def dev_weaknesses(students: dict[str, Any], labels: list[str], rows_by_key: dict[str, dict]) -> dict:
+    """:func:`raydag.evaluate.weaknesses` over the dev rows of every seed of a student (a row
+    held out by several seeds gets the mean of their probabilities)."""
+    from raydag.evaluate import weaknesses
+    from raydag.train import DEV_PREDICTIONS
+
+    probs: dict[str, list] = {}
+    gold: dict[str, int] = {}
+    for run in students["runs"].values():
+        found = json.loads((location(run["checkpoint"]) / DEV_PREDICTIONS).read_text())
+        for key, label, p in zip(found["keys"], found["labels"], found["probs"]):
+            probs.setdefault(key, []).append(p)
+            gold[key] = label
+    keys = [k for k in probs if k in rows_by_key]
+    matrix = np.array([np.mean(probs[k], axis=0) for k in keys]).reshape(len(keys), len(labels))
+    return weaknesses(labels, [gold[k] for k in keys], matrix, [rows_by_key[k]["id"] for k in keys])
+
+
+def run_loop(job: JobConfig) -> RunPath:
+    """Run the closed loop (see the module docstring) and return the path of its report."""
+    from datetime import datetime, timezone
+
+    from raydag.data import read_inputs
+    from raydag.outputs import claim_output_dir
+    from raydag.pipeline import run_job, run_students
+    from raydag.report import StageTimer
+    from raydag.resources import init_ray, plan_placement
+
+    started = datetime.now(timezone.utc)
+    out = location(job.output_dir)
+    (out / "report.json").unlink(missing_ok=True)
+    sizes = round_sizes(job)
+    cluster = init_ray()
+    _, test, inputs, _ = read_inputs(job)
+    dev = inputs.get("dev")
+    student = plan_placement(job.model_copy(update={"loop": None}), cluster)["student"]
+    timer, rounds, steer, tokens = StageTimer(), [], steering(job, None, {}), 0
+    console.say(f"[loop] {job.loop.rounds} rounds of {', '.join(map(str, sizes))} examples; "
+                f"steering: {', '.join(job.loop.strategies) or 'none'}")
+    for index, size in enumerate(sizes, start=1):
+        folder = out / ROUNDS / str(index)
+        this = round_job(job, index, size, steer)
+        console.say(f"[loop] round {index}/{len(sizes)}: {size} examples"
+                    + (f", labels {this.stages[0].label_distribution}" if steer["steer"] else "")
+                    + (f", {len(steer['hard_examples'])} hard examples" if steer["hard_examples"] else ""))
+        report = _finished_round(folder, this)
+        if report is None:
+            claim_output_dir(str(folder))
+            write_atomically(folder / "steer.json", json.dumps(steer, indent=1))
+            report = json.loads(location(run_job(this)).read_text())
+        tokens += report["teacher"]["tokens_in"] + report["teacher"]["tokens_out"]
+        raw = read_dataset(location(report["outputs"]["raw"])).to_pandas()
+        synthetic, across = _accepted_so_far(job, out, index)
+        students = _round_students(job, folder, index, raw, synthetic, test, dev, student, timer,
+                                   run_students)
+        rows = {stable_hash(str(t)): {"id": str(i), "text": str(t), "label": str(y)}
+                for i, t, y in zip(raw["id"], raw["text"], raw["label"])}
+        if dev is not None:
+            rows.update({stable_hash(str(t)): {"id": f"dev:{stable_hash(str(t))}", "text": str(t),
+                                               "label": str(y)} for t, y in zip(dev["text"], dev["label"])})
+        weak = dev_weaknesses(students["mixed"], job.data.labels, rows)
+        mixed = students["mixed"]
+        console.say(f"[loop] round {index}: mixed student accuracy {mixed['accuracy']:.4f}"
+                    + (f" ± {mixed['accuracy_std']:.4f}" if len(mixed["seeds"]) > 1 else "")
+                    + f" on {mixed['train_examples']} rows; dev F1 by class {weak['per_class_f1']}; "
+                    f"teacher tokens so far {tokens:,}")
+        rounds.append({
+            "round": index, "asked": size, "steering": steer,
+            "accepted": report["counts"]["accepted"], "cross_round_duplicates": across,
+            "teacher_tokens": tokens, "report": str(folder / "report.json"),
+            "student": {k: mixed[k] for k in ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std",
+                                               "seeds", "per_class_f1", "probe", "majority",
+                                               "train_examples", "flags")},
+            "weaknesses": weak,
+        })
+        steer = steering(job, weak, {r["id"]: r for r in rows.values()})
+    report = {"job": job.name, "started_at": started.isoformat(timespec="seconds"),
+              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "output_dir": str(job.output_dir), "loop": json.loads(job.loop.model_dump_json()),
+              "rounds": rounds, "teacher_tokens": tokens, "stages": timer.seconds,
+              "config": json.loads(job.model_dump_json())}
+    report = json.loads(display(json.dumps(report)))
+    write_atomically(out / "report.md", loop_markdown(report))
+    write_atomically(out / "report.json", json.dumps(report, indent=1))
+    return out / "report.json"
+
+
+def _finished_round(folder: RunPath, job: JobConfig) -> dict | None:
+    """The round's report when it finished with this plan (the same ``stages.0``), else None."""
+    path = folder / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    same = report.get("config", {}).get("stages", [None])[0] == json.loads(job.stages[0].model_dump_json())
+    return report if same else None
+
+
+def _accepted_so_far(job: JobConfig, out: RunPath, last: int):
+    """The accepted rows of rounds 1..``last`` (``text``, ``label``) as a Ray Dataset, exact
+    and near duplicates across rounds dropped (the earlier round's copy kept), and how many
+    rows of round ``last`` that dropped."""
+    from ray.data.expressions import col
+
+    from raydag.stages import deduplicate
+
+    parts = []
+    for index in range(1, last + 1):
+        report = json.loads((out / ROUNDS / str(index) / "report.json").read_text())
+        folder = report["outputs"].get("synthetic")
+        if folder:
+            parts.append(read_dataset(location(folder), columns=["id", "text", "label", "_order"])
+                         .map_batches(_in_round, fn_kwargs={"index": index}, batch_format="pandas"))
+    if not parts:
+        return None, 0
+    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    rows = deduplicate(rows)
+    near = job.quality.near_dup
+    if near.enabled:
+        from raydag.filters.near_dup import mark_near_duplicates
+
+        rows, _ = mark_near_duplicates(rows, threshold=near.threshold, num_perm=near.num_perm,
+                                       shingle_size=near.shingle_size, seed=job.seed)
+    rows = rows.materialize()
+    dropped = rows.filter(expr=(col("_status") != "accepted") & (col("_round") == last)).count()
+    kept = rows.filter(expr=col("_status") == "accepted").select_columns(["text", "label"])
+    return kept.materialize(), int(dropped)
+
+
+def _in_round(batch: pd.DataFrame, index: int) -> pd.DataFrame:
+    batch = batch.copy()
+    batch["_order"] = batch["_order"].astype("int64") + index * _ROUND_ORDER
+    batch["_round"] = index
+    batch["_status"], batch["_reason"], batch["_stage"] = "accepted", "", ""
+    return batch
+
+
+def _round_students(job, folder, index, raw, synthetic, test, dev, student, timer,
+                    run_students) -> dict:
+    """The mixed students after round ``index`` (every seed), reused from
+    ``rounds/<index>/students.json`` when they trained on the same rounds."""
+    key = {"rounds": [json.loads((location(job.output_dir) / ROUNDS / str(k) / "report.json")
+                                 .read_text())["signature"] for k in range(1, index + 1)],
+           "student": json.loads(job.student.model_dump_json())}
+    path = folder / "students.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["students"]
+    students = run_students(job, raw, synthetic, test, dev, folder, student, timer, only=["mixed"])
+    write_atomically(path, json.dumps({"key": key, "students": students}, indent=1))
+    return students
+
+
+def loop_markdown(report: dict[str, Any]) -> str:
+    """The loop's report as Markdown: one row per round."""
+    lines = [f"# Closed loop: {report['job']}", "",
+             "| round | asked | accepted | cross-round duplicates | teacher tokens so far | "
+             "mixed student accuracy | dev F1 by class | steered |",
+             "|---:|---:|---:|---:|---:|---|---|---|"]
+    for r in report["rounds"]:
+        s = r["student"]
+        spread = f" ± {s['accuracy_std']:.4f}" if len(s["seeds"]) > 1 else ""
+        steered = ", ".join(f"{y}: {why}" for y, why in r["steering"]["steer"].items())
+        hard = len(r["steering"]["hard_examples"])
+        steered += (f"; {hard} hard examples" if hard else "")
+        f1 = ", ".join(f"{y} {v:.2f}" for y, v in r["weaknesses"]["per_class_f1"].items())
+        lines.append(f"| {r['round']} | {r['asked']} | {r['accepted']} | {r['cross_round_duplicates']} "
+                     f"| {r['teacher_tokens']:,} | {s['accuracy']:.4f}{spread} | {f1} | {steered or '-'} |")
+    return "\n".join(lines) + "\n"
