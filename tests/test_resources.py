@@ -16,6 +16,8 @@ from raydag.resources import (
     wait_for_resources,
 )
 
+from conftest import ROOT
+
 
 def test_teacher_actor_resources_for_cpu_gpu_and_tensor_parallel():
     assert teacher_actor_resources(None, 1, cluster_gpus=0) == {"num_cpus": 1.0, "num_gpus": 0.0}
@@ -155,3 +157,29 @@ def test_native_bf16_can_be_overridden_for_this_host(monkeypatch):
     assert native_bf16_cpu({"avx512_bf16"})[0] is True  # explicit flags are not overridden
     monkeypatch.setenv("RAYDAG_NATIVE_BF16", "1")
     assert teacher_dtype("auto", on_gpu=False)[0] == "bfloat16"
+
+
+def test_small_jobs_shuffle_by_sort_and_large_ones_or_clusters_keep_rays(monkeypatch, tmp_path):
+    import ray
+
+    from raydag.config import load_job
+    from raydag.resources import SORT_SHUFFLE_MAX_BYTES, data_shuffle, job_shuffle
+
+    quickstart = ROOT / "jobs" / "quickstart.yaml"
+    monkeypatch.delenv("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    default = ray.data.DataContext.get_current().shuffle_strategy.value
+    assert job_shuffle(load_job(quickstart)) == "sort_shuffle_pull_based"
+    assert job_shuffle(load_job(quickstart, ["stages.0.num_examples=1000000"])) == default
+    big = tmp_path / "train.jsonl"
+    line = '{"text": "a long enough message about a parcel", "label": "shipping"}\n'
+    big.write_text(line * (SORT_SHUFFLE_MAX_BYTES // len(line) + 1))
+    assert job_shuffle(load_job(quickstart, [f"data.train_path={big}"])) == default
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster keeps Ray's own
+    assert job_shuffle(load_job(quickstart)) == default
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", "hash_shuffle")
+    assert job_shuffle(load_job(quickstart)) == default
+    with data_shuffle("sort_shuffle_pull_based"):
+        assert ray.data.DataContext.get_current().shuffle_strategy.value == "sort_shuffle_pull_based"
+    assert ray.data.DataContext.get_current().shuffle_strategy.value == default
