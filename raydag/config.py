@@ -494,6 +494,11 @@ class LoopConfig(StrictModel):
                          "a round's requests spread by weakness (the rest stays as planned).")
     max_hard_examples: int = Field(default=20, ge=1, description="hard_examples: misclassified "
                                    "dev rows kept per round (most confidently wrong first).")
+    compare_one_pass: bool = Field(
+        default=False, description="Also run the job in one pass (every example asked for at "
+        "once, budget.max_tokens the loop's teacher tokens, the same filters and students) in "
+        "<output_dir>/one_pass, and say whether the loop's mixed student beat it by more than "
+        "the spread over seeds.")
 
 
 class StudentConfig(StrictModel):

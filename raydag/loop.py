@@ -34,6 +34,9 @@ from raydag.data import stable_hash
 from raydag.storage import RunPath, display, location, read_dataset, write_atomically
 
 ROUNDS = "rounds"
+ONE_PASS = "one_pass"
+_STUDENT_KEYS = ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "seeds", "per_class_f1",
+                 "probe", "majority", "train_examples", "flags")
 _ROUND_ORDER = 10 ** 12  # a round's rows sort after every earlier round's (its _order plus k x this)
 
 
@@ -114,6 +117,19 @@ def round_job(job: JobConfig, index: int, size: int, steer: dict[str, Any]) -> J
     return JobConfig.model_validate(tree)
 
 
+def one_pass_job(job: JobConfig, examples: int, tokens: int) -> JobConfig:
+    """The loop's baseline: the same job in one pass, asking for ``examples`` at once with at
+    most ``tokens`` teacher tokens, its mixed student trained, into ``<output_dir>/one_pass``."""
+    tree = json.loads(job.model_dump_json())
+    tree.update({"loop": None, "output_dir": str(location(job.output_dir) / ONE_PASS)})
+    tree["stages"][0]["num_examples"] = examples
+    budget = job.budget.max_tokens
+    tree["budget"]["max_tokens"] = min(budget, tokens) if budget else tokens
+    pvi = job.quality.consistency.pvi_threshold is not None
+    tree["student"]["train_sets"] = ["raw", "mixed"] if pvi else ["mixed"]
+    return JobConfig.model_validate(tree)
+
+
 def dev_weaknesses(students: dict[str, Any], labels: list[str], rows_by_key: dict[str, dict]) -> dict:
     """:func:`raydag.evaluate.weaknesses` over the dev rows of every seed of a student (a row
     held out by several seeds gets the mean of their probabilities)."""
@@ -184,21 +200,43 @@ def run_loop(job: JobConfig) -> RunPath:
             "round": index, "asked": size, "steering": steer,
             "accepted": report["counts"]["accepted"], "cross_round_duplicates": across,
             "teacher_tokens": tokens, "report": str(folder / "report.json"),
-            "student": {k: mixed[k] for k in ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std",
-                                               "seeds", "per_class_f1", "probe", "majority",
-                                               "train_examples", "flags")},
+            "student": {k: mixed[k] for k in _STUDENT_KEYS},
             "weaknesses": weak,
         })
         steer = steering(job, weak, {r["id"]: r for r in rows.values()})
     report = {"job": job.name, "started_at": started.isoformat(timespec="seconds"),
-              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "output_dir": str(job.output_dir), "loop": json.loads(job.loop.model_dump_json()),
-              "rounds": rounds, "teacher_tokens": tokens, "stages": timer.seconds,
-              "config": json.loads(job.model_dump_json())}
+              "rounds": rounds, "teacher_tokens": tokens}
+    if job.loop.compare_one_pass:
+        report.update(_one_pass(job, sum(sizes), tokens, rounds[-1]["student"], run_job))
+    report.update({"finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "stages": timer.seconds, "config": json.loads(job.model_dump_json())})
     report = json.loads(display(json.dumps(report)))
     write_atomically(out / "report.md", loop_markdown(report))
     write_atomically(out / "report.json", json.dumps(report, indent=1))
     return out / "report.json"
+
+
+def _one_pass(job: JobConfig, examples: int, tokens: int, loop_student: dict, run_job) -> dict:
+    """Run the one-pass baseline (:func:`one_pass_job`) and compare its mixed student with the
+    loop's last one."""
+    from raydag.evaluate import compare
+    from raydag.outputs import claim_output_dir
+
+    baseline = one_pass_job(job, examples, tokens)
+    console.say(f"[loop] one-pass baseline: {examples} examples at once, at most {tokens:,} "
+                "teacher tokens")
+    claim_output_dir(baseline.output_dir)
+    report = json.loads(location(run_job(baseline)).read_text())
+    mixed = report["students"]["mixed"]
+    verdict = compare(loop_student, mixed, "loop", "one_pass")
+    console.say(f"[loop] loop {loop_student['accuracy']:.4f} against one pass {mixed['accuracy']:.4f}: "
+                f"{verdict['verdict']}")
+    return {"one_pass": {
+        "asked": examples, "accepted": report["counts"]["accepted"],
+        "teacher_tokens": report["teacher"]["tokens_in"] + report["teacher"]["tokens_out"],
+        "report": str(location(baseline.output_dir) / "report.json"),
+        "student": {k: mixed[k] for k in _STUDENT_KEYS}}, "comparison": verdict}
 
 
 def _finished_round(folder: RunPath, job: JobConfig) -> dict | None:
@@ -282,4 +320,12 @@ def loop_markdown(report: dict[str, Any]) -> str:
         f1 = ", ".join(f"{y} {v:.2f}" for y, v in r["weaknesses"]["per_class_f1"].items())
         lines.append(f"| {r['round']} | {r['asked']} | {r['accepted']} | {r['cross_round_duplicates']} "
                      f"| {r['teacher_tokens']:,} | {s['accuracy']:.4f}{spread} | {f1} | {steered or '-'} |")
+    if "one_pass" in report:
+        one, verdict = report["one_pass"], report["comparison"]
+        s = one["student"]
+        spread = f" ± {s['accuracy_std']:.4f}" if len(s["seeds"]) > 1 else ""
+        lines += ["", f"One pass ({one['asked']} examples at once, {one['teacher_tokens']:,} teacher "
+                  f"tokens, {one['accepted']} accepted): mixed student accuracy "
+                  f"{s['accuracy']:.4f}{spread}. Loop - one pass: {verdict['difference']:+.4f} "
+                  f"(spread {verdict['spread']:.4f}): **{verdict['verdict']}**."]
     return "\n".join(lines) + "\n"

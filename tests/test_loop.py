@@ -12,7 +12,7 @@ from raydag.config import load_job
 from raydag.engines.base import Completion
 from raydag.errors import ConfigError
 from raydag.evaluate import weaknesses
-from raydag.loop import round_job, round_sizes, steering
+from raydag.loop import one_pass_job, round_job, round_sizes, steering
 from raydag.ops.create import CreateOp
 
 from conftest import ROOT
@@ -100,6 +100,12 @@ def test_rounds_split_the_budget_and_are_ordinary_jobs(tmp_path):
     assert job.stages[0].round == 0  # the loop's own job is not changed
     pvi = load_job(QUICKSTART, ["loop.rounds=2", "quality.consistency.pvi_threshold=0.0"])
     assert round_job(pvi, 1, 50, steering(pvi, None, {})).student.train_sets == ["raw"]
+    baseline = one_pass_job(job, 100, 5000)
+    assert baseline.loop is None and baseline.output_dir == str(tmp_path / "one_pass")
+    assert baseline.stages[0].num_examples == 100 and baseline.stages[0].round == 0
+    assert baseline.budget.max_tokens == 5000 and baseline.student.train_sets == ["mixed"]
+    capped = load_job(QUICKSTART, [f"output_dir={tmp_path}", "loop.rounds=2", "budget.max_tokens=3000"])
+    assert one_pass_job(capped, 100, 5000).budget.max_tokens == 3000
 
 
 def test_loop_config_is_checked():
@@ -167,9 +173,16 @@ def test_two_real_rounds_steer_the_second_by_the_students_mistakes_and_resume(ra
 
     out = tmp_path / "out"
     args = ["run", str(QUICKSTART), f"output_dir={out}", *SMALL_LOOP]
-    assert main([*args, "loop.rounds=2"]) == 0
+    assert main([*args, "loop.rounds=2", "loop.compare_one_pass=true"]) == 0
     report = json.loads((out / "report.json").read_text())
     first, second = report["rounds"]
+    # The one-pass baseline asked for the same 24 examples at once, within the loop's tokens
+    # (a token budget stops new shards: at most one shard of 12 past it).
+    one = report["one_pass"]
+    assert one["asked"] == 24 and 0 < one["teacher_tokens"]
+    assert one["student"]["train_examples"] > 0 and one["student"]["seeds"] == [0]
+    assert report["comparison"]["a"] == "loop" and report["comparison"]["verdict"].startswith("unknown")
+    assert "One pass (24 examples at once" in (out / "report.md").read_text()
     assert (first["round"], second["round"]) == (1, 2)
     assert first["steering"] == {"label_distribution": None, "steer": {}, "hard_examples": []}
     weak = first["weaknesses"]
