@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "output_dir/logs/run-<time>.log. Bad input stops the run before any generation with "
         "'raydag: error: <file>:<line>: <reason>' and exit code 2. Ctrl-C or SIGTERM stops it "
         "cleanly: finished shards are kept, a report marked partial is written, and the exit "
-        "code is 130 (SIGINT) or 143 (SIGTERM); rerun to resume.",
+        "code is 130 (SIGINT) or 143 (SIGTERM); rerun to resume. A job with a loop: section "
+        "runs rounds of creation, each an ordinary job in output_dir/rounds/<k>, steered by "
+        "the mixed student's mistakes on dev rows (README: The closed loop).",
     )
     validate = sub.add_parser(
         "validate", help="check a job file, its data and its output folder without running it",
