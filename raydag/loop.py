@@ -31,6 +31,7 @@ import pandas as pd
 from raydag import console
 from raydag.config import JobConfig
 from raydag.data import stable_hash
+from raydag.ops.create import label_weights
 from raydag.storage import RunPath, display, location, read_dataset, write_atomically
 
 ROUNDS = "rounds"
@@ -58,8 +59,9 @@ def steering(job: JobConfig, weak: dict[str, Any] | None,
     - ``label_shift``: ``loop.shift`` of the requests go by weakness, the rest as the stage
       plans them. A label's weakness is ``1 - F1`` on the dev rows (the mean of the others
       where no dev row has it) plus its share of the misclassified rows in the most confused
-      pairs (half that for the label they were mistaken for). Labels asked for more than before are named in ``steer``:
-      ``confused:<true>-><predicted>`` (its most confused pair) or ``weak_class:<label>``.
+      pairs (half that for the label they were mistaken for). Labels asked for more than
+      before are named in ``steer``: ``confused:<true>-><predicted>`` (its most confused pair)
+      or ``weak_class:<label>``.
     - ``hard_examples``: up to ``loop.max_hard_examples`` of the rows the student got wrong,
       most confidently wrong first, for one- and few-shot creation.
 
@@ -77,8 +79,7 @@ def steering(job: JobConfig, weak: dict[str, Any] | None,
                            "hard_examples": []}
     if weak is None:
         return out
-    planned = np.array([float((first.label_distribution or {}).get(y, 0.0 if first.label_distribution
-                                                                      else 1.0)) for y in labels])
+    planned = np.array(list(label_weights(labels, first.label_distribution).values()))
     planned /= planned.sum()
     if "label_shift" in loop.strategies and weak["rows"]:
         f1 = weak["per_class_f1"]
@@ -148,25 +149,26 @@ def dev_weaknesses(students: dict[str, Any], labels: list[str], rows_by_key: dic
     return weaknesses(labels, [gold[k] for k in keys], matrix, [rows_by_key[k]["id"] for k in keys])
 
 
-def run_loop(job: JobConfig) -> RunPath:
-    """Run the closed loop (see the module docstring) and return the path of its report."""
+def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
+    """Run the closed loop (see the module docstring) on ``cluster`` (Ray's resources) and
+    return the path of its report. :func:`raydag.pipeline.run_job` calls it for a job with
+    a ``loop`` section."""
     from datetime import datetime, timezone
 
     from raydag.data import read_inputs
     from raydag.outputs import claim_output_dir
-    from raydag.pipeline import run_job, run_students
+    from raydag.pipeline import run_job
     from raydag.report import StageTimer
-    from raydag.resources import init_ray, plan_placement
+    from raydag.resources import plan_placement
 
     started = datetime.now(timezone.utc)
     out = location(job.output_dir)
-    (out / "report.json").unlink(missing_ok=True)
     sizes = round_sizes(job)
-    cluster = init_ray()
     _, test, inputs, _ = read_inputs(job)
     dev = inputs.get("dev")
-    student = plan_placement(job.model_copy(update={"loop": None}), cluster)["student"]
-    timer, rounds, steer, tokens = StageTimer(), [], steering(job, None, {}), 0
+    student = plan_placement(job, cluster)["student"]
+    timer, rounds, reports, steer, tokens = StageTimer(), [], [], steering(job, None, {}), 0
+    raw = by_key = None  # the raw sample (the same in every round) and the dev rows by text digest
     console.say(f"[loop] {job.loop.rounds} rounds of {', '.join(map(str, sizes))} examples; "
                 f"steering: {', '.join(job.loop.strategies) or 'none'}")
     for index, size in enumerate(sizes, start=1):
@@ -180,18 +182,15 @@ def run_loop(job: JobConfig) -> RunPath:
             claim_output_dir(str(folder))
             write_atomically(folder / "steer.json", json.dumps(steer, indent=1))
             report = json.loads(location(run_job(this)).read_text())
+        reports.append(report)
         tokens += report["teacher"]["tokens_in"] + report["teacher"]["tokens_out"]
-        raw = read_dataset(location(report["outputs"]["raw"])).to_pandas()
-        synthetic, across = _accepted_so_far(job, out, index)
-        students = _round_students(job, folder, index, raw, synthetic, test, dev, student, timer,
-                                   run_students)
-        rows = {stable_hash(str(t)): {"id": str(i), "text": str(t), "label": str(y)}
-                for i, t, y in zip(raw["id"], raw["text"], raw["label"])}
-        if dev is not None:
-            rows.update({stable_hash(str(t)): {"id": f"dev:{stable_hash(str(t))}", "text": str(t),
-                                               "label": str(y)} for t, y in zip(dev["text"], dev["label"])})
-        weak = dev_weaknesses(students["mixed"], job.data.labels, rows)
+        if raw is None:
+            raw = read_dataset(location(report["outputs"]["raw"])).to_pandas()
+            by_key = _dev_rows(raw, dev)
+        synthetic, across = _accepted_so_far(job, reports)
+        students = _round_students(job, folder, reports, raw, synthetic, test, dev, student, timer)
         mixed = students["mixed"]
+        weak = dev_weaknesses(mixed, job.data.labels, by_key)
         console.say(f"[loop] round {index}: mixed student accuracy {mixed['accuracy']:.4f}"
                     + (f" ± {mixed['accuracy_std']:.4f}" if len(mixed["seeds"]) > 1 else "")
                     + f" on {mixed['train_examples']} rows; dev F1 by class {weak['per_class_f1']}; "
@@ -203,12 +202,12 @@ def run_loop(job: JobConfig) -> RunPath:
             "student": {k: mixed[k] for k in _STUDENT_KEYS},
             "weaknesses": weak,
         })
-        steer = steering(job, weak, {r["id"]: r for r in rows.values()})
+        steer = steering(job, weak, {r["id"]: r for r in by_key.values()})
     report = {"job": job.name, "started_at": started.isoformat(timespec="seconds"),
               "output_dir": str(job.output_dir), "loop": json.loads(job.loop.model_dump_json()),
               "rounds": rounds, "teacher_tokens": tokens}
     if job.loop.compare_one_pass:
-        report.update(_one_pass(job, sum(sizes), tokens, rounds[-1]["student"], run_job))
+        report.update(_one_pass(job, sum(sizes), tokens, rounds[-1]["student"]))
     report.update({"finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "stages": timer.seconds, "config": json.loads(job.model_dump_json())})
     report = json.loads(display(json.dumps(report)))
@@ -217,11 +216,23 @@ def run_loop(job: JobConfig) -> RunPath:
     return out / "report.json"
 
 
-def _one_pass(job: JobConfig, examples: int, tokens: int, loop_student: dict, run_job) -> dict:
+def _dev_rows(raw: pd.DataFrame, dev: pd.DataFrame | None) -> dict[str, dict[str, str]]:
+    """The rows a student may hold out as dev rows (the raw sample, and ``data.dev_path``'s),
+    by the digest of their text, as the students' dev predictions name them."""
+    rows = {stable_hash(str(t)): {"id": str(i), "text": str(t), "label": str(y)}
+            for i, t, y in zip(raw["id"], raw["text"], raw["label"])}
+    if dev is not None:
+        rows.update({stable_hash(str(t)): {"id": f"dev:{stable_hash(str(t))}", "text": str(t),
+                                           "label": str(y)} for t, y in zip(dev["text"], dev["label"])})
+    return rows
+
+
+def _one_pass(job: JobConfig, examples: int, tokens: int, loop_student: dict) -> dict:
     """Run the one-pass baseline (:func:`one_pass_job`) and compare its mixed student with the
     loop's last one."""
     from raydag.evaluate import compare
     from raydag.outputs import claim_output_dir
+    from raydag.pipeline import run_job
 
     baseline = one_pass_job(job, examples, tokens)
     console.say(f"[loop] one-pass baseline: {examples} examples at once, at most {tokens:,} "
@@ -249,25 +260,20 @@ def _finished_round(folder: RunPath, job: JobConfig) -> dict | None:
     return report if same else None
 
 
-def _accepted_so_far(job: JobConfig, out: RunPath, last: int):
-    """The accepted rows of rounds 1..``last`` (``text``, ``label``) as a Ray Dataset, exact
-    and near duplicates across rounds dropped (the earlier round's copy kept), and how many
-    rows of round ``last`` that dropped."""
+def _accepted_so_far(job: JobConfig, reports: list[dict]):
+    """The accepted rows of the rounds so far (their ``reports``, in order; ``text``,
+    ``label``) as a Ray Dataset, exact and near duplicates across rounds dropped (the earlier
+    round's copy kept), and how many rows of the last round that dropped."""
     from ray.data.expressions import col
 
     from raydag.stages import deduplicate
 
-    parts = []
-    for index in range(1, last + 1):
-        report = json.loads((out / ROUNDS / str(index) / "report.json").read_text())
-        folder = report["outputs"].get("synthetic")
-        if folder:
-            parts.append(read_dataset(location(folder), columns=["id", "text", "label", "_order"])
-                         .map_batches(_in_round, fn_kwargs={"index": index}, batch_format="pandas"))
+    parts = [read_dataset(location(report["outputs"]["synthetic"]), columns=["id", "text", "label", "_order"])
+             .map_batches(_in_round, fn_kwargs={"index": index}, batch_format="pandas")
+             for index, report in enumerate(reports, start=1) if report["outputs"].get("synthetic")]
     if not parts:
         return None, 0
-    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    rows = deduplicate(rows)
+    rows = deduplicate(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0])
     near = job.quality.near_dup
     if near.enabled:
         from raydag.filters.near_dup import mark_near_duplicates
@@ -275,7 +281,7 @@ def _accepted_so_far(job: JobConfig, out: RunPath, last: int):
         rows, _ = mark_near_duplicates(rows, threshold=near.threshold, num_perm=near.num_perm,
                                        shingle_size=near.shingle_size, seed=job.seed)
     rows = rows.materialize()
-    dropped = rows.filter(expr=(col("_status") != "accepted") & (col("_round") == last)).count()
+    dropped = rows.filter(expr=(col("_status") != "accepted") & (col("_round") == len(reports))).count()
     kept = rows.filter(expr=col("_status") == "accepted").select_columns(["text", "label"])
     return kept.materialize(), int(dropped)
 
@@ -288,12 +294,12 @@ def _in_round(batch: pd.DataFrame, index: int) -> pd.DataFrame:
     return batch
 
 
-def _round_students(job, folder, index, raw, synthetic, test, dev, student, timer,
-                    run_students) -> dict:
-    """The mixed students after round ``index`` (every seed), reused from
-    ``rounds/<index>/students.json`` when they trained on the same rounds."""
-    key = {"rounds": [json.loads((location(job.output_dir) / ROUNDS / str(k) / "report.json")
-                                 .read_text())["signature"] for k in range(1, index + 1)],
+def _round_students(job, folder, reports, raw, synthetic, test, dev, student, timer) -> dict:
+    """The mixed students after the rounds of ``reports`` (every seed), reused from
+    ``<folder>/students.json`` when they trained on the same rounds."""
+    from raydag.pipeline import run_students
+
+    key = {"rounds": [report["signature"] for report in reports],
            "student": json.loads(job.student.model_dump_json())}
     path = folder / "students.json"
     if path.exists():

@@ -47,21 +47,17 @@ def run_job(job: JobConfig) -> RunPath:
         RaydagError: For bad input, unwritable output, unsatisfiable resources or failed stages;
             no report is written then.
     """
-    if job.loop is not None:  # rounds of this function, steered by the student (raydag.loop)
-        from raydag.loop import run_loop
-
-        check_job_models(job)
-        init_ray()
-        with sigterm_raises(), data_shuffle(job_shuffle(job)):
-            return run_loop(job)
     started = datetime.now(timezone.utc)
-    timer = StageTimer()
     discard_stale_report(job.output_dir)  # never leave a report that claims success
     check_job_models(job)
     cluster = init_ray()
     # after init_ray, whose own handler only exits; a small job's shuffles as tasks
     with sigterm_raises(), data_shuffle(job_shuffle(job)):
-        return _run(job, started, timer, cluster)
+        if job.loop is not None:  # rounds of this function, steered by the student
+            from raydag.loop import run_loop
+
+            return run_loop(job, cluster)
+        return _run(job, started, StageTimer(), cluster)
 
 
 def _run(job: JobConfig, started: datetime, timer: StageTimer, cluster: dict) -> RunPath:

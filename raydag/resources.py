@@ -333,8 +333,8 @@ def job_shuffle(job: JobConfig) -> str:
     if "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY" in os.environ or may_autoscale():
         return default
     first = job.stages[0]
-    rows = {"create": lambda: first.num_examples,
-            "self_instruct": lambda: first.num_instructions}.get(first.type, lambda: job.raw_examples)()
+    rows = (first.num_examples if first.type == "create" else
+            first.num_instructions if first.type == "self_instruct" else job.raw_examples)
     paths = [job.data.train_path, job.data.unlabelled_path] if job.data is not None else []
     size = sum(file_size(location(path)) for path in paths if path)
     small = rows <= SORT_SHUFFLE_MAX_ROWS and size <= SORT_SHUFFLE_MAX_BYTES

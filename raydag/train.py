@@ -336,21 +336,24 @@ def _device() -> Any:
     return ray.train.torch.get_device()
 
 
-def _scores(engine, worker: _Worker, share: _Share, num_labels: int) -> tuple[np.ndarray, float]:
-    """Confusion matrix and mean loss of the model on every worker's share, summed."""
+def _scores(engine, worker: _Worker, share: _Share,
+            num_labels: int) -> tuple[np.ndarray, float, list[list[float]]]:
+    """Confusion matrix and mean loss of the model on every worker's share, summed, and the
+    label probabilities of this worker's rows."""
     from raydag.evaluate import confusion_matrix
 
-    y_pred, loss = [], 0.0
+    y_pred, loss, probs = [], 0.0, []
     with torch.no_grad():
         for start in range(0, len(share), 64):
             logits = engine(**worker.encode(share.ids[start : start + 64], engine.device)).float()
             target = torch.tensor(share.labels[start : start + 64], device=logits.device)
             loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
             y_pred.extend(logits.argmax(dim=-1).tolist())
+            probs += torch.softmax(logits, dim=-1).cpu().numpy().round(5).tolist()
     matrix = confusion_matrix(share.labels, y_pred, num_labels).astype(np.float64)
     summed = _sum_over_workers(np.append(matrix.ravel(), loss), worker.world)
     matrix = summed[:-1].reshape(num_labels, num_labels).round().astype(np.int64)
-    return matrix, float(summed[-1] / max(1, matrix.sum()))
+    return matrix, float(summed[-1] / max(1, matrix.sum())), probs
 
 
 # In each student's checkpoint folder: the chosen state's label probabilities on the dev rows
@@ -359,14 +362,9 @@ def _scores(engine, worker: _Worker, share: _Share, num_labels: int) -> tuple[np
 DEV_PREDICTIONS = "dev_predictions.json"
 
 
-def _dev_predictions(engine, worker: _Worker, share: _Share) -> dict[str, list]:
-    """The model's label probabilities on every worker's share of the dev rows, in rank order
-    (the same on every rank)."""
-    probs = []
-    with torch.no_grad():
-        for start in range(0, len(share), 64):
-            logits = engine(**worker.encode(share.ids[start : start + 64], engine.device)).float()
-            probs += torch.softmax(logits, dim=-1).cpu().numpy().round(5).tolist()
+def _dev_predictions(worker: _Worker, share: _Share, probs: list[list[float]]) -> dict[str, list]:
+    """Every worker's dev rows with the probabilities :func:`_scores` gave them, in rank
+    order (the same on every rank)."""
     mine = {"keys": list(share.keys), "labels": list(share.labels), "probs": probs}
     if worker.world == 1:
         return mine
@@ -430,17 +428,17 @@ def _train_one(entry: dict, train: _Share, dev: _Share, worker: _Worker) -> None
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(student, world))
 
-    def dev_key() -> tuple[tuple[float, float], float | None, float | None]:
+    def dev_key() -> tuple[tuple[float, float], float | None, float | None, list]:
         if not dev_rows:  # nothing to choose with: the last epoch is kept
-            return (float(len(history)), 0.0), None, None
+            return (float(len(history)), 0.0), None, None, []
         engine.eval()
-        matrix, loss = _scores(engine, worker, dev, len(labels))
+        matrix, loss, probs = _scores(engine, worker, dev, len(labels))
         acc = float(np.trace(matrix) / max(1, matrix.sum()))
-        return (acc, -loss), acc, loss
+        return (acc, -loss), acc, loss, probs
 
     history: list[dict] = []
-    best_key, dev_acc, dev_loss = dev_key()
-    best = {"epoch": 0, "dev_accuracy": dev_acc, "dev_loss": dev_loss,
+    best_key, dev_acc, dev_loss, dev_probs = dev_key()
+    best = {"epoch": 0, "dev_accuracy": dev_acc, "dev_loss": dev_loss, "dev_probs": dev_probs,
             "state": {k: v.detach().clone() for k, v in engine.module.state_dict().items()}}
     rng = np.random.default_rng([seed, rank])  # each worker shuffles its own share
     per_worker = -(-rows // world)
@@ -454,12 +452,13 @@ def _train_one(entry: dict, train: _Share, dev: _Share, worker: _Worker) -> None
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-        key, dev_acc, dev_loss = dev_key()
+        key, dev_acc, dev_loss, dev_probs = dev_key()
         history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4),
                         "dev_accuracy": _rounded(dev_acc), "dev_loss": _rounded(dev_loss)})
         if key > best_key:
             best_key = key
             best = {"epoch": epoch, "dev_accuracy": dev_acc, "dev_loss": dev_loss,
+                    "dev_probs": dev_probs,
                     "state": {k: v.detach().clone() for k, v in engine.module.state_dict().items()}}
         if rank == 0:
             print(f"[student {entry['name']} seed {seed}] epoch {epoch}/{plan['epochs']} "
@@ -470,10 +469,10 @@ def _train_one(entry: dict, train: _Share, dev: _Share, worker: _Worker) -> None
     engine.module.load_state_dict(best["state"])
     train_seconds = time.time() - started
 
-    # 3. The dev rows' probabilities and the test split, with the state chosen on dev.
+    # 3. The test split, with the state chosen on dev (and that state's dev probabilities).
     engine.eval()
-    dev_predictions = _dev_predictions(engine, worker, dev)
-    matrix, _ = _scores(engine, worker, worker.test, len(labels))
+    dev_predictions = _dev_predictions(worker, dev, best["dev_probs"])
+    matrix, _, _ = _scores(engine, worker, worker.test, len(labels))
     metrics = {
         "seed": seed,
         **_classification_metrics(matrix, labels),

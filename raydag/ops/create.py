@@ -39,12 +39,17 @@ SYSTEM_PROMPT = "You write realistic, varied example texts for a text classifica
 METHODS = ("zero_shot", "zero_shot_topic", "one_shot", "few_shot")
 
 
+def label_weights(labels: list[str], distribution: dict[str, float] | None = None) -> dict[str, float]:
+    """Each label's weight in ``distribution`` (0 for a label it leaves out); 1 each when None."""
+    return {label: float((distribution or {}).get(label, 0.0 if distribution else 1.0))
+            for label in labels}
+
+
 def label_counts(labels: list[str], num_examples: int,
                  distribution: dict[str, float] | None = None) -> dict[str, int]:
     """Requests per label: proportional to ``distribution`` (balanced when None), by largest
     remainder so the counts sum to ``num_examples``; ties go to the earlier label."""
-    weights = {label: float((distribution or {}).get(label, 0.0 if distribution else 1.0))
-               for label in labels}
+    weights = label_weights(labels, distribution)
     total = sum(weights.values())
     exact = {label: num_examples * w / total for label, w in weights.items()}
     counts = {label: int(value) for label, value in exact.items()}
