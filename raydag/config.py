@@ -794,7 +794,8 @@ def _local_path(value: Any, anchor) -> Any:
 
 # ------------------------------------------------------------------------------ the seed study
 
-StudyMethod = Annotated[str, Field(pattern=r"^(zero_shot|zero_shot_topic|one_shot|few_shot_[1-9][0-9]?)$")]
+CreationMethod = Annotated[str, Field(pattern=r"^(zero_shot|zero_shot_topic|one_shot|few_shot_[1-9][0-9]?)$")]
+StudyMethod = Annotated[str, Field(pattern=r"^(zero_shot|zero_shot_topic|one_shot|few_shot_[1-9][0-9]?|loop)$")]
 
 
 class StudyDataset(StrictModel):
@@ -813,7 +814,7 @@ class StudyDataset(StrictModel):
 class StudySweep(StrictModel):
     """Sweeps of one creation method over the number of synthetic and of raw examples."""
 
-    method: StudyMethod = Field(default="few_shot_3", description="The creation method swept.")
+    method: CreationMethod = Field(default="few_shot_3", description="The creation method swept.")
     num_examples: list[int] = Field(
         default_factory=list, description="Synthetic examples requested (M), e.g. [100, 250, 500, 1000].")
     num_examples_train_sets: list[TrainSet] = Field(
@@ -839,6 +840,17 @@ class TeacherEvalConfig(StrictModel):
     max_examples: int = Field(default=500, ge=1, description="Test rows labelled (stratified, seeded).")
 
 
+class StudyLoopConfig(LoopConfig):
+    """The ``loop`` method of a study: a closed loop (raydag.loop) over the study's M examples,
+    its rounds made with ``method``, by default compared with the same budget in one pass."""
+
+    method: CreationMethod = Field(default="few_shot_3", description="The creation method of "
+                                   "the loop's rounds (and of its one-pass baseline).")
+    compare_one_pass: bool = Field(
+        default=True, description="Run the one-pass baseline at the loop's teacher tokens in "
+        "the same cell (see loop.compare_one_pass).")
+
+
 class StudyConfig(StrictModel):
     """The seed study as a grid of ordinary jobs: datasets x creation methods x train sets x
     seeds, sweeps of the synthetic and raw sizes, and the teacher as a classifier."""
@@ -849,7 +861,8 @@ class StudyConfig(StrictModel):
     datasets: dict[str, StudyDataset] = Field(min_length=1, description="Datasets by name.")
     methods: list[StudyMethod] = Field(
         default_factory=lambda: ["zero_shot", "zero_shot_topic", "one_shot", "few_shot_3", "few_shot_5"],
-        min_length=1, description="Creation methods: zero_shot, zero_shot_topic, one_shot, few_shot_<k>.")
+        min_length=1, description="Creation methods: zero_shot, zero_shot_topic, one_shot, few_shot_<k>, "
+        "and loop (the closed loop, see the loop field).")
     train_sets: list[TrainSet] = Field(
         default_factory=lambda: ["raw", "synthetic", "mixed"], min_length=1,
         description="Students of the main grid (raw is trained once per dataset).")
@@ -861,6 +874,8 @@ class StudyConfig(StrictModel):
         default=None, ge=1, description="Score students on at most this many test rows (stratified, "
         "seeded); None: the whole test split.")
     sweep: StudySweep = Field(default_factory=StudySweep, description="Size sweeps.")
+    loop: StudyLoopConfig = Field(default_factory=StudyLoopConfig,
+                                  description="The loop method's settings (used only when methods has loop).")
     teacher_eval: TeacherEvalConfig | None = Field(
         default_factory=TeacherEvalConfig, description="The teacher as a classifier; None: off.")
     overrides: list[str] = Field(

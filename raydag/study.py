@@ -81,15 +81,17 @@ def plan_cells(study: StudyConfig) -> list[Cell]:
         cell["train"].update(train_sets)
 
     main_sets = [s for s in study.train_sets if s != "raw"]
+    creation = [m for m in study.methods if m != "loop"]
     for dataset in study.datasets:
-        for method in study.methods:
-            want(dataset, method, study.num_examples, study.raw_examples, main_sets)
+        for method in study.methods:  # the loop trains its mixed students (and its baseline's)
+            want(dataset, method, study.num_examples, study.raw_examples,
+                 ["mixed"] if method == "loop" else main_sets)
         for m in study.sweep.num_examples:
             want(dataset, study.sweep.method, m, study.raw_examples, study.sweep.num_examples_train_sets)
         for n in study.sweep.raw_examples:
             want(dataset, study.sweep.method, study.num_examples, n, study.sweep.raw_examples_train_sets)
-        if "raw" in study.train_sets:  # once per dataset: the raw student ignores the method
-            main = [_cell_name(dataset, m, study.num_examples, study.raw_examples) for m in study.methods]
+        if "raw" in study.train_sets and creation:  # once per dataset: it ignores the method
+            main = [_cell_name(dataset, m, study.num_examples, study.raw_examples) for m in creation]
             if not any("raw" in wanted[name]["train"] for name in main):
                 wanted[main[0]]["train"].add("raw")
     cells = [Cell(name=name, dataset=c["dataset"], kind="create", method=c["method"],
@@ -188,7 +190,8 @@ def cell_job_tree(study: StudyConfig, base: dict[str, Any], cell: Cell,
         tree["quality"].setdefault("pii", {})["enabled"] = False
         tree["student"]["train_sets"] = []
     else:
-        method, shots = create_settings(cell.method)
+        loop = cell.method == "loop"
+        method, shots = create_settings(study.loop.method if loop else cell.method)
         stage = {"type": "create", "method": method, "shots": shots,
                  "num_examples": cell.num_examples}
         for key in ("sampling", "examples_per_request", "num_topics"):
@@ -197,6 +200,8 @@ def cell_job_tree(study: StudyConfig, base: dict[str, Any], cell: Cell,
         tree["stages"] = [stage]
         tree["student"]["train_sets"] = list(cell.train_sets)
         tree["student"]["seeds"] = list(study.seeds)
+        if loop:
+            tree["loop"] = json.loads(study.loop.model_dump_json(exclude={"method"}))
     return tree
 
 
