@@ -419,6 +419,24 @@ def teacher_accuracy(report: dict, eval_path: str, labels: list[str]) -> dict[st
             "rows": len(gold), "labelled": int(matrix.sum()), "majority": round(majority, 4)}
 
 
+def loop_record(report: dict) -> dict[str, Any]:
+    """A loop cell's numbers: per round the teacher tokens so far and the mixed student, the
+    one-pass baseline and the verdict (see :mod:`raydag.loop`)."""
+    rounds = [{"round": r["round"], "teacher_tokens": r["teacher_tokens"], "accepted": r["accepted"],
+               "cross_round_duplicates": r["cross_round_duplicates"], "mixed": _student(r["student"]),
+               "steered": r["steering"]["steer"], "hard_examples": len(r["steering"]["hard_examples"]),
+               "uncertain": len(r["steering"].get("uncertain", []))}
+              for r in report["rounds"]]
+    record = {"rounds": rounds, "mixed": rounds[-1]["mixed"], "teacher_tokens": report["teacher_tokens"],
+              "accepted": sum(r["accepted"] for r in rounds), "strategies": report["loop"]["strategies"]}
+    if "one_pass" in report:
+        one = report["one_pass"]
+        record["one_pass"] = {"teacher_tokens": one["teacher_tokens"], "accepted": one["accepted"],
+                              "mixed": _student(one["student"])}
+        record["comparison"] = report["comparison"]
+    return record
+
+
 def _cell_record(cell: Cell, report: dict | None, error: str | None) -> dict:
     record = {**asdict(cell), "train_sets": list(cell.train_sets)}
     if report is None:
@@ -436,7 +454,7 @@ def collect(study: StudyConfig, cells: list[Cell], jobs: dict, data: dict,
     datasets: dict[str, dict] = {}
     for name in study.datasets:
         datasets[name] = {"labels": data[name]["labels"], "train_rows": data[name]["train_rows"],
-                          "test_rows": data[name]["test_rows"], "raw": None, "methods": {},
+                          "test_rows": data[name]["test_rows"], "raw": None, "methods": {}, "loop": None,
                           "num_examples": {}, "raw_examples": {}, "teacher": {}}
     for cell in cells:
         report, ds = reports[cell.name], datasets[cell.dataset]
@@ -445,6 +463,12 @@ def collect(study: StudyConfig, cells: list[Cell], jobs: dict, data: dict,
         if cell.kind == "teacher":
             ds["teacher"][str(cell.shots)] = teacher_accuracy(
                 report, data[cell.dataset]["files"]["teacher_eval"], data[cell.dataset]["labels"])
+            continue
+        if cell.method == "loop":
+            ds["loop"] = loop_record(report)
+            ds["methods"]["loop"] = {"mixed": ds["loop"]["mixed"], "accepted": ds["loop"]["accepted"],
+                                     "teacher_tokens": report["teacher_tokens"], "distinct_2": None,
+                                     "embedding_distance": None, "self_bleu": None}
             continue
         students = {k: _student(v) for k, v in report["students"].items()}
         main_size = cell.num_examples == study.num_examples and cell.raw_examples == study.raw_examples
@@ -711,6 +735,30 @@ def write_plots(summary: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=7)
         save(fig, file)
 
+    with_loop = [n for n in names if datasets[n].get("loop")]
+    if with_loop:
+        fig, axes = plt.subplots(1, len(with_loop), figsize=(5.5 * len(with_loop), 4), squeeze=False)
+        for ax, name in zip(axes[0], with_loop):
+            ds = datasets[name]
+            rounds = ds["loop"]["rounds"]
+            ax.errorbar([r["teacher_tokens"] for r in rounds], [r["mixed"]["accuracy"] for r in rounds],
+                        yerr=[r["mixed"]["accuracy_std"] for r in rounds], marker="o", capsize=3,
+                        color="tab:red", label="loop (after each round)")
+            one = ds["loop"].get("one_pass")
+            if one:
+                ax.errorbar([one["teacher_tokens"]], [one["mixed"]["accuracy"]], yerr=[one["mixed"]["accuracy_std"]],
+                            marker="s", capsize=3, color="tab:green", ls="none", label="one pass, same budget")
+            others = [(m, v) for m, v in ds["methods"].items() if m != "loop" and v.get("mixed")]
+            for m, v in others:
+                ax.errorbar([v["teacher_tokens"]], [v["mixed"]["accuracy"]], yerr=[v["mixed"]["accuracy_std"]],
+                            marker="^", capsize=3, color="gray", ls="none")
+                ax.annotate(m.replace("_", " "), (v["teacher_tokens"], v["mixed"]["accuracy"]), fontsize=7)
+            ax.set_title(name)
+            ax.set_xlabel("teacher tokens (prompt + output)")
+            ax.set_ylabel("mixed student test accuracy (mean ± sd)")
+            ax.legend(fontsize=7)
+        save(fig, "accuracy_vs_teacher_tokens.png")
+
     teacher = next(item for item in summary["findings"] if item["id"] == "teacher_accuracy_does_not_predict_student")
     if teacher["points"]:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -730,6 +778,24 @@ def _pm(student: dict | None) -> str:
         return "-"
     spread = f" ± {student['accuracy_std']:.3f}" if len(student["seeds"]) > 1 else ""
     return f"{student['accuracy']:.3f}{spread}"
+
+
+def loop_lines(loop: dict[str, Any]) -> list[str]:
+    """A dataset's closed loop in study.md: a row per round, then its one-pass baseline."""
+    lines = [f"Closed loop ({', '.join(loop['strategies']) or 'unsteered'}):", "",
+             "| round | teacher tokens so far | accepted | mixed | steered |", "|---:|---:|---:|---:|---|"]
+    for r in loop["rounds"]:
+        steered = ", ".join(f"{y}: {why}" for y, why in r["steered"].items())
+        extra = [f"{r[k]} {k.replace('_', ' ')}" for k in ("hard_examples", "uncertain") if r[k]]
+        steered = "; ".join(x for x in [steered, *extra] if x) or "-"
+        lines.append(f"| {r['round']} | {r['teacher_tokens']:,} | {r['accepted']} | {_pm(r['mixed'])} | {steered} |")
+    one = loop.get("one_pass")
+    if one:
+        c = loop["comparison"]
+        lines += ["", f"One pass at the same budget: {one['teacher_tokens']:,} teacher tokens, "
+                  f"{one['accepted']} accepted, mixed {_pm(one['mixed'])}. Loop - one pass "
+                  f"{c['difference']:+.3f} (spread {c['spread']:.3f}): **{c['verdict']}**."]
+    return lines + [""]
 
 
 def study_markdown(summary: dict[str, Any]) -> str:
@@ -758,6 +824,8 @@ def study_markdown(summary: dict[str, Any]) -> str:
                              f"{v['embedding_distance'] if v['embedding_distance'] is not None else '-'} | "
                              f"{v['teacher_tokens']} |")
             lines.append("")
+        if ds.get("loop"):
+            lines += loop_lines(ds["loop"])
         if ds["teacher"]:
             lines += ["Teacher as a classifier (label operator) on " + str(next(iter(ds["teacher"].values()))["rows"])
                       + " test rows: " + "; ".join(f"{k} shot(s) per label {t['accuracy']:.3f} (macro-F1 "
@@ -771,6 +839,16 @@ def study_markdown(summary: dict[str, Any]) -> str:
                 for size, v in sorted(ds[key].items(), key=lambda kv: int(kv[0])):
                     lines.append(f"| {size} | " + " | ".join(_pm(v.get(t)) for t in sets) + " |")
                 lines.append("")
+    loops = {name: ds["loop"] for name, ds in summary["datasets"].items() if ds.get("loop")
+             and "comparison" in ds["loop"]}
+    if loops:
+        won = [name for name, loop in loops.items() if loop["comparison"]["verdict"] == "loop better"]
+        lines += ["## The closed loop against one pass", "",
+                  f"The loop's mixed student beat the one-pass one by more than the spread over seeds "
+                  f"on {len(won)} of {len(loops)} dataset(s)" + (f" ({', '.join(won)})" if won else "") + ": "
+                  + "; ".join(f"{name} {loop['comparison']['difference']:+.3f} (spread "
+                              f"{loop['comparison']['spread']:.3f}, {loop['comparison']['verdict']})"
+                              for name, loop in loops.items()) + ".", ""]
     lines += ["## Findings of the seed study, checked here", ""]
     for item in summary["findings"]:
         lines.append(f"- **{item['finding']}** Overall: **{item['overall']}**.")

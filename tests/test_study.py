@@ -12,19 +12,21 @@ from raydag.cli import main
 from raydag.config import load_study
 from raydag.errors import ConfigError, DataError
 from raydag.ops.label import LabelOp
-from raydag.study import (_cell_error, cell_job_tree, create_settings, findings, plan_cells, select_cells,
-                          spearman)
+from raydag.config import JobConfig
+from raydag.study import (_cell_error, cell_job_tree, create_settings, findings, loop_record, plan_cells,
+                          select_cells, spearman, study_markdown, write_plots)
 
 from conftest import ROOT
 
 STUDY = ROOT / "jobs" / "study.yaml"
 SMOKE = ROOT / "jobs" / "study_smoke.yaml"
+LOOP = ROOT / "jobs" / "study_loop.yaml"
 
 
 # --------------------------------------------------------------------------- the grid
 
 def test_study_files_load_and_start_with_their_launch_command():
-    for path in (STUDY, SMOKE):
+    for path in (STUDY, SMOKE, LOOP):
         study = load_study(path)
         assert f"raydag study jobs/{path.name}" in path.read_text().splitlines()[0]
         assert Path(study.job).is_file()
@@ -121,6 +123,60 @@ def test_cell_jobs_are_ordinary_jobs():
                                  "sampling": {"max_tokens": 7}, "examples_per_request": 2}]
     assert create["raw_examples"] == 30 and create["student"]["train_sets"] == ["synthetic"]
     assert base["student"]["train_sets"] == ["raw"]  # the base is not changed
+
+
+def test_loop_is_a_method_whose_cell_is_a_loop_job_training_mixed_students():
+    study = load_study(SMOKE, ["methods=[few_shot_3,loop]", "sweep.raw_examples=[]", "sweep.num_examples=[]",
+                               "teacher_eval=null", "loop.rounds=2", "loop.method=one_shot"])
+    cells = plan_cells(study)
+    assert [(c.method, c.train_sets) for c in cells] == [("few_shot_3", ("raw", "synthetic", "mixed")),
+                                                         ("loop", ("mixed",))]  # raw never goes to the loop
+    base = {"student": {"train_sets": ["raw"], "seeds": [0]}, "stages": [{"type": "create"}]}
+    data = {"files": {"train": "/d/train.jsonl", "test": "/d/test.jsonl"}, "labels": ["a", "b"], "task": "t"}
+    tree = cell_job_tree(study, base, cells[1], data)
+    assert tree["stages"] == [{"type": "create", "method": "one_shot", "shots": 1, "num_examples": 24}]
+    assert tree["loop"]["rounds"] == 2 and tree["loop"]["compare_one_pass"] is True
+    assert "method" not in tree["loop"] and tree["student"]["train_sets"] == ["mixed"]
+    assert JobConfig.model_validate(tree).loop.rounds == 2  # an ordinary job with a loop section
+    acceptance = plan_cells(load_study(LOOP))
+    assert [c.name for c in acceptance] == ["sst2.loop.m1000.n100", "emotion.loop.m1000.n100",
+                                            "agnews.loop.m1000.n100"]
+
+
+def _loop_report(accuracies, one_pass, tokens=(1000, 2100, 3300)):
+    student = {"accuracy_std": 0.01, "macro_f1": 0.5, "macro_f1_std": 0.01, "seeds": [0, 1, 2],
+               "probe": {"accuracy": 0.6}, "majority": {"accuracy": 0.5}, "train_examples": 400, "flags": []}
+    rounds = [{"round": k + 1, "teacher_tokens": t, "accepted": 300, "cross_round_duplicates": k,
+               "student": {**student, "accuracy": a},
+               "steering": {"steer": {"b": "confused:b->a"} if k else {}, "hard_examples": [{}] * k}}
+              for k, (a, t) in enumerate(zip(accuracies, tokens))]
+    return {"rounds": rounds, "teacher_tokens": tokens[-1], "loop": {"strategies": ["label_shift"]},
+            "one_pass": {"teacher_tokens": tokens[-1] - 50, "accepted": 900,
+                         "student": {**student, "accuracy": one_pass}},
+            "comparison": {"difference": round(accuracies[-1] - one_pass, 4), "spread": 0.0141,
+                           "verdict": "loop better" if accuracies[-1] - one_pass > 0.0141 else "no difference"}}
+
+
+def test_loop_cells_are_tabled_and_plotted_against_teacher_tokens(tmp_path):
+    summary = _summary(gains_small=0.08, gains_large=0.0, topic_d2=0.9, curve={1000: 0.7}, teacher=0.6)
+    summary.update({"study": "s", "written_at": "now", "cells": [], "host": {"cpu": "x", "cores": 2, "avx512_bf16": False},
+                    "settings": {"raw_examples": 100, "num_examples": 1000, "seeds": [0, 1, 2], "job": "j.yaml",
+                                 "overrides": [], "max_test_examples": None, "sweep": {"method": "few_shot_3"}}})
+    for name, (accs, one) in zip("abc", (((0.6, 0.7, 0.8), 0.7), ((0.6, 0.65, 0.7), 0.7), ((0.5, 0.5, 0.5), 0.45))):
+        ds = summary["datasets"][name]
+        ds["labels"], ds["teacher"] = ["a", "b"], {}
+        ds["methods"]["few_shot_3"]["mixed"] = _student(0.72)
+        ds["loop"] = loop_record(_loop_report(accs, one))
+    loop = summary["datasets"]["a"]["loop"]
+    assert [r["teacher_tokens"] for r in loop["rounds"]] == [1000, 2100, 3300]
+    assert loop["mixed"]["accuracy"] == 0.8 and loop["one_pass"]["mixed"]["accuracy"] == 0.7
+    assert loop["rounds"][1]["steered"] == {"b": "confused:b->a"} and loop["rounds"][2]["hard_examples"] == 2
+    summary["findings"] = findings(summary)
+    plots = write_plots(summary, tmp_path)
+    assert "accuracy_vs_teacher_tokens.png" in plots and (tmp_path / "accuracy_vs_teacher_tokens.png").stat().st_size > 0
+    text = study_markdown(summary)
+    assert "on 2 of 3 dataset(s) (a, c)" in text  # c wins by 0.05 > 0.0141; b ties
+    assert "| 2 | 2,100 | 300 | 0.650 ± 0.010 | b: confused:b->a; 1 hard examples |" in text
 
 
 # --------------------------------------------------------------------------- few-shot labelling
