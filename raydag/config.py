@@ -485,15 +485,26 @@ class LoopConfig(StrictModel):
     per_round: int | None = Field(
         default=None, ge=1, description="Examples asked for per round; null: stages.0.num_examples "
         "spread over the rounds (the earlier rounds take the remainder).")
-    strategies: list[Literal["label_shift", "hard_examples"]] = Field(
+    strategies: list[Literal["label_shift", "hard_examples", "uncertainty"]] = Field(
         default_factory=lambda: ["label_shift", "hard_examples"], description="How a round is "
         "steered: label_shift moves requests towards the classes with low dev F1 and the "
         "classes of the most confused pairs; hard_examples shows the dev rows the student got "
-        "wrong as demonstrations of their label (one- and few-shot). [] steers nothing.")
+        "wrong as demonstrations of their label (one- and few-shot); uncertainty has the "
+        "teacher label the texts of data.unlabelled_path the students are least sure of "
+        "(uncertain_share of each round after the first). [] steers nothing.")
     shift: float = Field(default=0.5, ge=0.0, le=1.0, description="label_shift: the share of "
                          "a round's requests spread by weakness (the rest stays as planned).")
     max_hard_examples: int = Field(default=20, ge=1, description="hard_examples: misclassified "
                                    "dev rows kept per round (most confidently wrong first).")
+    uncertain_share: float = Field(
+        default=0.3, gt=0.0, lt=1.0, description="uncertainty: the share of each round after "
+        "the first that the teacher spends labelling pool texts instead of creating rows.")
+    pool_sample: int = Field(
+        default=2000, ge=1, description="uncertainty: pool texts the students score per round "
+        "(a seeded sample of data.unlabelled_path, texts labelled before and raw texts left out).")
+    label_shots: int = Field(
+        default=1, ge=0, description="uncertainty: raw examples per label shown to the teacher "
+        "when it labels the uncertain texts (the label stage's shots).")
     compare_one_pass: bool = Field(
         default=False, description="Also run the job in one pass (every example asked for at "
         "once, budget.max_tokens the loop's teacher tokens, the same filters and students) in "
@@ -656,6 +667,9 @@ class JobConfig(StrictModel):
             if first.type != "create" or self.data is None:
                 raise ValueError("loop: the closed loop steers a create stage: stages.0 must be "
                                  "create, with the job's data section")
+            if "uncertainty" in self.loop.strategies and (self.data is None or not self.data.unlabelled_path):
+                raise ValueError("loop.strategies has uncertainty, which has the teacher label "
+                                 "texts of data.unlabelled_path: set it, or drop uncertainty")
             if self.loop.per_round is None and first.num_examples < self.loop.rounds:
                 raise ValueError(f"loop: stages.0.num_examples={first.num_examples} is fewer "
                                  f"than loop.rounds={self.loop.rounds}")

@@ -133,6 +133,21 @@ def student_comparisons(summary: dict[str, dict[str, Any]]) -> list[dict[str, An
     return [compare(summary[a], summary[b], a, b) for a, b in pairs if a in summary and b in summary]
 
 
+def margins(probs: np.ndarray) -> np.ndarray:
+    """Per row, the probability of the top label minus that of the second (1 with one label):
+    how sure a classifier is. Uncertainty sampling takes the smallest first.
+
+    Example:
+        >>> margins(np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]])).round(2)
+        array([0.2 , 0.85])
+    """
+    probs = np.asarray(probs, dtype=float)
+    if probs.shape[1] < 2:
+        return np.ones(len(probs))
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 def weaknesses(labels: list[str], y_true: list[int], probs: np.ndarray, ids: list[str], *,
                max_pairs: int = 3, max_examples: int = 20) -> dict[str, Any]:
     """Where a student is weak on labelled rows it did not train on (a dev split): per-class
@@ -165,9 +180,7 @@ def weaknesses(labels: list[str], y_true: list[int], probs: np.ndarray, ids: lis
     errors.sort(key=lambda e: (-e[0], e[1], e[2]))
     wrong = np.flatnonzero(predicted != truth)
     wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")]
-    top2 = np.sort(probs, axis=1)[:, -2:] if len(labels) > 1 else np.ones((len(truth), 2))
-    margin = top2[:, 1] - top2[:, 0]
-    unsure = np.argsort(margin, kind="stable")
+    unsure = np.argsort(margins(probs), kind="stable")
     return {
         "rows": int(len(truth)),
         "accuracy": accuracy(matrix),

@@ -7,6 +7,10 @@ dev rows it did not train on (per-class F1, confused pairs, the rows it got wron
 :func:`raydag.evaluate.weaknesses`) steers the next round (:func:`steering`): more requests
 for weak classes and the classes of confused pairs, and the misclassified rows as the first
 demonstration of their label. This is S3's idea (Wang et al., 2023) in raydag's recipe.
+With ``uncertainty`` and a pool of unlabelled texts (``data.unlabelled_path``), a share of each
+later round is the teacher labelling the pool texts the students are least sure of (uncertainty
+sampling, the active-learning criterion Kessler et al., 2025 found strongest for a fixed teacher
+budget): an ordinary label job in ``rounds/<k>/uncertain``.
 
 Each round is an ordinary job in ``<output_dir>/rounds/<k>``: the same job with ``stages.0``
 planned for the round (``round``, ``num_examples`` and the steering fields of
@@ -36,6 +40,7 @@ from raydag.storage import RunPath, display, location, read_dataset, write_atomi
 
 ROUNDS = "rounds"
 ONE_PASS = "one_pass"
+UNCERTAIN = "uncertain"
 _STUDENT_KEYS = ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "seeds", "per_class_f1",
                  "probe", "majority", "train_examples", "flags")
 _ROUND_ORDER = 10 ** 12  # a round's rows sort after every earlier round's (its _order plus k x this)
@@ -71,12 +76,13 @@ def steering(job: JobConfig, weak: dict[str, Any] | None,
         rows: The dev rows by id (``text``, ``label``), to show the hard examples.
 
     Returns:
-        ``label_distribution`` (None: as planned), ``steer`` (label -> reason) and
-        ``hard_examples`` (rows with ``id``, ``text``, ``label``).
+        ``label_distribution`` (None: as planned), ``steer`` (label -> reason),
+        ``hard_examples`` (rows with ``id``, ``text``, ``label``) and ``uncertain`` (empty:
+        the loop fills it with :func:`uncertain_texts`).
     """
     first, loop, labels = job.stages[0], job.loop, job.data.labels
     out: dict[str, Any] = {"label_distribution": first.label_distribution, "steer": {},
-                           "hard_examples": []}
+                           "hard_examples": [], "uncertain": []}
     if weak is None:
         return out
     planned = np.array(list(label_weights(labels, first.label_distribution).values()))
@@ -106,16 +112,73 @@ def steering(job: JobConfig, weak: dict[str, Any] | None,
 
 def round_job(job: JobConfig, index: int, size: int, steer: dict[str, Any]) -> JobConfig:
     """Round ``index`` (1, 2, ...) as an ordinary job: ``stages.0`` asks for ``size`` examples
-    with the round's steering, into ``<output_dir>/rounds/<index>``; no loop, and no students
-    but the raw one a PVI filter needs (the loop trains the mixed students itself)."""
+    (less the uncertain texts the teacher labels instead) with the round's steering, into
+    ``<output_dir>/rounds/<index>``; no loop, and no students but the raw one a PVI filter
+    needs (the loop trains the mixed students itself)."""
     pvi = job.quality.consistency.pvi_threshold is not None
     tree = json.loads(job.model_dump_json())
     tree.update({"loop": None, "output_dir": str(location(job.output_dir) / ROUNDS / str(index))})
+    tree["data"]["unlabelled_path"] = None
     tree["stages"][0].update({
-        "num_examples": size, "round": index, "label_distribution": steer["label_distribution"],
+        "num_examples": size - len(steer.get("uncertain", [])), "round": index,
+        "label_distribution": steer["label_distribution"],
         "steer": steer["steer"], "hard_examples": steer["hard_examples"]})
     tree["student"]["train_sets"] = ["raw"] if pvi else []
     return JobConfig.model_validate(tree)
+
+
+def uncertain_job(job: JobConfig, index: int) -> JobConfig:
+    """Round ``index``'s uncertainty sampling as an ordinary job: the teacher labels the texts
+    of ``rounds/<index>/uncertain.jsonl`` (``loop.label_shots`` raw examples per label shown),
+    with the job's quality passes, into ``rounds/<index>/uncertain``; no students."""
+    folder = location(job.output_dir) / ROUNDS / str(index)
+    tree = json.loads(job.model_dump_json())
+    tree.update({"loop": None, "output_dir": str(folder / UNCERTAIN)})
+    tree["data"]["unlabelled_path"] = str(folder / f"{UNCERTAIN}.jsonl")
+    tree["stages"] = [{"type": "label", "mode": "annotate", "shots": job.loop.label_shots}]
+    tree["student"]["train_sets"] = []
+    tree["quality"]["consistency"]["pvi_threshold"] = None
+    return JobConfig.model_validate(tree)
+
+
+def uncertain_texts(job: JobConfig, students: dict[str, Any], pool, skip: set[str], count: int,
+                    seed: int) -> list[dict[str, Any]]:
+    """The ``count`` texts of the unlabelled pool the students are least sure of.
+
+    A seeded sample of ``loop.pool_sample`` pool texts (those in ``skip``, texts labelled
+    before and the raw texts, left out) is scored by every seed's student; the texts with the
+    smallest margin between the top two labels of their mean probabilities come first.
+
+    Args:
+        job: The loop's job.
+        students: The mixed students (``runs`` with each seed's ``checkpoint``).
+        pool: ``data.unlabelled_path`` read in Ray Data (:class:`raydag.data.InputRows`).
+        skip: Texts not to take.
+        count: How many to return.
+        seed: The sample's seed.
+
+    Returns:
+        Rows with ``id`` (the pool row's), ``text`` and ``margin``.
+    """
+    from ray.data.expressions import col
+
+    from raydag.evaluate import margins
+    from raydag.train import student_probs
+
+    if count <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(pool.count, size=min(pool.count, job.loop.pool_sample + len(skip)), replace=False)
+    frame = (pool.dataset.filter(expr=col("_row").is_in(sorted(int(i) for i in drawn)))
+             .select_columns(["id", "text"]).to_pandas())
+    frame = frame[~frame["text"].isin(skip)].drop_duplicates("text").sort_values("id", kind="stable")
+    frame = frame.head(job.loop.pool_sample).reset_index(drop=True)
+    texts = frame["text"].astype(str).tolist()
+    probs = np.mean([student_probs(texts, job.data.labels, run["checkpoint"])
+                     for run in students["runs"].values()], axis=0)
+    margin = margins(probs) if texts else np.zeros(0)
+    order = np.argsort(margin, kind="stable")[:count]
+    return [{"id": str(frame["id"][i]), "text": texts[i], "margin": round(float(margin[i]), 4)} for i in order]
 
 
 def one_pass_job(job: JobConfig, examples: int, tokens: int) -> JobConfig:
@@ -124,6 +187,7 @@ def one_pass_job(job: JobConfig, examples: int, tokens: int) -> JobConfig:
     tree = json.loads(job.model_dump_json())
     tree.update({"loop": None, "output_dir": str(location(job.output_dir) / ONE_PASS)})
     tree["stages"][0]["num_examples"] = examples
+    tree["data"]["unlabelled_path"] = None
     budget = job.budget.max_tokens
     tree["budget"]["max_tokens"] = min(budget, tokens) if budget else tokens
     pvi = job.quality.consistency.pvi_threshold is not None
@@ -166,9 +230,11 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
     sizes = round_sizes(job)
     _, test, inputs, _ = read_inputs(job)
     dev = inputs.get("dev")
+    pool = inputs.get("unlabelled") if "uncertainty" in job.loop.strategies else None
     student = plan_placement(job, cluster)["student"]
     timer, rounds, reports, steer, tokens = StageTimer(), [], [], steering(job, None, {}), 0
     raw = by_key = None  # the raw sample (the same in every round) and the dev rows by text digest
+    labelled: set[str] = set()  # pool texts the teacher labelled in earlier rounds
     console.say(f"[loop] {job.loop.rounds} rounds of {', '.join(map(str, sizes))} examples; "
                 f"steering: {', '.join(job.loop.strategies) or 'none'}")
     for index, size in enumerate(sizes, start=1):
@@ -176,14 +242,20 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
         this = round_job(job, index, size, steer)
         console.say(f"[loop] round {index}/{len(sizes)}: {size} examples"
                     + (f", labels {this.stages[0].label_distribution}" if steer["steer"] else "")
-                    + (f", {len(steer['hard_examples'])} hard examples" if steer["hard_examples"] else ""))
+                    + (f", {len(steer['hard_examples'])} hard examples" if steer["hard_examples"] else "")
+                    + (f", {len(steer['uncertain'])} uncertain pool texts for the teacher to label"
+                       if steer["uncertain"] else ""))
         report = _finished_round(folder, this)
         if report is None:
             claim_output_dir(str(folder))
             write_atomically(folder / "steer.json", json.dumps(steer, indent=1))
             report = json.loads(location(run_job(this)).read_text())
-        reports.append(report)
-        tokens += report["teacher"]["tokens_in"] + report["teacher"]["tokens_out"]
+        parts = [report]
+        if steer["uncertain"]:
+            parts.append(_labelled_round(job, index, steer["uncertain"]))
+            labelled.update(u["text"] for u in steer["uncertain"])
+        reports.append(parts)
+        tokens += sum(r["teacher"]["tokens_in"] + r["teacher"]["tokens_out"] for r in parts)
         if raw is None:
             raw = read_dataset(location(report["outputs"]["raw"])).to_pandas()
             by_key = _dev_rows(raw, dev)
@@ -197,12 +269,19 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
                     f"teacher tokens so far {tokens:,}")
         rounds.append({
             "round": index, "asked": size, "steering": steer,
-            "accepted": report["counts"]["accepted"], "cross_round_duplicates": across,
+            "accepted": sum(r["counts"]["accepted"] for r in parts),
+            "labelled_accepted": parts[1]["counts"]["accepted"] if len(parts) > 1 else 0,
+            "cross_round_duplicates": across,
             "teacher_tokens": tokens, "report": str(folder / "report.json"),
             "student": {k: mixed[k] for k in _STUDENT_KEYS},
             "weaknesses": weak,
         })
         steer = steering(job, weak, {r["id"]: r for r in by_key.values()})
+        if pool is not None and index < len(sizes):
+            with timer(f"uncertainty_{index + 1}"):
+                steer["uncertain"] = uncertain_texts(
+                    job, mixed, pool, labelled | set(raw["text"].astype(str)),
+                    round(sizes[index] * job.loop.uncertain_share), seed=job.seed + index)
     report = {"job": job.name, "started_at": started.isoformat(timespec="seconds"),
               "output_dir": str(job.output_dir), "loop": json.loads(job.loop.model_dump_json()),
               "rounds": rounds, "teacher_tokens": tokens}
@@ -251,26 +330,51 @@ def _one_pass(job: JobConfig, examples: int, tokens: int, loop_student: dict) ->
 
 
 def _finished_round(folder: RunPath, job: JobConfig) -> dict | None:
-    """The round's report when it finished with this plan (the same ``stages.0``), else None."""
+    """The round's report when it finished with this plan (the same ``stages.0`` and
+    unlabelled texts), else None."""
     path = folder / "report.json"
     if not path.exists():
         return None
     report = json.loads(path.read_text())
-    same = report.get("config", {}).get("stages", [None])[0] == json.loads(job.stages[0].model_dump_json())
+    config = report.get("config", {})
+    same = (config.get("stages", [None])[0] == json.loads(job.stages[0].model_dump_json())
+            and config.get("data", {}).get("unlabelled_path") == job.data.unlabelled_path)
     return report if same else None
 
 
-def _accepted_so_far(job: JobConfig, reports: list[dict]):
-    """The accepted rows of the rounds so far (their ``reports``, in order; ``text``,
-    ``label``) as a Ray Dataset, exact and near duplicates across rounds dropped (the earlier
-    round's copy kept), and how many rows of the last round that dropped."""
+def _labelled_round(job: JobConfig, index: int, uncertain: list[dict[str, Any]]) -> dict:
+    """Have the teacher label round ``index``'s uncertain pool texts (:func:`uncertain_job`),
+    or reuse the labelling a run before finished with the same texts; its report."""
+    from raydag.outputs import claim_output_dir
+    from raydag.pipeline import run_job
+
+    labelling = uncertain_job(job, index)
+    texts = location(labelling.data.unlabelled_path)
+    content = "".join(json.dumps({"text": u["text"]}, ensure_ascii=False) + "\n" for u in uncertain)
+    if texts.exists() and texts.read_text(encoding="utf-8") == content:
+        report = _finished_round(location(labelling.output_dir), labelling)
+        if report is not None:
+            return report
+    write_atomically(texts, content)
+    claim_output_dir(labelling.output_dir)
+    console.say(f"[loop] round {index}: the teacher labels the {len(uncertain)} pool texts the "
+                f"students are least sure of (margins {uncertain[0]['margin']}-{uncertain[-1]['margin']})")
+    return json.loads(location(run_job(labelling)).read_text())
+
+
+def _accepted_so_far(job: JobConfig, reports: list[list[dict]]):
+    """The accepted rows of the rounds so far (each round's reports, in order: its created
+    rows, then the pool texts the teacher labelled; ``text``, ``label``) as a Ray Dataset,
+    exact and near duplicates across rounds dropped (the earlier round's copy kept), and how
+    many rows of the last round that dropped."""
     from ray.data.expressions import col
 
     from raydag.stages import deduplicate
 
     parts = [read_dataset(location(report["outputs"]["synthetic"]), columns=["id", "text", "label", "_order"])
-             .map_batches(_in_round, fn_kwargs={"index": index}, batch_format="pandas")
-             for index, report in enumerate(reports, start=1) if report["outputs"].get("synthetic")]
+             .map_batches(_in_round, fn_kwargs={"index": index, "part": part}, batch_format="pandas")
+             for index, round_reports in enumerate(reports, start=1)
+             for part, report in enumerate(round_reports) if report["outputs"].get("synthetic")]
     if not parts:
         return None, 0
     rows = deduplicate(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0])
@@ -286,9 +390,9 @@ def _accepted_so_far(job: JobConfig, reports: list[dict]):
     return kept.materialize(), int(dropped)
 
 
-def _in_round(batch: pd.DataFrame, index: int) -> pd.DataFrame:
+def _in_round(batch: pd.DataFrame, index: int, part: int = 0) -> pd.DataFrame:
     batch = batch.copy()
-    batch["_order"] = batch["_order"].astype("int64") + index * _ROUND_ORDER
+    batch["_order"] = batch["_order"].astype("int64") + (2 * index + part) * _ROUND_ORDER
     batch["_round"] = index
     batch["_status"], batch["_reason"], batch["_stage"] = "accepted", "", ""
     return batch
@@ -299,7 +403,8 @@ def _round_students(job, folder, reports, raw, synthetic, test, dev, student, ti
     ``<folder>/students.json`` when they trained on the same rounds."""
     from raydag.pipeline import run_students
 
-    key = {"rounds": [report["signature"] for report in reports],
+    key = {"rounds": [[report["signature"] for report in parts] if len(parts) > 1 else parts[0]["signature"]
+                      for parts in reports],
            "student": json.loads(job.student.model_dump_json())}
     path = folder / "students.json"
     if path.exists():
@@ -321,8 +426,10 @@ def loop_markdown(report: dict[str, Any]) -> str:
         s = r["student"]
         spread = f" ± {s['accuracy_std']:.4f}" if len(s["seeds"]) > 1 else ""
         steered = ", ".join(f"{y}: {why}" for y, why in r["steering"]["steer"].items())
-        hard = len(r["steering"]["hard_examples"])
+        hard, unsure = len(r["steering"]["hard_examples"]), len(r["steering"].get("uncertain", []))
         steered += (f"; {hard} hard examples" if hard else "")
+        steered += (f"; {unsure} uncertain pool texts labelled ({r['labelled_accepted']} accepted)"
+                    if unsure else "")
         f1 = ", ".join(f"{y} {v:.2f}" for y, v in r["weaknesses"]["per_class_f1"].items())
         lines.append(f"| {r['round']} | {r['asked']} | {r['accepted']} | {r['cross_round_duplicates']} "
                      f"| {r['teacher_tokens']:,} | {s['accuracy']:.4f}{spread} | {f1} | {steered or '-'} |")

@@ -145,7 +145,8 @@ def _stratified(rows: list[dict], n: int | None, seed: int) -> list[dict]:
 
 def prepare_data(study: StudyConfig) -> dict[str, dict[str, Any]]:
     """Per dataset: the files the cells read (pairs joined into one text, the capped test
-    split and the teacher's test sample), written under ``output_dir/data/<name>/`` only when
+    split, the teacher's test sample, and for a loop steered by uncertainty the train split's
+    texts, without labels, as its unlabelled pool), written under ``output_dir/data/<name>/`` only when
     their content changes (so the cells' input digests, and their resume, hold), and the labels."""
     prepared = {}
     for name, spec in study.datasets.items():
@@ -159,6 +160,9 @@ def prepare_data(study: StudyConfig) -> dict[str, dict[str, Any]]:
         files = {"train": folder / "train.jsonl", "test": folder / "test.jsonl"}
         _write_if_changed(files["train"], train)
         _write_if_changed(files["test"], test)
+        if "loop" in study.methods and "uncertainty" in study.loop.strategies:
+            files["pool"] = folder / "pool.jsonl"  # the train split's texts, never its labels
+            _write_if_changed(files["pool"], [{"text": row["text"]} for row in train])
         if study.teacher_eval is not None:
             files["teacher_eval"] = folder / "teacher_eval.jsonl"
             _write_if_changed(files["teacher_eval"],
@@ -202,6 +206,8 @@ def cell_job_tree(study: StudyConfig, base: dict[str, Any], cell: Cell,
         tree["student"]["seeds"] = list(study.seeds)
         if loop:
             tree["loop"] = json.loads(study.loop.model_dump_json(exclude={"method"}))
+            if "uncertainty" in study.loop.strategies:  # the unlabelled pool: the train split's texts
+                tree["data"]["unlabelled_path"] = data["files"]["pool"]
     return tree
 
 

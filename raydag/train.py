@@ -797,19 +797,23 @@ def fit_students(
 
 class StudentScorer:
     """Ray Data actor: ``log2_p_label``, the log2 probability a trained student gives each row's
-    ``label`` for its ``text``.
+    ``label`` for its ``text``; or, for rows without a label, ``probs``: its probability of
+    every label (in the order of ``labels``).
 
     Args:
         checkpoint: Folder of a student saved by :func:`save_student`.
         max_length: Tokens per text after truncation.
         device: ``cpu`` or ``cuda``; default the GPU when the process sees one.
+        labels: The order of ``probs``; default the student's own.
     """
 
-    def __init__(self, checkpoint: str, max_length: int = 128, device: str | None = None) -> None:
+    def __init__(self, checkpoint: str, max_length: int = 128, device: str | None = None,
+                 labels: tuple[str, ...] | None = None) -> None:
         self._device = model_device(device)
-        self._tokenizer, self._model, labels = load_student(checkpoint)
+        self._tokenizer, self._model, own = load_student(checkpoint)
         self._model = self._model.to(self._device)
-        self._label2id = {label: i for i, label in enumerate(labels)}
+        self._label2id = {label: i for i, label in enumerate(own)}
+        self._columns = [self._label2id[label] for label in (labels or own)]
         self._max_length = max_length
 
     def __call__(self, batch):
@@ -817,10 +821,27 @@ class StudentScorer:
                               max_length=self._max_length, return_tensors="pt").to(self._device)
         with torch.no_grad():
             logp = torch.log_softmax(self._model(**enc).float(), dim=-1).cpu()
-        index = torch.tensor([self._label2id[str(label)] for label in batch["label"]])
         out = batch.copy()
+        if "label" not in batch:
+            out["probs"] = list(logp.exp()[:, self._columns].numpy())
+            return out
+        index = torch.tensor([self._label2id[str(label)] for label in batch["label"]])
         out["log2_p_label"] = (logp[torch.arange(len(index)), index] / np.log(2)).numpy()
         return out
+
+
+def student_probs(texts: list[str], labels: list[str], checkpoint: str) -> np.ndarray:
+    """A trained student's probability of each of ``labels`` (columns) for each text (rows),
+    scored as :func:`student_log2_probs` scores."""
+    import pandas as pd
+
+    from raydag.stages import map_with_model
+
+    if not texts:
+        return np.zeros((0, len(labels)))
+    out = map_with_model(pd.DataFrame({"text": texts}), StudentScorer,
+                         {"checkpoint": checkpoint, "labels": tuple(labels)})
+    return np.stack([np.asarray(p, dtype=float) for p in out["probs"]])
 
 
 def student_log2_probs(texts: list[str], labels: list[str], checkpoint: str, *,

@@ -12,13 +12,14 @@ from raydag.config import load_job
 from raydag.engines.base import Completion
 from raydag.errors import ConfigError
 from raydag.evaluate import weaknesses
-from raydag.loop import one_pass_job, round_job, round_sizes, steering
+from raydag.loop import one_pass_job, round_job, round_sizes, steering, uncertain_job
 from raydag.ops.create import CreateOp
 
 from conftest import ROOT
 
 LABELS = ["billing", "shipping", "technical"]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+UNLABELLED = ROOT / "jobs" / "data" / "quickstart" / "unlabelled.jsonl"
 
 
 def planted(matrix: list[list[int]], confidence: float = 0.8):
@@ -74,12 +75,12 @@ def test_steering_moves_requests_to_the_weak_and_confused_classes():
     assert {h["id"] for h in hard} == set(weak["misclassified"])
     assert all(h["label"] == rows[h["id"]]["label"] for h in hard)
     # Round 1 is not steered; shift 0 and no strategies leave the plan as it was.
-    assert steering(job, None, rows) == {"label_distribution": None, "steer": {}, "hard_examples": []}
+    assert steering(job, None, rows) == {"label_distribution": None, "steer": {}, "hard_examples": [], "uncertain": []}
     still = steering(load_job(QUICKSTART, ["loop.rounds=3", "loop.shift=0"]), weak, rows)
     assert still["label_distribution"] == pytest.approx({y: 1 / 3 for y in LABELS}, abs=1e-3)
     assert still["steer"] == {}
     none = steering(load_job(QUICKSTART, ["loop.rounds=3", "loop.strategies=[]"]), weak, rows)
-    assert none == {"label_distribution": None, "steer": {}, "hard_examples": []}
+    assert none == {"label_distribution": None, "steer": {}, "hard_examples": [], "uncertain": []}
     zero_shot = steering(load_job(QUICKSTART, ["loop.rounds=3", "stages.0.method=zero_shot"]), weak, rows)
     assert zero_shot["hard_examples"] == [] and zero_shot["steer"]  # no demonstrations to show
 
@@ -106,6 +107,18 @@ def test_rounds_split_the_budget_and_are_ordinary_jobs(tmp_path):
     assert baseline.budget.max_tokens == 5000 and baseline.student.train_sets == ["mixed"]
     capped = load_job(QUICKSTART, [f"output_dir={tmp_path}", "loop.rounds=2", "budget.max_tokens=3000"])
     assert one_pass_job(capped, 100, 5000).budget.max_tokens == 3000
+    # Uncertainty sampling: the round creates fewer rows, and a label job labels the pool texts.
+    pool = load_job(QUICKSTART, [f"output_dir={tmp_path}", "loop.rounds=3", "loop.label_shots=2",
+                                 "loop.strategies=[uncertainty]", f"data.unlabelled_path={UNLABELLED}"])
+    unsure = [{"id": "u1", "text": "Is it broken?", "margin": 0.01}] * 10
+    assert round_job(pool, 2, 33, {**steer, "uncertain": unsure}).stages[0].num_examples == 23
+    assert round_job(pool, 2, 33, steer).data.unlabelled_path is None  # the pool is the loop's
+    labelling = uncertain_job(pool, 2)
+    assert labelling.output_dir == str(tmp_path / "rounds" / "2" / "uncertain") and labelling.loop is None
+    assert labelling.data.unlabelled_path == str(tmp_path / "rounds" / "2" / "uncertain.jsonl")
+    assert [(s.type, s.mode, s.shots) for s in labelling.stages] == [("label", "annotate", 2)]
+    assert labelling.student.train_sets == []
+    assert one_pass_job(pool, 100, 5000).data.unlabelled_path is None
 
 
 def test_loop_config_is_checked():
@@ -115,6 +128,10 @@ def test_loop_config_is_checked():
         load_job(QUICKSTART, ["loop.rounds=5", "stages.0.num_examples=3"])
     with pytest.raises(ConfigError, match="strategies"):
         load_job(QUICKSTART, ["loop.strategies=[more_data]"])
+    with pytest.raises(ConfigError, match="uncertainty, which has the teacher label texts of data.unlabelled_path"):
+        load_job(QUICKSTART, ["loop.rounds=2", "loop.strategies=[uncertainty]"])
+    with pytest.raises(ConfigError, match="uncertain_share"):
+        load_job(QUICKSTART, ["loop.rounds=2", "loop.uncertain_share=1.0"])
     with pytest.raises(ConfigError, match="steers unknown labels"):
         load_job(QUICKSTART, ["stages.0.steer={refunds: weak_class:refunds}"])
 
@@ -158,7 +175,8 @@ def test_a_steered_round_plans_new_ids_shows_hard_examples_and_keeps_lineage():
 # trains, so it gets dev rows wrong and the second round has something to steer by.
 SMALL_LOOP = ["loop.per_round=12", "stages.0.sampling.max_tokens=40", "teacher.batch_size=12",
               "raw_examples=30", "student.seeds=[0]", "student.head_init=random",
-              "student.learning_rate=1e-7", "student.min_steps=1", "student.epochs=1"]
+              "student.learning_rate=1e-7", "student.min_steps=1", "student.epochs=1",
+              "loop.strategies=[label_shift,hard_examples,uncertainty]", f"data.unlabelled_path={UNLABELLED}"]
 
 
 def _round_rows(out, index):
@@ -171,14 +189,16 @@ def test_two_real_rounds_steer_the_second_by_the_students_mistakes_and_resume(ra
     """One round; then a rerun with two rounds goes on from it (round 1 and its students reused
     untouched), steers round 2 by round 1's mistakes, and runs the one-pass baseline."""
     from raydag.cli import main
+    from raydag.evaluate import margins
     from raydag.ops.create import label_counts
+    from raydag.train import student_probs
 
     out = tmp_path / "out"
     args = ["run", str(QUICKSTART), f"output_dir={out}", *SMALL_LOOP]
     assert main([*args, "loop.rounds=1"]) == 0
     (first,) = json.loads((out / "report.json").read_text())["rounds"]
     assert first["round"] == 1 and first["teacher_tokens"] > 0
-    assert first["steering"] == {"label_distribution": None, "steer": {}, "hard_examples": []}
+    assert first["steering"] == {"label_distribution": None, "steer": {}, "hard_examples": [], "uncertain": []}
     weak = first["weaknesses"]
     assert weak["rows"] == 6 and weak["misclassified"], weak  # 20% of 30 raw rows held out
     _, made1 = _round_rows(out, 1)
@@ -201,12 +221,29 @@ def test_two_real_rounds_steer_the_second_by_the_students_mistakes_and_resume(ra
     rows = {str(i): {"id": str(i), "text": str(t), "label": str(y)}
             for i, t, y in zip(raw["id"], raw["text"], raw["label"])}
     steer = steering(job, weak, rows)
-    assert second["steering"] == json.loads(json.dumps(steer))
+    unsure = second["steering"].pop("uncertain")
+    assert second["steering"] == json.loads(json.dumps({k: v for k, v in steer.items() if k != "uncertain"}))
     assert steer["hard_examples"], "the student's mistakes are shown to the teacher"
     round2, made = _round_rows(out, 2)
     assert round2["config"]["stages"][0]["round"] == 2
     assert round2["config"]["stages"][0]["label_distribution"] == steer["label_distribution"]
-    planned = label_counts(job.data.labels, 12, steer["label_distribution"])
+    assert round2["config"]["stages"][0]["num_examples"] == 12 - 4  # 30% of the round is labelling
+
+    # Uncertainty sampling: the 4 pool texts round 1's students are least sure of (all 30 scored
+    # here by the student itself), labelled by the teacher in their own job.
+    pool = [json.loads(line)["text"] for line in UNLABELLED.read_text().splitlines()]
+    mixed1 = json.loads((out / "rounds" / "1" / "students.json").read_text())["students"]["mixed"]
+    probs = np.mean([student_probs(pool, LABELS, run["checkpoint"]) for run in mixed1["runs"].values()], axis=0)
+    margin = margins(probs)
+    assert {u["text"] for u in unsure} == {pool[i] for i in np.argsort(margin)[:4]}
+    assert [u["margin"] for u in unsure] == sorted(u["margin"] for u in unsure)
+    labelled = json.loads((out / "rounds" / "2" / "uncertain" / "report.json").read_text())
+    assert labelled["config"]["stages"][0]["type"] == "label"
+    assert second["labelled_accepted"] == labelled["counts"]["accepted"] > 0
+    assert set(pd.read_parquet(labelled["outputs"]["synthetic"])["text"]) <= {u["text"] for u in unsure}
+    assert second["teacher_tokens"] == first["teacher_tokens"] + sum(
+        r["teacher"]["tokens_in"] + r["teacher"]["tokens_out"] for r in (round2, labelled))
+    planned = label_counts(job.data.labels, 8, steer["label_distribution"])
     assert Counter(made["label"]) <= Counter(planned)  # accepted rows: at most what was asked
     # Lineage: every round-2 row says its round and why it was asked for.
     assert (made["round"] == 2).all()

@@ -138,9 +138,33 @@ def test_loop_is_a_method_whose_cell_is_a_loop_job_training_mixed_students():
     assert tree["loop"]["rounds"] == 2 and tree["loop"]["compare_one_pass"] is True
     assert "method" not in tree["loop"] and tree["student"]["train_sets"] == ["mixed"]
     assert JobConfig.model_validate(tree).loop.rounds == 2  # an ordinary job with a loop section
+    assert tree["data"]["unlabelled_path"] is None
+    unsure = load_study(SMOKE, ["methods=[loop]", "loop.strategies=[uncertainty]"])
+    pool = {**data, "files": {**data["files"], "pool": "/d/pool.jsonl"}}
+    tree = cell_job_tree(unsure, base, plan_cells(unsure)[0], pool)
+    assert tree["data"]["unlabelled_path"] == "/d/pool.jsonl" and tree["loop"]["strategies"] == ["uncertainty"]
     acceptance = plan_cells(load_study(LOOP))
     assert [c.name for c in acceptance] == ["sst2.loop.m1000.n100", "emotion.loop.m1000.n100",
                                             "agnews.loop.m1000.n100"]
+
+
+def test_a_loop_steered_by_uncertainty_gets_the_train_texts_without_labels_as_its_pool(tmp_path):
+    from raydag.config import StudyConfig
+    from raydag.study import prepare_data
+
+    source = tmp_path / "ds"
+    source.mkdir()
+    rows = [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(6)]
+    for split in ("train", "test"):
+        (source / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = {"name": "s", "output_dir": str(tmp_path / "out"), "job": str(ROOT / "jobs" / "quickstart.yaml"),
+                "datasets": {"d": {"path": str(source), "task": "t"}}, "teacher_eval": None}
+    plain = prepare_data(StudyConfig.model_validate({**settings, "methods": ["loop"]}))
+    assert "pool" not in plain["d"]["files"]
+    data = prepare_data(StudyConfig.model_validate(
+        {**settings, "methods": ["loop"], "loop": {"strategies": ["label_shift", "uncertainty"]}}))
+    pool = Path(data["d"]["files"]["pool"]).read_text().splitlines()
+    assert [json.loads(line) for line in pool] == [{"text": r["text"]} for r in rows]
 
 
 def _loop_report(accuracies, one_pass, tokens=(1000, 2100, 3300)):
