@@ -47,11 +47,15 @@ def teacher_actor_resources(
     return out
 
 
-def actor_pool(pool_size: tuple[int, int]) -> int | tuple[int, int]:
-    """Ray Data's ``concurrency`` for an actor pool: a fixed size, or ``(min, max)`` for a pool
-    that grows while inputs wait and shrinks when actors idle."""
+def actor_pool(pool_size: tuple[int, int], calls_per_actor: int = 1):
+    """Ray Data's compute strategy for an actor pool: a fixed size, or ``(min, max)`` for a
+    pool that grows while inputs wait and shrinks when actors idle, each actor running up to
+    ``calls_per_actor`` calls at once (an async actor's shards in flight)."""
+    from ray.data import ActorPoolStrategy
+
     low, high = pool_size
-    return low if low == high else (low, high)
+    size = {"size": low} if low == high else {"min_size": low, "max_size": high}
+    return ActorPoolStrategy(**size, max_concurrent_calls_per_actor=calls_per_actor)
 
 
 def engine_replica_options(per_actor: dict, cpu_threads: int | None) -> dict:

@@ -131,8 +131,7 @@ def generate(shards, steps: list[Step], job: JobConfig, placement: dict[str, Any
                                "stall_timeout_s": job.teacher.stall_timeout_s},
         batch_size=1,
         batch_format="pandas",
-        concurrency=actor_pool(job.teacher.pool_size),
-        max_concurrency=job.teacher.shards_in_flight,  # ChainRunner is an async actor
+        compute=actor_pool(job.teacher.pool_size, job.teacher.shards_in_flight),  # an async actor
         runtime_env=runtime_env,
         **actor,
     ).map_batches(

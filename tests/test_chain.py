@@ -443,7 +443,10 @@ def test_a_stage_that_stops_making_progress_fails_with_a_diagnosis():
 
 
 def test_an_async_runner_keeps_several_shards_in_flight_on_one_actor(ray_local, tmp_path):
-    """Ray Data runs the async ChainRunner with max_concurrency: shards overlap on one actor."""
+    """Ray Data runs the async ChainRunner in the teacher's actor pool (resources.actor_pool,
+    several calls per actor): shards overlap on one actor."""
+    from raydag.resources import actor_pool
+
     steps = [Step(name="1:create.few_shot_2", op=create_op(), text_filters=NO_FILTERS)]
     spec = {"engine": "scripted-async"}
 
@@ -454,7 +457,7 @@ def test_an_async_runner_keeps_several_shards_in_flight_on_one_actor(ray_local, 
     started = time.perf_counter()
     summary = ray.data.from_items(shard_rows(plan(8), 1)).map_batches(
         SlowRunner, fn_constructor_kwargs={"steps": steps, "engine_spec": spec}, batch_size=1,
-        batch_format="pandas", concurrency=1, max_concurrency=4, num_cpus=1,
+        batch_format="pandas", compute=actor_pool((1, 1), 4), num_cpus=1,
         runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}).take_all()
     seconds = time.perf_counter() - started
     assert sorted(int(s["shard"]) for s in summary) == list(range(8))

@@ -91,7 +91,9 @@ def test_pool_ranges_custom_resources_and_judge_replicas():
     assert bundle(one) == {"CPU": 1.0, "GPU": 1.0} and "resources" not in one
     tp = teacher_actor_resources(None, 8, cluster_gpus=8, custom={"accelerator_type:A100": 0.001})
     assert bundle(tp) == {"CPU": 1.0, "GPU": 8.0, "accelerator_type:A100": 0.001}
-    assert actor_pool((2, 2)) == 2 and actor_pool((1, 4)) == (1, 4)
+    fixed, growing = actor_pool((2, 2), 4), actor_pool((1, 4))
+    assert (fixed.min_size, fixed.max_size, fixed.max_concurrent_calls_per_actor) == (2, 2, 4)
+    assert (growing.min_size, growing.max_size, growing.max_concurrent_calls_per_actor) == (1, 4, 1)
     # a judge replica asks for what a teacher actor asks for, with the CPU engine's threads
     assert engine_replica_options(cpu, 2) == {**cpu, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
     assert engine_replica_options(tp, None) == tp
