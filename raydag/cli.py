@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanly: finished shards are kept, a report marked partial is written, and the exit "
         "code is 130 (SIGINT) or 143 (SIGTERM); rerun to resume. A job with a loop: section "
         "runs rounds of creation, each an ordinary job in output_dir/rounds/<k>, steered by "
-        "the mixed student's mistakes on dev rows (README: The closed loop).",
+        "the mixed student's mistakes on dev rows, and with loop.strategies uncertainty the "
+        "teacher labels the pool texts (data.unlabelled_path) the student is least sure of "
+        "(README: The closed loop).",
     )
     validate = sub.add_parser(
         "validate", help="check a job file, its data and its output folder without running it",
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "study", help="run the seed study: a grid of jobs over datasets, creation methods, "
         "sizes and seeds, then study.json, study.md and plots",
         description="Expand the study YAML into cells (datasets x creation methods, the sweeps "
-        "over synthetic and raw sizes, the teacher as a classifier) and run each cell not yet "
+        "over synthetic and raw sizes, the teacher as a classifier; the method loop is a closed "
+        "loop with its one-pass baseline) and run each cell not yet "
         "finished as an ordinary job under output_dir/cells/<cell>/ (job.yaml there; a stopped "
         "study goes on where it stopped). After each cell, write output_dir/study.json, study.md "
         "(tables, time per cell, and for each finding of the seed study whether it held, with "

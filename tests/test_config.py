@@ -8,10 +8,8 @@ from raydag.errors import ConfigError
 from conftest import QUICKSTART, ROOT
 
 
-STUDIES = ("study.yaml", "study_smoke.yaml")  # study files, not jobs (tests/test_study.py)
-
-
-@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "jobs").glob("*.yaml") if p.name not in STUDIES),
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "jobs").glob("*.yaml")
+                                         if not p.name.startswith("study")),  # studies: test_study.py
                          ids=lambda p: p.name)
 def test_every_job_yaml_loads_and_starts_with_its_launch_command(path):
     job = load_job(path)
