@@ -742,6 +742,19 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def ran_as(config: Any, job: JobConfig) -> bool:
+    """Whether a finished run's ``config`` (its report's) is ``job``, read by today's schema:
+    a field added since it ran takes its default, so a finished run stays finished when raydag
+    gains a setting that does not change what it did. A config today's schema rejects is not.
+    """
+    if not isinstance(config, dict):
+        return False
+    try:
+        return JobConfig.model_validate(config) == job
+    except ValidationError:
+        return False
+
+
 def _read_mapping(path: Path, kind: str) -> dict:
     """The YAML mapping in a job or study file, or a ConfigError naming the file."""
     try:

@@ -232,13 +232,15 @@ def cell_job(study: StudyConfig, cell: Cell, base: dict, data: dict):
 
 
 def finished_report(job) -> dict | None:
-    """The cell's report if it ran with exactly this job, else None."""
+    """The cell's report if it ran with this job (:func:`raydag.config.ran_as`), else None."""
+    from raydag.config import ran_as
+
     path = Path(job.output_dir) / "report.json"
     try:
         report = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return report if report.get("config") == json.loads(job.model_dump_json()) else None
+    return report if ran_as(report.get("config"), job) else None
 
 
 # --------------------------------------------------------------------------- running

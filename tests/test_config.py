@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,16 @@ def test_strict_types_reject_strings_for_numbers(tmp_path):
     bad.write_text(QUICKSTART.read_text().replace("raw_examples: 100", 'raw_examples: "100"'))
     with pytest.raises(ConfigError, match="raw_examples"):
         load_job(bad)
+
+
+def test_a_finished_run_stays_finished_when_a_setting_with_a_default_is_added():
+    from raydag.config import ran_as
+
+    job = load_job(QUICKSTART, ["loop.rounds=3"])
+    before = json.loads(job.model_dump_json())
+    del before["loop"]["uncertain_share"], before["loop"]["pool_sample"]  # as an older raydag wrote it
+    assert ran_as(before, job) and ran_as(json.loads(job.model_dump_json()), job)
+    assert not ran_as({**before, "seed": 1}, job)  # a setting that differs
+    del before["teacher"]["batch_size"]  # 100 in the job; its default (another value) is not what ran
+    assert not ran_as(before, job)
+    assert not ran_as({**before, "retired_setting": 1}, job) and not ran_as(None, job)
