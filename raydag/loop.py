@@ -27,6 +27,7 @@ out (``student.dev_fraction``); never the test split.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -235,6 +236,7 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
     timer, rounds, reports, steer, tokens = StageTimer(), [], [], steering(job, None, {}), 0
     raw = by_key = None  # the raw sample (the same in every round) and the dev rows by text digest
     labelled: set[str] = set()  # pool texts the teacher labelled in earlier rounds
+    spent: Counter = Counter()  # seconds of the loop's own stages (students, uncertainty), all rounds
     console.say(f"[loop] {job.loop.rounds} rounds of {', '.join(map(str, sizes))} examples; "
                 f"steering: {', '.join(job.loop.strategies) or 'none'}")
     for index, size in enumerate(sizes, start=1):
@@ -261,6 +263,8 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
             by_key = _dev_rows(raw, dev)
         synthetic, across = _accepted_so_far(job, reports)
         students = _round_students(job, folder, reports, raw, synthetic, test, dev, student, timer)
+        spent.update(timer.seconds)  # the timer names a stage the same in every round
+        timer.seconds.clear()
         mixed = students["mixed"]
         weak = dev_weaknesses(mixed, job.data.labels, by_key)
         console.say(f"[loop] round {index}: mixed student accuracy {mixed['accuracy']:.4f}"
@@ -282,13 +286,16 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
                 steer["uncertain"] = uncertain_texts(
                     job, mixed, pool, labelled | set(raw["text"].astype(str)),
                     round(sizes[index] * job.loop.uncertain_share), seed=job.seed + index)
+            spent.update(timer.seconds)
+            timer.seconds.clear()
     report = {"job": job.name, "started_at": started.isoformat(timespec="seconds"),
               "output_dir": str(job.output_dir), "loop": json.loads(job.loop.model_dump_json()),
               "rounds": rounds, "teacher_tokens": tokens}
     if job.loop.compare_one_pass:
         report.update(_one_pass(job, sum(sizes), tokens, rounds[-1]["student"]))
     report.update({"finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "stages": timer.seconds, "config": json.loads(job.model_dump_json())})
+                   "stages": {k: round(v, 2) for k, v in spent.items()},
+                   "config": json.loads(job.model_dump_json())})
     report = json.loads(display(json.dumps(report)))
     write_atomically(out / "report.md", loop_markdown(report))
     write_atomically(out / "report.json", json.dumps(report, indent=1))

@@ -450,8 +450,23 @@ def _cell_record(cell: Cell, report: dict | None, error: str | None) -> dict:
     if report is None:
         return {**record, "status": "failed" if error else "missing", "error": error}
     seconds = (pd.Timestamp(report["finished_at"]) - pd.Timestamp(report["started_at"])).total_seconds()
-    return {**record, "status": "done", "seconds": seconds,
-            "stages": report["stages"], "report": str(Path(report["output_dir"]) / "report.json")}
+    return {**record, "status": "done", "seconds": seconds, "stages": _stage_seconds(report),
+            "report": str(Path(report["output_dir"]) / "report.json")}
+
+
+def _stage_seconds(report: dict) -> dict[str, float]:
+    """Seconds per stage of a cell: a job's own; for a loop, its own stages (the students of
+    every round) plus those of its round jobs and its one-pass baseline."""
+    if "rounds" not in report:
+        return report["stages"]
+    total: dict[str, float] = dict(report["stages"])
+    paths = [r["report"] for r in report["rounds"]] + ([report["one_pass"]["report"]] if "one_pass" in report else [])
+    paths += [str(Path(p).parent / "uncertain" / "report.json") for p in paths[:len(report["rounds"])]]
+    for path in map(Path, paths):
+        if path.exists():
+            for stage, value in json.loads(path.read_text())["stages"].items():
+                total[stage] = round(total.get(stage, 0.0) + value, 2)
+    return total
 
 
 def collect(study: StudyConfig, cells: list[Cell], jobs: dict, data: dict,
@@ -858,7 +873,11 @@ def study_markdown(summary: dict[str, Any]) -> str:
                               f"{loop['comparison']['spread']:.3f}, {loop['comparison']['verdict']})"
                               for name, loop in loops.items()) + ".", ""]
     lines += ["## Findings of the seed study, checked here", ""]
-    for item in summary["findings"]:
+    tested = any(item["overall"] != "not tested" for item in summary["findings"])
+    if not tested:
+        lines += ["None could be checked: they need the creation methods' grid, the sweeps and the "
+                  "teacher cells (study.json has each finding's reason).", ""]
+    for item in summary["findings"] if tested else []:
         lines.append(f"- **{item['finding']}** Overall: **{item['overall']}**.")
         for name, v in (item.get("per_dataset") or {}).items():
             detail = {k: val for k, val in v.items() if k not in ("verdict",)}
@@ -875,6 +894,6 @@ def study_markdown(summary: dict[str, Any]) -> str:
                      if cell["status"] == "done" else f"| {cell['name']} | {cell['status']} | - | - | - |")
     done = [c["seconds"] for c in summary["cells"] if c["status"] == "done"]
     if done:
-        lines += ["", f"{len(done)} cells, {sum(done) / 60:.1f} min in all (cells run in turn)."]
+        lines += ["", f"{len(done)} cell(s), {sum(done) / 60:.1f} min in all (cells run in turn)."]
     lines += ["", "Plots: " + ", ".join(f"![{p}]({p})" for p in summary.get("plots", [])), ""]
     return "\n".join(lines)

@@ -183,6 +183,24 @@ def _loop_report(accuracies, one_pass, tokens=(1000, 2100, 3300)):
                            "verdict": "loop better" if accuracies[-1] - one_pass > 0.0141 else "no difference"}}
 
 
+def test_a_loop_cells_time_adds_its_rounds_its_labelling_and_its_baseline(tmp_path):
+    from raydag.study import _stage_seconds
+
+    def job_report(folder, stages):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "report.json").write_text(json.dumps({"stages": stages}))
+        return str(tmp_path / folder / "report.json")
+
+    report = _loop_report((0.6, 0.7), 0.65, tokens=(10, 20))
+    report["stages"] = {"student_mixed": 100.0}  # the loop's own: every round's students
+    for r, folder in zip(report["rounds"], ("rounds/1", "rounds/2")):
+        r["report"] = job_report(folder, {"teacher": 30.0, "write": 5.0})
+    job_report("rounds/2/uncertain", {"teacher": 7.0})
+    report["one_pass"]["report"] = job_report("one_pass", {"teacher": 50.0, "student_mixed": 40.0})
+    assert _stage_seconds(report) == {"student_mixed": 140.0, "teacher": 117.0, "write": 10.0}
+    assert _stage_seconds({"stages": {"teacher": 1.0}}) == {"teacher": 1.0}  # an ordinary cell
+
+
 def test_loop_cells_are_tabled_and_plotted_against_teacher_tokens(tmp_path):
     summary = _summary(gains_small=0.08, gains_large=0.0, topic_d2=0.9, curve={1000: 0.7}, teacher=0.6)
     summary.update({"study": "s", "written_at": "now", "cells": [], "host": {"cpu": "x", "cores": 2, "avx512_bf16": False},
