@@ -667,7 +667,7 @@ class JobConfig(StrictModel):
             if first.type != "create" or self.data is None:
                 raise ValueError("loop: the closed loop steers a create stage: stages.0 must be "
                                  "create, with the job's data section")
-            if "uncertainty" in self.loop.strategies and (self.data is None or not self.data.unlabelled_path):
+            if "uncertainty" in self.loop.strategies and not self.data.unlabelled_path:
                 raise ValueError("loop.strategies has uncertainty, which has the teacher label "
                                  "texts of data.unlabelled_path: set it, or drop uncertainty")
             if self.loop.per_round is None and first.num_examples < self.loop.rounds:
@@ -821,8 +821,9 @@ def _local_path(value: Any, anchor) -> Any:
 
 # ------------------------------------------------------------------------------ the seed study
 
-CreationMethod = Annotated[str, Field(pattern=r"^(zero_shot|zero_shot_topic|one_shot|few_shot_[1-9][0-9]?)$")]
-StudyMethod = Annotated[str, Field(pattern=r"^(zero_shot|zero_shot_topic|one_shot|few_shot_[1-9][0-9]?|loop)$")]
+_CREATION_METHODS = r"zero_shot|zero_shot_topic|one_shot|few_shot_[1-9][0-9]?"
+CreationMethod = Annotated[str, Field(pattern=rf"^({_CREATION_METHODS})$")]
+StudyMethod = Annotated[str, Field(pattern=rf"^({_CREATION_METHODS}|loop)$")]
 
 
 class StudyDataset(StrictModel):

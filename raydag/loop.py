@@ -27,7 +27,6 @@ out (``student.dev_fraction``); never the test split.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -236,7 +235,6 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
     timer, rounds, reports, steer, tokens = StageTimer(), [], [], steering(job, None, {}), 0
     raw = by_key = None  # the raw sample (the same in every round) and the dev rows by text digest
     labelled: set[str] = set()  # pool texts the teacher labelled in earlier rounds
-    spent: Counter = Counter()  # seconds of the loop's own stages (students, uncertainty), all rounds
     console.say(f"[loop] {job.loop.rounds} rounds of {', '.join(map(str, sizes))} examples; "
                 f"steering: {', '.join(job.loop.strategies) or 'none'}")
     for index, size in enumerate(sizes, start=1):
@@ -263,8 +261,6 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
             by_key = _dev_rows(raw, dev)
         synthetic, across = _accepted_so_far(job, reports)
         students = _round_students(job, folder, reports, raw, synthetic, test, dev, student, timer)
-        spent.update(timer.seconds)  # the timer names a stage the same in every round
-        timer.seconds.clear()
         mixed = students["mixed"]
         weak = dev_weaknesses(mixed, job.data.labels, by_key)
         console.say(f"[loop] round {index}: mixed student accuracy {mixed['accuracy']:.4f}"
@@ -286,16 +282,13 @@ def run_loop(job: JobConfig, cluster: dict[str, float]) -> RunPath:
                 steer["uncertain"] = uncertain_texts(
                     job, mixed, pool, labelled | set(raw["text"].astype(str)),
                     round(sizes[index] * job.loop.uncertain_share), seed=job.seed + index)
-            spent.update(timer.seconds)
-            timer.seconds.clear()
     report = {"job": job.name, "started_at": started.isoformat(timespec="seconds"),
               "output_dir": str(job.output_dir), "loop": json.loads(job.loop.model_dump_json()),
               "rounds": rounds, "teacher_tokens": tokens}
     if job.loop.compare_one_pass:
         report.update(_one_pass(job, sum(sizes), tokens, rounds[-1]["student"]))
     report.update({"finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "stages": {k: round(v, 2) for k, v in spent.items()},
-                   "config": json.loads(job.model_dump_json())})
+                   "stages": timer.seconds, "config": json.loads(job.model_dump_json())})
     report = json.loads(display(json.dumps(report)))
     write_atomically(out / "report.md", loop_markdown(report))
     write_atomically(out / "report.json", json.dumps(report, indent=1))
@@ -339,14 +332,17 @@ def _one_pass(job: JobConfig, examples: int, tokens: int, loop_student: dict) ->
 def _finished_round(folder: RunPath, job: JobConfig) -> dict | None:
     """The round's report when it finished with this plan (the same ``stages.0`` and
     unlabelled texts), else None."""
+    from raydag.config import ran_as
+
     path = folder / "report.json"
     if not path.exists():
         return None
     report = json.loads(path.read_text())
-    config = report.get("config", {})
-    same = (config.get("stages", [None])[0] == json.loads(job.stages[0].model_dump_json())
-            and config.get("data", {}).get("unlabelled_path") == job.data.unlabelled_path)
-    return report if same else None
+    config = report.get("config") or {}
+    then = json.loads(job.model_dump_json())  # the job, with what it ran in these two settings
+    then["stages"][0] = (config.get("stages") or [None])[0]
+    then["data"]["unlabelled_path"] = (config.get("data") or {}).get("unlabelled_path")
+    return report if ran_as(then, job) else None
 
 
 def _labelled_round(job: JobConfig, index: int, uncertain: list[dict[str, Any]]) -> dict:
@@ -410,6 +406,7 @@ def _round_students(job, folder, reports, raw, synthetic, test, dev, student, ti
     ``<folder>/students.json`` when they trained on the same rounds."""
     from raydag.pipeline import run_students
 
+    # A round of one job keys by its signature alone, as before rounds could also label.
     key = {"rounds": [[report["signature"] for report in parts] if len(parts) > 1 else parts[0]["signature"]
                       for parts in reports],
            "student": json.loads(job.student.model_dump_json())}

@@ -10,7 +10,8 @@ from typing import Any, Iterator
 
 
 class StageTimer:
-    """Collects wall seconds per named stage and announces each stage as it starts."""
+    """Collects wall seconds per named stage (summed over its runs) and announces each stage
+    as it starts."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -22,14 +23,18 @@ class StageTimer:
 
         console.say(f"[{name}] ...")
         start, self.current = time.perf_counter(), name
+
+        def spent() -> float:  # a stage that runs again (a loop's rounds) adds up
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 2)
+            return elapsed
+
         try:
             yield
         except BaseException:
-            self.seconds[name] = round(time.perf_counter() - start, 2)
-            console.say(f"[{name}] stopped after {self.seconds[name]:.1f}s")
+            console.say(f"[{name}] stopped after {spent():.1f}s")
             raise
-        self.seconds[name] = round(time.perf_counter() - start, 2)
-        console.say(f"[{name}] done in {self.seconds[name]:.1f}s")
+        console.say(f"[{name}] done in {spent():.1f}s")
 
 
 def _plus_minus(mean: float, std: float, seeds: int) -> str:

@@ -206,7 +206,7 @@ def cell_job_tree(study: StudyConfig, base: dict[str, Any], cell: Cell,
         tree["student"]["seeds"] = list(study.seeds)
         if loop:
             tree["loop"] = json.loads(study.loop.model_dump_json(exclude={"method"}))
-            if "uncertainty" in study.loop.strategies:  # the unlabelled pool: the train split's texts
+            if "pool" in data["files"]:  # uncertainty's unlabelled pool: the train split's texts
                 tree["data"]["unlabelled_path"] = data["files"]["pool"]
     return tree
 
@@ -457,11 +457,13 @@ def _cell_record(cell: Cell, report: dict | None, error: str | None) -> dict:
 def _stage_seconds(report: dict) -> dict[str, float]:
     """Seconds per stage of a cell: a job's own; for a loop, its own stages (the students of
     every round) plus those of its round jobs and its one-pass baseline."""
+    from raydag.loop import UNCERTAIN
+
     if "rounds" not in report:
         return report["stages"]
     total: dict[str, float] = dict(report["stages"])
     paths = [r["report"] for r in report["rounds"]] + ([report["one_pass"]["report"]] if "one_pass" in report else [])
-    paths += [str(Path(p).parent / "uncertain" / "report.json") for p in paths[:len(report["rounds"])]]
+    paths += [str(Path(p).parent / UNCERTAIN / "report.json") for p in paths[:len(report["rounds"])]]
     for path in map(Path, paths):
         if path.exists():
             for stage, value in json.loads(path.read_text())["stages"].items():
@@ -490,7 +492,7 @@ def collect(study: StudyConfig, cells: list[Cell], jobs: dict, data: dict,
         if cell.method == "loop":
             ds["loop"] = loop_record(report)
             ds["methods"]["loop"] = {"mixed": ds["loop"]["mixed"], "accepted": ds["loop"]["accepted"],
-                                     "teacher_tokens": report["teacher_tokens"], "distinct_2": None,
+                                     "teacher_tokens": ds["loop"]["teacher_tokens"], "distinct_2": None,
                                      "embedding_distance": None, "self_bleu": None}
             continue
         students = {k: _student(v) for k, v in report["students"].items()}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 from raydag import console
 
@@ -56,3 +59,17 @@ def test_progress_lines_off_a_terminal_are_rate_limited(capsys):
     resumed.update(70)
     line = capsys.readouterr().out.strip()
     assert "70/100 rows (70%)" in line and "rows/s" in line and "ETA" in line
+
+
+def test_a_stage_that_runs_again_adds_up_and_a_stopped_one_counts(capsys):
+    from raydag.report import StageTimer
+
+    timer = StageTimer()
+    for _ in range(2):  # a loop's rounds run the same stage
+        with timer("student_mixed"):
+            time.sleep(0.05)
+    with pytest.raises(KeyboardInterrupt), timer("teacher"):
+        raise KeyboardInterrupt
+    assert timer.seconds["student_mixed"] >= 0.1 and timer.seconds["teacher"] >= 0
+    out = capsys.readouterr().out + capsys.readouterr().err
+    assert out.count("[student_mixed] done in 0.") == 2 and "[teacher] stopped after" in out
